@@ -1,0 +1,138 @@
+"""The base class every loss of this package derives from."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.reducers import DivisorReducer
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from ..utils import proxy_math
+
+
+class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """Common behaviour of the proxy losses of this package (SPEC section 5).
+
+    * checks its input and raises ``ValueError`` naming the problem *before* any state changes
+      (labels outside ``[0, num_classes)``, wrong shapes, embedding size mismatch, non-finite
+      embeddings, empty batch); ``check_inputs=False`` skips the value checks, which need one
+      host sync per call;
+    * computes in float32 (float64 stays float64), with autocast disabled inside, and never changes
+      the dtype of its parameters (PML's ``ProxyAnchorLoss.cast_types`` turns its proxies float16
+      for good after one float16 call; this does not);
+    * moves itself (parameters and buffers) to the embeddings' device on first use, as PML's proxy
+      losses do, since PML trainers never move loss functions;
+    * rejects ``ref_emb`` as PML's proxy losses do.
+
+    Subclasses implement :meth:`compute_proxy_loss`, called with float32/float64 embeddings.
+
+    Args:
+        num_classes: number of classes ``C``; labels must lie in ``[0, num_classes)``.
+        embedding_size: embedding dimension ``D``.
+        check_inputs: validate label range and finiteness of the embeddings (one host sync).
+        **kwargs: PML's usual keyword arguments (``weight_regularizer``, ``weight_reg_weight``,
+            ``weight_init_func``, ``reducer``, ``distance``, ``collect_stats``, ...).
+    """
+
+    def __init__(
+        self, num_classes: int, embedding_size: int, check_inputs: bool = True, **kwargs
+    ) -> None:
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if int(embedding_size) < 1:
+            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.embedding_size = int(embedding_size)
+        self.check_inputs = check_inputs
+        self.add_to_recordable_attributes(
+            list_of_names=["num_classes", "embedding_size"], is_stat=False
+        )
+
+    # ----------------------------------------------------------------- PML plumbing
+    def get_default_reducer(self):
+        return DivisorReducer()
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def get_default_weight_init_func(self):
+        # as PML's ProxyAnchorLoss
+        return c_f.TorchInitWrapper(torch.nn.init.kaiming_normal_, mode="fan_out")
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple=None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c_f.labels_required(labels)
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError(f"ref_emb is not supported for {type(self).__name__}")
+        self.validate_inputs(embeddings, labels)
+        labels = c_f.to_device(labels, embeddings).long()
+        self.move_to(embeddings.device)
+        dtype = proxy_math.compute_dtype(embeddings.dtype)
+        with proxy_math.autocast_disabled(embeddings.device.type):
+            return super().forward(embeddings.to(dtype), labels, indices_tuple)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return self.compute_proxy_loss(embeddings, labels, indices_tuple)
+
+    def compute_proxy_loss(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple
+    ) -> dict:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- helpers
+    def move_to(self, device: torch.device) -> None:
+        """Move parameters and buffers to ``device`` if they are elsewhere (no dtype change)."""
+        tensor = next(iter(self.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(self.buffers()), None)
+        if tensor is not None and tensor.device != device:
+            self.to(device)
+
+    def validate_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming what is wrong with ``embeddings`` / ``labels``."""
+        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else None
+            raise ValueError(
+                f"embeddings must be a 2-D tensor (batch, embedding_size), got {shape}"
+            )
+        if not embeddings.is_floating_point():
+            raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
+        if embeddings.shape[0] == 0:
+            raise ValueError("empty batch: embeddings has 0 rows")
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embedding size mismatch: the loss was built for embedding_size="
+                f"{self.embedding_size}, got embeddings of size {embeddings.shape[1]}"
+            )
+        if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels must be 1-D with one label per embedding: got labels of shape "
+                f"{tuple(labels.shape)} for {embeddings.shape[0]} embeddings"
+            )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+        if not self.check_inputs:
+            return
+        bad_labels = (labels < 0) | (labels >= self.num_classes)
+        non_finite = ~torch.isfinite(embeddings)
+        flags = torch.stack([bad_labels.any(), non_finite.any()]).tolist()  # one host sync
+        if flags[0]:
+            raise ValueError(
+                f"labels must lie in [0, num_classes={self.num_classes}); got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        if flags[1]:
+            raise ValueError("embeddings contain NaN or infinite values")
+
+    def parameter_in(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``param`` in the compute dtype (a differentiable cast; the parameter keeps its dtype)."""
+        return param if param.dtype == dtype else param.to(dtype)

@@ -1,0 +1,3 @@
+from . import proxy_math
+
+__all__ = ["proxy_math"]
