@@ -1,0 +1,299 @@
+"""Image transforms in pure PIL / numpy / torch (torchvision stays optional).
+
+Every random choice draws from torch's global RNG (``torch.rand``, ``torch.empty().uniform_``),
+so a pipeline is reproducible under ``torch.manual_seed`` and, inside a ``DataLoader``, under
+torch's per-worker seeding. Geometric transforms accept a PIL image or a float tensor (C, H, W)
+(uint8 arrays become PIL images, float arrays become tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ImageLike = Image.Image | np.ndarray | torch.Tensor
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CenterCrop",
+    "Compose",
+    "ConvertChannels",
+    "Invert",
+    "Normalize",
+    "RandomHorizontalFlip",
+    "RandomResizedCrop",
+    "Resize",
+    "ToTensor",
+]
+
+
+def _as_image(img: ImageLike) -> Image.Image | torch.Tensor:
+    """PIL images and tensors pass through; uint8 arrays -> PIL, other arrays -> float tensor."""
+    if isinstance(img, (Image.Image, torch.Tensor)):
+        return img
+    if isinstance(img, np.ndarray):
+        if img.dtype == np.uint8:
+            return Image.fromarray(img)
+        return ToTensor()(img)
+    raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(img).__name__}")
+
+
+def _size(img: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(height, width)."""
+    if isinstance(img, Image.Image):
+        return img.height, img.width
+    return int(img.shape[-2]), int(img.shape[-1])
+
+
+def _crop(img, top: int, left: int, height: int, width: int):
+    if isinstance(img, Image.Image):
+        return img.crop((left, top, left + width, top + height))
+    return img[..., top : top + height, left : left + width]
+
+
+def _resize(img, height: int, width: int):
+    if _size(img) == (height, width):
+        return img
+    if isinstance(img, Image.Image):
+        return img.resize((width, height), Image.BILINEAR)
+    squeeze = img.dim() == 2
+    x = img[None, None] if squeeze else img[None]
+    x = F.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True)
+    return x[0, 0] if squeeze else x[0]
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if len(size) != 2:
+        raise ValueError(f"size must be an int or (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+class Compose:
+    """Apply ``transforms`` in order."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, img):
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n    {t!r}," for t in self.transforms)
+        return f"{type(self).__name__}([{inner}\n])"
+
+
+class ConvertChannels:
+    """Convert to ``channels`` (1 or 3) channels: PIL ``convert('L'/'RGB')``; for tensors,
+    grey -> RGB repeats the channel and RGB -> grey uses PIL's ITU-R 601-2 luma weights."""
+
+    def __init__(self, channels: int):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def __call__(self, img):
+        img = _as_image(img)
+        if isinstance(img, Image.Image):
+            mode = "L" if self.channels == 1 else "RGB"
+            return img if img.mode == mode else img.convert(mode)
+        if img.dim() == 2:
+            img = img[None]
+        c = img.shape[0]
+        if c == self.channels:
+            return img
+        if c == 1:
+            return img.expand(3, -1, -1).clone()
+        if c in (3, 4):
+            w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype, device=img.device)
+            return (img[:3] * w[:, None, None]).sum(0, keepdim=True)
+        raise ValueError(f"cannot convert a {c}-channel tensor to {self.channels} channels")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(channels={self.channels})"
+
+
+class Resize:
+    """Resize. An int ``size`` sets the shorter side (aspect ratio kept, as torchvision);
+    ``(height, width)`` sets both. Bilinear with antialiasing."""
+
+    def __init__(self, size: int | Sequence[int]):
+        self.size = size if isinstance(size, int) else _pair(size)
+
+    def __call__(self, img):
+        img = _as_image(img)
+        h, w = _size(img)
+        if isinstance(self.size, int):
+            if h <= w:
+                nh, nw = self.size, max(1, int(self.size * w / h))
+            else:
+                nh, nw = max(1, int(self.size * h / w)), self.size
+        else:
+            nh, nw = self.size
+        return _resize(img, nh, nw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+class CenterCrop:
+    """Crop the centre ``size`` (int or (height, width)); pads with zeros if the image is smaller."""
+
+    def __init__(self, size: int | Sequence[int]):
+        self.size = _pair(size)
+
+    def __call__(self, img):
+        img = _as_image(img)
+        th, tw = self.size
+        h, w = _size(img)
+        if isinstance(img, torch.Tensor) and (h < th or w < tw):
+            ph, pw = max(0, th - h), max(0, tw - w)
+            img = F.pad(img, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+            h, w = _size(img)
+        # PIL.crop pads outside the image with zeros by itself
+        top = int(round((h - th) / 2.0))
+        left = int(round((w - tw) / 2.0))
+        return _crop(img, top, left, th, tw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+class RandomResizedCrop:
+    """Crop a random area fraction in ``scale`` with a random aspect ratio in ``ratio``
+    (log-uniform), resized to ``size``; torchvision's algorithm (10 tries, then a centre crop
+    clamped to ``ratio``). Defaults as torchvision / the Proxy-Anchor code: scale (0.08, 1),
+    ratio (3/4, 4/3)."""
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    ):
+        self.size = _pair(size)
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+
+    def get_params(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the crop, drawn from torch's global RNG."""
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
+            aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+                return top, left, h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img):
+        img = _as_image(img)
+        top, left, h, w = self.get_params(*_size(img))
+        return _resize(_crop(img, top, left, h, w), *self.size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class RandomHorizontalFlip:
+    """Mirror left-right with probability ``p`` (torch's global RNG)."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, img):
+        img = _as_image(img)
+        if torch.rand(1).item() < self.p:
+            if isinstance(img, Image.Image):
+                return img.transpose(Image.FLIP_LEFT_RIGHT)
+            return img.flip(-1)
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class ToTensor:
+    """PIL image or array -> float32 tensor (C, H, W). uint8 / PIL values are divided by 255;
+    float arrays are kept as they are (expected in [0, 1]); (H, W) gets one channel."""
+
+    def __call__(self, img) -> torch.Tensor:
+        if isinstance(img, torch.Tensor):
+            x = img if img.is_floating_point() else img.float() / 255.0
+            return x[None] if x.dim() == 2 else x
+        if isinstance(img, Image.Image):
+            if img.mode not in ("L", "RGB", "RGBA", "F"):
+                img = img.convert("RGB" if len(img.getbands()) >= 3 else "L")
+            img = np.asarray(img)
+        if not isinstance(img, np.ndarray):
+            raise TypeError(
+                f"expected a PIL image, numpy array or tensor, got {type(img).__name__}"
+            )
+        # always a fresh, writable float32 array (inputs may be read-only views)
+        if img.dtype == np.uint8:
+            x = torch.from_numpy(img.astype(np.float32)).div_(255.0)
+        else:
+            x = torch.from_numpy(np.array(img, dtype=np.float32, copy=True))
+        if x.dim() == 2:
+            return x[None]
+        if x.dim() == 3:
+            return x.permute(2, 0, 1).contiguous()
+        raise ValueError(f"expected a 2-D or 3-D array, got shape {tuple(img.shape)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Invert:
+    """x -> 1 - x on a float tensor in [0, 1] (black strokes on white -> white on black)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.0 - x
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Normalize:
+    """(x - mean) / std per channel on a float tensor (C, H, W)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.mean.shape[0]:
+            raise ValueError(
+                f"Normalize has {self.mean.shape[0]} channels, the image has {x.shape[0]}"
+            )
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"

@@ -1,0 +1,620 @@
+"""Data sets of the benchmark: parsing on small fake trees, transforms, download/extract code."""
+
+import hashlib
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pml_proxies.datasets import (
+    DATASET_NAMES,
+    default_root,
+    download_url,
+    extract_archive,
+    get_dataset,
+    get_transforms,
+)
+from pml_proxies.datasets import cars196 as cars_mod
+from pml_proxies.datasets import cub200 as cub_mod
+from pml_proxies.datasets import omniglot as omni_mod
+from pml_proxies.datasets import sop as sop_mod
+from pml_proxies.datasets import transforms as T
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def write_image(path: Path, size=(40, 30), mode="RGB", seed=0, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1}[mode]
+    arr = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    img = Image.fromarray(arr[..., 0] if channels == 1 else arr)
+    img.save(path, format=fmt)
+    return path
+
+
+def md5(path):
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def assert_contiguous(ds):
+    assert ds.labels.dtype == np.int64
+    assert ds.num_classes == len(ds.classes)
+    assert set(ds.labels.tolist()) == set(range(ds.num_classes))
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_splits_match_sklearn():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    train = get_dataset("digits", "train")
+    test = get_dataset("digits", "test")
+    assert (len(train), len(test)) == (901, 896)
+    assert train.classes == ["0", "1", "2", "3", "4"]
+    assert test.classes == ["5", "6", "7", "8", "9"]
+    assert_contiguous(train)
+    assert_contiguous(test)
+    # independent reference: the i-th test image is the i-th sklearn image with target >= 5
+    idx = np.flatnonzero(data.target >= 5)
+    for i in (0, 17, len(test) - 1):
+        x, y = test[i]
+        assert x.shape == (1, 8, 8) and x.dtype == torch.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        np.testing.assert_allclose(x[0].numpy(), data.images[idx[i]] / 16.0, rtol=0, atol=1e-7)
+        assert y == data.target[idx[i]] - 5 and isinstance(y, int)
+
+
+def test_digits_transform_options():
+    ds = get_dataset("digits", "train", transform=get_transforms("digits", True, image_size=16))
+    assert ds[0][0].shape == (1, 16, 16)
+    tf3 = get_transforms("digits", False, channels=3)
+    x = get_dataset("digits", "train", transform=tf3)[3][0]
+    raw = torch.from_numpy(get_dataset("digits", "train").load_image(3))
+    mean = torch.tensor(T.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(T.IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(x, (raw.expand(3, 8, 8) - mean) / std)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_to_tensor_pil_and_arrays():
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    x = T.ToTensor()(Image.fromarray(rgb))
+    assert x.shape == (3, 4, 5)
+    np.testing.assert_allclose(x.numpy(), rgb.transpose(2, 0, 1) / 255.0, atol=1e-7)
+    g = T.ToTensor()(np.full((3, 2), 0.25))
+    assert g.shape == (1, 3, 2) and torch.all(g == 0.25)
+    bw = Image.fromarray(np.array([[0, 255]], dtype=np.uint8)).convert("1")
+    assert T.ToTensor()(bw).tolist() == [[[0.0, 1.0]]]
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_resize_shorter_side_and_center_crop(as_tensor):
+    arr = np.random.default_rng(0).integers(0, 256, size=(50, 100, 3), dtype=np.uint8)
+    img = T.ToTensor()(arr) if as_tensor else Image.fromarray(arr)
+    out = T.ToTensor()(T.Resize(20)(img))
+    assert out.shape == (3, 20, 40)
+    out = T.ToTensor()(T.Resize((7, 9))(img))
+    assert out.shape == (3, 7, 9)
+    crop = T.ToTensor()(T.CenterCrop((10, 30))(img))
+    ref = arr[20:30, 35:65].transpose(2, 0, 1) / 255.0
+    np.testing.assert_allclose(crop.numpy(), ref, atol=1e-6)
+
+
+def test_resize_tensor_close_to_pil():
+    arr = np.random.default_rng(1).integers(0, 256, size=(60, 80), dtype=np.uint8)
+    arr = np.kron(arr[::4, ::4], np.ones((4, 4), dtype=np.uint8))  # smooth-ish blocks
+    a = T.ToTensor()(T.Resize((30, 40))(Image.fromarray(arr)))
+    b = T.Resize((30, 40))(T.ToTensor()(arr))
+    assert a.shape == b.shape == (1, 30, 40)
+    assert (a - b).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_flip(as_tensor):
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    img = T.ToTensor()(arr) if as_tensor else Image.fromarray(arr)
+    flipped = T.ToTensor()(T.RandomHorizontalFlip(p=1.0)(img))
+    np.testing.assert_allclose(flipped[0].numpy(), arr[:, ::-1] / 255.0, atol=1e-7)
+    same = T.ToTensor()(T.RandomHorizontalFlip(p=0.0)(img))
+    np.testing.assert_allclose(same[0].numpy(), arr / 255.0, atol=1e-7)
+
+
+def test_random_resized_crop_bounds_and_full_crop():
+    rrc = T.RandomResizedCrop(16, scale=(0.2, 0.9), ratio=(0.5, 2.0))
+    torch.manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = rrc.get_params(30, 50)
+        assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 50
+        assert 0.2 * 1500 * 0.8 <= h * w <= 0.9 * 1500 * 1.2  # rounding slack
+        assert 0.5 * 0.8 <= w / h <= 2.0 * 1.2
+    # scale = ratio = 1 on a square image: the whole image, just resized
+    arr = np.random.default_rng(2).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    full = T.RandomResizedCrop(8, scale=(1.0, 1.0), ratio=(1.0, 1.0))(Image.fromarray(arr))
+    ref = Image.fromarray(arr).resize((8, 8), Image.BILINEAR)
+    np.testing.assert_array_equal(np.asarray(full), np.asarray(ref))
+
+
+def test_convert_channels_and_normalize():
+    grey = torch.rand(1, 4, 4)
+    rgb = T.ConvertChannels(3)(grey)
+    assert rgb.shape == (3, 4, 4) and torch.equal(rgb[2], grey[0])
+    arr = np.random.default_rng(3).integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
+    luma = T.ConvertChannels(1)(T.ToTensor()(arr))
+    pil_luma = T.ToTensor()(Image.fromarray(arr).convert("L"))
+    assert (luma - pil_luma).abs().max() <= 1.0 / 255 + 1e-6
+    x = torch.rand(3, 2, 2)
+    out = T.Normalize((0.1, 0.2, 0.3), (0.5, 0.25, 2.0))(x)
+    torch.testing.assert_close(out[1], (x[1] - 0.2) / 0.25)
+    with pytest.raises(ValueError, match="channels"):
+        T.ConvertChannels(2)
+
+
+def test_natural_eval_transform_matches_pil_reference():
+    arr = np.random.default_rng(4).integers(0, 256, size=(200, 300, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    out = get_transforms("cub200", train=False, image_size=112)(img)
+    # reference written with PIL: shorter side to 128 (= 112 * 256 / 224), centre 112x112
+    ref = img.resize((192, 128), Image.BILINEAR).crop((40, 8, 152, 120))
+    ref = (np.asarray(ref, dtype=np.float32) / 255.0 - T.IMAGENET_MEAN) / T.IMAGENET_STD
+    np.testing.assert_allclose(out.numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_get_transforms_shapes_and_determinism(name):
+    arr = np.random.default_rng(5).integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    if name == "digits":
+        img = np.random.default_rng(5).random((8, 8)).astype(np.float32)
+    size = 8 if name == "digits" else 32
+    channels = 1 if name in ("digits", "omniglot") else 3
+    train_tf = get_transforms(name, True, image_size=size)
+    eval_tf = get_transforms(name, False, image_size=size)
+    assert eval_tf(img).shape == (channels, size, size)
+    torch.testing.assert_close(eval_tf(img), eval_tf(img))
+    torch.manual_seed(123)
+    a = train_tf(img)
+    torch.manual_seed(123)
+    b = train_tf(img)
+    assert a.shape == (channels, size, size)
+    torch.testing.assert_close(a, b)
+    if name not in ("digits",):  # digits have no augmentation
+        outs = [train_tf(img) for _ in range(5)]
+        assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_get_transforms_errors():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        get_transforms("mnist", True)
+    with pytest.raises(ValueError, match="channels"):
+        get_transforms("cub200", True, channels=2)
+
+
+def test_omniglot_transform_inverts_and_channels():
+    img = Image.new("1", (105, 105), color=1)  # white page
+    img.paste(0, (40, 40, 60, 60))  # black square
+    x = get_transforms("omniglot", False)(img)
+    assert x.shape == (1, 64, 64)
+    assert x[0, 0, 0] == 0.0 and x[0, 32, 32] == 1.0  # strokes bright, background dark
+    x3 = get_transforms("omniglot", False, image_size=84, channels=3)(img)
+    assert x3.shape == (3, 84, 84)
+    torch.testing.assert_close(
+        x3[:, 0, 0], (1 - torch.tensor(T.IMAGENET_MEAN)) / torch.tensor(T.IMAGENET_STD)
+    )
+
+
+# ----------------------------------------------------------------------------- roots, errors
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("PML_PROXIES_DATA", str(tmp_path / "env"))
+    assert default_root(tmp_path / "arg") == tmp_path / "arg"
+    assert default_root() == tmp_path / "env"
+    monkeypatch.delenv("PML_PROXIES_DATA")
+    assert default_root() == Path.home() / ".cache" / "pml-proxies" / "data"
+
+
+def test_bad_name_and_split(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        get_dataset("mnist", "train")
+    with pytest.raises(ValueError, match="split"):
+        get_dataset("digits", "val")
+    with pytest.raises(ValueError, match="split"):
+        get_dataset("cub200", "query", root=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["omniglot", "cub200", "cars196", "sop", "inshop"])
+def test_missing_files_error(name, tmp_path):
+    with pytest.raises(FileNotFoundError, match="download=True|Google Drive") as e:
+        get_dataset(name, "train", root=tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_inshop_download_explains_google_drive(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Google Drive"):
+        get_dataset("inshop", "train", root=tmp_path, download=True)
+
+
+# ----------------------------------------------------------------------------- download code
+
+
+def test_download_url_file_scheme(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"hello" * 1000)
+    dest = download_url(src.as_uri(), tmp_path / "out" / "a.bin", md5=md5(src), progress=False)
+    assert dest.read_bytes() == src.read_bytes()
+    with pytest.raises(RuntimeError, match="MD5 mismatch"):
+        download_url(src.as_uri(), tmp_path / "out" / "b.bin", md5="0" * 32, progress=False)
+    assert not (tmp_path / "out" / "b.bin").exists()
+    assert not (tmp_path / "out" / "b.bin.part").exists()
+    with pytest.raises(RuntimeError, match="could not download"):
+        download_url((tmp_path / "nope").as_uri(), tmp_path / "out" / "c.bin", progress=False)
+
+
+def test_extract_archive_zip_tar_and_unsafe(tmp_path):
+    zpath = tmp_path / "a.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("top/x.txt", "x")
+    extract_archive(zpath, tmp_path / "z", progress=False)
+    assert (tmp_path / "z" / "top" / "x.txt").read_text() == "x"
+    tpath = tmp_path / "a.tgz"
+    with tarfile.open(tpath, "w:gz") as t:
+        info = tarfile.TarInfo("top/y.txt")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"y"))
+    extract_archive(tpath, tmp_path / "t", progress=False)
+    assert (tmp_path / "t" / "top" / "y.txt").read_text() == "y"
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../escape.txt", "bad")
+    with pytest.raises(RuntimeError, match="unsafe"):
+        extract_archive(evil, tmp_path / "e", progress=False)
+    assert not (tmp_path / "escape.txt").exists()
+    (tmp_path / "plain.txt").write_text("no archive")
+    with pytest.raises(ValueError, match="neither"):
+        extract_archive(tmp_path / "plain.txt", tmp_path / "p")
+
+
+# ----------------------------------------------------------------------------- Omniglot
+
+
+def png_bytes(seed, size=12):
+    arr = np.random.default_rng(seed).random((size, size)) > 0.5
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")  # mode "1", as the real files
+    return buf.getvalue()
+
+
+def make_omniglot_zip(path: Path, top: str, alphabets: dict, drawers=3, seed=0):
+    """alphabets: {name: number of characters}; returns {member: png bytes}."""
+    written = {}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{top}/", "")
+        for a, n_chars in alphabets.items():
+            for c in range(1, n_chars + 1):
+                for d in range(1, drawers + 1):
+                    name = f"{top}/{a}/character{c:02d}/{c:02d}{seed}_{d:02d}.png"
+                    written[name] = png_bytes(hash((a, c, d)) % 10_000)
+                    z.writestr(name, written[name])
+    return written
+
+
+def test_omniglot_full_zips_preferred(tmp_path):
+    d = tmp_path / "omniglot"
+    d.mkdir()
+    bg = make_omniglot_zip(d / "images_background.zip", "images_background", {"A": 2, "B": 3})
+    make_omniglot_zip(d / "images_evaluation.zip", "images_evaluation", {"C": 4})
+    make_omniglot_zip(d / "images_background_small1.zip", "images_background_small1", {"Korean": 1})
+    make_omniglot_zip(
+        d / "images_background_small2.zip", "images_background_small2", {"Tagalog": 1}
+    )
+    train = get_dataset("omniglot", "train", root=tmp_path, transform=T.ToTensor())
+    test = get_dataset("omniglot", "test", root=tmp_path, transform=T.ToTensor())
+    assert train.variant == test.variant == "full"
+    assert (len(train), train.num_classes, len(test), test.num_classes) == (15, 5, 12, 4)
+    assert train.classes[:3] == ["A/character01", "A/character02", "B/character01"]
+    assert_contiguous(train)
+    # first image (sorted) read independently from the zip bytes
+    ref = np.asarray(Image.open(io.BytesIO(bg[sorted(bg)[0]])).convert("L")) / 255.0
+    x, y = train[0]
+    assert y == 0 and x.shape == (1, 12, 12)
+    np.testing.assert_allclose(x[0].numpy(), ref)
+    small = get_dataset("omniglot", "train", root=tmp_path, variant="small", progress=False)
+    assert (small.variant, small.classes, len(small)) == ("small", ["Korean/character01"], 3)
+
+
+def test_omniglot_small_dedup_and_split(tmp_path):
+    shared = {"Greek": 2, "Latin": 1}
+    make_omniglot_zip(
+        tmp_path / "images_background_small1.zip",
+        "images_background_small1",
+        {"Balinese": 2, "Korean": 1, **shared},
+    )
+    make_omniglot_zip(
+        tmp_path / "images_background_small2.zip",
+        "images_background_small2",
+        {"Sanskrit": 1, "Tagalog": 2, **shared},
+    )
+    train = get_dataset("omniglot", "train", root=tmp_path, progress=False)
+    test = get_dataset("omniglot", "test", root=tmp_path, progress=False)
+    assert train.variant == "small"
+    assert train.classes == [
+        "Balinese/character01",
+        "Balinese/character02",
+        "Korean/character01",
+        "Sanskrit/character01",
+    ]
+    # Greek (2) + Latin (1) counted once, Tagalog (2): 5 classes x 3 drawers
+    assert (test.num_classes, len(test)) == (5, 15)
+    assert np.bincount(test.labels).tolist() == [3] * 5
+    assert test[0][0].shape == (1, 64, 64)
+
+
+def test_omniglot_download_from_file_url(tmp_path, monkeypatch):
+    src = tmp_path / "mirror"
+    src.mkdir()
+    make_omniglot_zip(src / "images_background.zip", "images_background", {"A": 2})
+    make_omniglot_zip(src / "images_evaluation.zip", "images_evaluation", {"B": 1})
+    monkeypatch.setattr(omni_mod, "OMNIGLOT_URL", src.as_uri() + "/{}")
+    monkeypatch.setattr(
+        omni_mod,
+        "OMNIGLOT_MD5",
+        {z: md5(src / z) for z in ("images_background.zip", "images_evaluation.zip")},
+    )
+    root = tmp_path / "root"
+    with pytest.raises(FileNotFoundError):
+        get_dataset("omniglot", "test", root=root)
+    test = get_dataset("omniglot", "test", root=root, download=True, progress=False)
+    assert (root / "omniglot" / "images_evaluation.zip").is_file()
+    assert (test.variant, len(test), test.num_classes) == ("full", 3, 1)
+
+
+def test_omniglot_real_small_sets(shared_dir):
+    root = shared_dir / "data"
+    if not (root / "omniglot" / "images_background_small1.zip").is_file():
+        pytest.skip("Omniglot small zips are not in ../shared/data/omniglot")
+    train = get_dataset("omniglot", "train", root=root, variant="small", progress=False)
+    test = get_dataset("omniglot", "test", root=root, variant="small", progress=False)
+    assert (train.num_classes, len(train)) == (128, 2560)
+    assert (test.num_classes, len(test)) == (114, 2280)
+    for ds in (train, test):
+        assert_contiguous(ds)
+        assert np.bincount(ds.labels).tolist() == [20] * ds.num_classes
+        assert ds.load_image(0).size == (105, 105)
+    alphabets = lambda ds: {c.split("/")[0] for c in ds.classes}  # noqa: E731
+    assert alphabets(train) == {"Balinese", "Early_Aramaic", "Korean", "Sanskrit"}
+    assert alphabets(test) == {"Greek", "Japanese_(katakana)", "Latin", "Tagalog"}
+    x, y = train[0]
+    assert x.shape == (1, 64, 64) and x.dtype == torch.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.mean() < 0.5  # inverted: mostly dark
+    x, _ = get_dataset(
+        "omniglot",
+        "test",
+        root=root,
+        variant="small",
+        transform=get_transforms("omniglot", True, image_size=84, channels=3),
+    )[5]
+    assert x.shape == (3, 84, 84)
+
+
+# ----------------------------------------------------------------------------- CUB-200-2011
+
+
+def make_cub(directory: Path):
+    """Classes 1, 2 (train) and 101, 150 (test); 2 images each, one greyscale JPEG."""
+    classes = {1: "001.A_bird", 2: "002.B_bird", 101: "101.C_bird", 150: "150.D_bird"}
+    lines, labels = [], []
+    i = 0
+    for c, name in classes.items():
+        for k in range(2):
+            i += 1
+            rel = f"{name}/{name}_{k}.jpg"
+            mode = "L" if (c, k) == (2, 1) else "RGB"
+            write_image(directory / "images" / rel, mode=mode, seed=i)
+            lines.append(f"{i} {rel}")
+            labels.append(f"{i} {c}")
+    (directory / "images.txt").write_text("\n".join(lines) + "\n")
+    (directory / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (directory / "classes.txt").write_text("\n".join(f"{c} {n}" for c, n in classes.items()))
+
+
+def test_cub_parsing(tmp_path):
+    make_cub(tmp_path / "cub2011" / "CUB_200_2011")
+    train = get_dataset("cub200", "train", root=tmp_path)
+    test = get_dataset(
+        "cub200", "test", root=tmp_path, transform=get_transforms("cub200", True, 32)
+    )
+    assert train.classes == ["001.A_bird", "002.B_bird"]
+    assert test.classes == ["101.C_bird", "150.D_bird"]
+    assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 0, 1, 1]
+    assert test.class_ids.tolist() == [101, 150]
+    assert Path(train.paths[3]).name == "002.B_bird_1.jpg"
+    x, y = train[3]  # the greyscale JPEG comes out with 3 channels
+    assert x.shape == (3, 224, 224) and y == 1
+    assert test[0][0].shape == (3, 32, 32)
+
+
+def test_cub_other_layout_and_download(tmp_path, monkeypatch):
+    make_cub(tmp_path / "alt" / "CUB_200_2011")
+    assert len(get_dataset("cub200", "train", root=tmp_path / "alt")) == 4
+    archive = tmp_path / "CUB_200_2011.tgz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(tmp_path / "alt" / "CUB_200_2011", arcname="CUB_200_2011")
+    monkeypatch.setattr(
+        cub_mod, "CUB_URLS", [(tmp_path / "missing.tgz").as_uri(), archive.as_uri()]
+    )
+    monkeypatch.setattr(cub_mod, "CUB_MD5", md5(archive))
+    root = tmp_path / "root"
+    ds = get_dataset("cub200", "test", root=root, download=True)
+    assert (root / "cub2011" / "CUB_200_2011" / "images.txt").is_file()
+    assert len(ds) == 4 and ds.num_classes == 2
+
+
+# ----------------------------------------------------------------------------- Cars-196
+
+
+def _struct_array(records: list[dict]) -> np.ndarray:
+    fields = list(records[0])
+    arr = np.empty(len(records), dtype=[(f, object) for f in fields])
+    for i, r in enumerate(records):
+        for f in fields:
+            arr[i][f] = r[f]
+    return arr
+
+
+CAR_NAMES = np.array([f"Car model {i}" for i in range(1, 197)], dtype=object)
+
+
+def make_cars(directory: Path, classes=(1, 98, 99, 196, 1)):
+    from scipy.io import savemat
+
+    records = []
+    for i, c in enumerate(classes, start=1):
+        rel = f"car_ims/{i:06d}.jpg"
+        write_image(directory / rel, seed=i)
+        records.append({"relative_im_path": rel, "class": c, "test": i % 2})
+    savemat(
+        directory / "cars_annos.mat",
+        {"annotations": _struct_array(records), "class_names": CAR_NAMES},
+    )
+
+
+def test_cars_annos_parsing(tmp_path):
+    make_cars(tmp_path / "cars196")
+    train = get_dataset("cars196", "train", root=tmp_path)
+    test = get_dataset("cars196", "test", root=tmp_path)
+    assert train.layout == "annos"
+    assert train.classes == ["Car model 1", "Car model 98"]
+    assert [Path(p).name for p in train.paths] == ["000001.jpg", "000002.jpg", "000005.jpg"]
+    assert train.labels.tolist() == [0, 1, 0]
+    assert test.class_ids.tolist() == [99, 196] and test.labels.tolist() == [0, 1]
+    assert test[1][0].shape == (3, 224, 224)
+
+
+def test_cars_devkit_parsing(tmp_path):
+    from scipy.io import savemat
+
+    d = tmp_path / "cars196"
+    (d / "devkit").mkdir(parents=True)
+    savemat(d / "devkit" / "cars_meta.mat", {"class_names": CAR_NAMES})
+    for folder, annos, classes in (
+        ("cars_train", d / "devkit" / "cars_train_annos.mat", (1, 120)),
+        ("cars_test", d / "cars_test_annos_withlabels.mat", (98, 99, 3)),
+    ):
+        recs = []
+        for i, c in enumerate(classes, start=1):
+            write_image(d / folder / f"{i:05d}.jpg", seed=c)
+            recs.append({"fname": f"{i:05d}.jpg", "class": c})
+        savemat(annos, {"annotations": _struct_array(recs)})
+    train = get_dataset("cars196", "train", root=tmp_path)
+    test = get_dataset("cars196", "test", root=tmp_path)
+    assert train.layout == "devkit"
+    assert train.class_ids.tolist() == [1, 3, 98] and train.labels.tolist() == [0, 2, 1]
+    assert [Path(p).parent.name for p in train.paths] == ["cars_train", "cars_test", "cars_test"]
+    assert test.classes == ["Car model 99", "Car model 120"] and len(test) == 2
+
+
+def test_cars_download(tmp_path, monkeypatch):
+    src = tmp_path / "mirror"
+    make_cars(src)
+    archive = tmp_path / "car_ims.tgz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(src / "car_ims", arcname="car_ims")
+    monkeypatch.setattr(cars_mod, "CARS_ANNOS_URLS", [(src / "cars_annos.mat").as_uri()])
+    monkeypatch.setattr(cars_mod, "CARS_IMAGES_URLS", [archive.as_uri()])
+    ds = get_dataset("cars196", "train", root=tmp_path / "root", download=True)
+    assert (tmp_path / "root" / "cars196" / "car_ims" / "000001.jpg").is_file()
+    assert len(ds) == 3
+
+
+# ----------------------------------------------------------------------------- SOP
+
+
+def make_sop(directory: Path):
+    header = "image_id class_id super_class_id path\n"
+    train = [
+        (1, 1, 1, "bicycle_final/1_0.JPG"),
+        (2, 1, 1, "bicycle_final/1_1.JPG"),
+        (3, 2, 2, "cabinet_final/2_0.JPG"),
+    ]
+    test = [
+        (4, 11319, 1, "bicycle_final/9_0.JPG"),
+        (5, 11320, 12, "toaster_final/8_0.JPG"),
+        (6, 11320, 12, "toaster_final/8_1.JPG"),
+    ]
+    for name, rows in (("Ebay_train.txt", train), ("Ebay_test.txt", test)):
+        text = header + "".join(f"{a} {b} {c} {p}\n" for a, b, c, p in rows)
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+        for i, *_, p in rows:
+            write_image(directory / p, seed=i, fmt="JPEG")
+
+
+def test_sop_parsing_and_download(tmp_path, monkeypatch):
+    make_sop(tmp_path / "src" / "Stanford_Online_Products")
+    train = get_dataset("sop", "train", root=tmp_path / "src")
+    test = get_dataset("sop", "test", root=tmp_path / "src")
+    assert train.classes == ["bicycle/1", "cabinet/2"] and train.labels.tolist() == [0, 0, 1]
+    assert test.classes == ["bicycle/11319", "toaster/11320"]
+    assert test.labels.tolist() == [0, 1, 1] and test.super_labels.tolist() == [0, 11, 11]
+    assert test.super_classes[11] == "toaster"
+    assert test[2][0].shape == (3, 224, 224)
+    archive = tmp_path / "Stanford_Online_Products.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted((tmp_path / "src").rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(tmp_path / "src"))
+    monkeypatch.setattr(sop_mod, "SOP_URLS", [archive.as_uri()])
+    monkeypatch.setattr(sop_mod, "SOP_MD5", md5(archive))
+    ds = get_dataset("sop", "test", root=tmp_path / "root", download=True)
+    assert (tmp_path / "root" / "Stanford_Online_Products" / "Ebay_test.txt").is_file()
+    assert ds.classes == test.classes
+
+
+# ----------------------------------------------------------------------------- In-Shop
+
+
+def make_inshop(base: Path, flat: bool = False):
+    """Google Drive layout (Eval/list_eval_partition.txt, Img/img/...) or flat (both in base)."""
+    rows = [
+        ("img/MEN/Denim/id_00000080/01_1_front.jpg", "id_00000080", "train"),
+        ("img/MEN/Denim/id_00000080/01_2_side.jpg", "id_00000080", "train"),
+        ("img/WOMEN/Dresses/id_00000002/02_1_front.jpg", "id_00000002", "train"),
+        ("img/WOMEN/Tees/id_00000007/01_1_front.jpg", "id_00000007", "query"),
+        ("img/WOMEN/Tees/id_00000007/01_2_side.jpg", "id_00000007", "gallery"),
+        ("img/MEN/Shirts/id_00000005/01_1_front.jpg", "id_00000005", "gallery"),
+        ("img/MEN/Shirts/id_00000005/01_3_back.jpg", "id_00000005", "query"),
+    ]
+    eval_dir, img_dir = (base, base) if flat else (base / "Eval", base / "Img")
+    eval_dir.mkdir(parents=True)
+    text = f"{len(rows)}\nimage_name item_id evaluation_status\n"
+    text += "".join(f"{p}           {i} {s}\n" for p, i, s in rows)
+    (eval_dir / "list_eval_partition.txt").write_text(text)
+    for k, (p, _, _) in enumerate(rows):
+        write_image(img_dir / p, seed=k)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["drive_layout", "flat_layout"])
+def test_inshop_parsing(tmp_path, flat):
+    make_inshop(tmp_path / "inshop", flat=flat)
+    train = get_dataset("inshop", "train", root=tmp_path)
+    test = get_dataset("inshop", "test", root=tmp_path)
+    query = get_dataset("inshop", "query", root=tmp_path)
+    gallery = get_dataset("inshop", "gallery", root=tmp_path)
+    assert train.classes == ["id_00000002", "id_00000080"] and train.labels.tolist() == [1, 1, 0]
+    assert test.classes == ["id_00000005", "id_00000007"] and len(test) == 4
+    assert test.labels.tolist() == [1, 1, 0, 0]
+    assert test.is_query.tolist() == [True, False, False, True]
+    assert query.classes == gallery.classes == test.classes
+    assert query.labels.tolist() == [1, 0] and gallery.labels.tolist() == [1, 0]
+    assert Path(gallery.paths[1]).name == "01_1_front.jpg"
+    assert train[0][0].shape == (3, 224, 224)
