@@ -79,7 +79,7 @@ class BaseMultiProxyLoss(BaseProxyLoss):
         """``(B, C)`` pooled class similarities ``S(x, c)`` (eq. 1)."""
         dtype = proxy_math.compute_dtype(embeddings.dtype)
         centers = self.parameter_in(self.proxies, dtype)
-        sims = proxy_math.cosine_similarity(embeddings.to(dtype), centers)
+        sims = proxy_math.cosine_similarity_to_many(embeddings.to(dtype), centers)
         return proxy_math.pool_similarities(sims, self.centers_per_class, self.pooling, self.gamma)
 
     def miner_weights(self, indices_tuple, labels: torch.Tensor, dtype: torch.dtype):
