@@ -1,0 +1,529 @@
+"""Informative Sample-Aware Proxy (Proxy-ISA) loss."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from ..utils import proxy_math
+from .base_proxy_loss import BaseProxyLoss
+
+POSITIVE_WEIGHTINGS = ("none", "inverse_effective_number", "lower_bound", "decay")
+NEGATIVE_WEIGHTINGS = ("none", "inverse_effective_number")
+BATCH_LAYOUTS = ("pml", "as_given")
+STATS = (
+    "mean_effective_number",
+    "memory_fill",
+    "outlier_fraction",
+    "mean_positive_weight",
+    "mean_negative_weight",
+    "mean_learned_similarity",
+)
+
+
+def _fixed_point_bits(memory_size: int) -> int:
+    """Fraction bits of the int64 per-class sums of the memory: room for ``memory_size`` unit
+    vectors without overflow, at most 40 bits (quantisation step 2^-40 per coordinate)."""
+    return min(40, 62 - int(memory_size).bit_length())
+
+
+class ProxyISALoss(BaseProxyLoss):
+    """Informative Sample-Aware Proxy loss (Li et al., "Informative Sample-Aware Proxy for Deep
+    Metric Learning", MMAsia 2022, eq. 12-17 and Algorithm 1; SPEC section 3).
+
+    Proxy-Anchor whose exponents are scaled by per-pair weights ``w+`` / ``w-`` that depend on a
+    per-class state: the number of clean samples seen ``n_c``, the effective number
+    ``E_c = (1 - beta^n_c) / (1 - beta)`` with ``beta = (V - 1) / V`` (eq. 8), and the learned
+    similarity ``s_c = h * mean cos(memory entries of class c, p_c)`` (eq. 10) estimated from a
+    FIFO memory of the last ``T`` clean embeddings. With the state before the step::
+
+        nu_c    = 1 / (1 + log(1 + E_c))                                   (eq. 14)
+        sigma_c = 1 + (1 + e^-tau)(nu_c - 1) / (1 + e^(V - E_c - tau))     (eq. 17)
+        eta_c   = (1 + k (1 - s_c)) nu_c + lambda                          (eq. 15)
+        out_c   = s_c - eta_c
+        w+_ic = 1 + P_c if out_c <= s_ic <= s_c else P_c   (P_c = sigma_c by default; eq. 16)
+        w-_ic = 1 / max(1, E_c) if s_ic < out_c else 1                     (eq. 16)
+        L = sum_{c in C+} log(1 + sum_{y_i = c}  exp(w+ alpha (delta - s_ic))) / sum_{c in C+} mean w+
+          + sum_c         log(1 + sum_{y_i != c} exp(w- alpha (s_ic + delta))) / sum_{c} mean w-
+
+    (eq. 13; the second divisor runs over the classes that have negatives in the batch). The
+    weights are constants. Positive weights are used once the *filter* is on (before: ``w+ = 1``);
+    negative weights at every step. After the loss, in training mode only: positives with
+    ``s_ic < out_c`` are outliers (filter on only); ``n_c`` counts the other samples; while the
+    *memory* is on, the non-outliers (normalised, detached) enter the memory and ``s_c`` is
+    re-estimated for the classes of the batch with the current proxies. The first step equals
+    PML's ``ProxyAnchorLoss``; with both weightings ``"none"`` every step does.
+
+    The memory switches on at ``memory_start_epoch`` and the filter at ``filter_start_epoch``
+    (epochs counted from 1, as PML trainers do): call :meth:`set_epoch` at the start of every
+    epoch, or use :class:`pml_proxies.hooks.SetEpochHook` with a PML trainer. All state lives in
+    registered buffers (``state_dict`` resumes exactly, ``.to(device)`` moves it); a step that
+    raises changes nothing; eval mode changes nothing.
+
+    Args:
+        num_classes: number of classes ``C``.
+        embedding_size: embedding dimension ``D``.
+        margin: ``delta`` (0.1).
+        alpha: scale ``alpha`` (32).
+        volume_bound: ``V``, the upper bound of the effective number (100).
+        hardness_scale: ``h``, scales the memory's mean similarity into ``s_c`` (0.15).
+        sensitivity: ``k``, sensitivity of the search length to class hardness (0.9; the authors
+            use 0.4 for Cars-196 and 0.1 for In-Shop).
+        search_margin: ``lambda``, the margin of the search length (0.1).
+        decay_timing: ``tau``, timing of the decay function sigma (1.5).
+        memory_size: ``T``, capacity of the memory ring buffer (55,000).
+        memory_start_epoch: first epoch (from 1) with the memory on (3).
+        filter_start_epoch: first epoch (from 1) with the filter / positive weights on (4).
+        positive_weighting: ``P_c`` of the positive rule (paper Table 3): ``"decay"`` (sigma_c,
+            default), ``"lower_bound"`` (nu_c), ``"inverse_effective_number"``
+            (``1 / max(1, E_c)``) or ``"none"`` (``w+ = 1``).
+        negative_weighting: ``"inverse_effective_number"`` (default) or ``"none"`` (``w- = 1``).
+        distributed_batch_layout: under ``torch.distributed`` with more than one process,
+            ``"pml"`` (default) assumes the batch comes from PML's
+            ``DistributedLossWrapper(efficient=False)`` (this rank's chunk first, then the other
+            ranks in order) and restores rank order, so that every rank pushes the same memory
+            entries in the same order and holds identical state; ``"as_given"`` uses the batch
+            as it comes.
+        **kwargs: PML keyword arguments (``weight_regularizer``, ``weight_reg_weight``,
+            ``weight_init_func``, ``reducer``, ``collect_stats``, ``check_inputs``, ...).
+
+    Attributes:
+        proxies: Parameter ``(C, D)``, initialised as PML's ``ProxyAnchorLoss``.
+        epoch, memory_enabled, filter_enabled: the schedule (buffers).
+        sample_counts, effective_numbers, learned_similarities: ``n_c``, ``E_c``, ``s_c``.
+        memory_embeddings, memory_labels (-1 = empty), memory_write_position, memory_count:
+            the ring buffer; memory_class_counts and memory_class_sums (int64 fixed point with
+            2^-40 resolution, exact and order-independent) summarise it per class.
+
+    Statistics (PML recordable stats, only with ``collect_stats=True``): ``mean_effective_number``,
+    ``memory_fill`` (fraction of ``T``), ``outlier_fraction`` (of the batch's positives),
+    ``mean_positive_weight``, ``mean_negative_weight`` (over the batch's pairs),
+    ``mean_learned_similarity`` (over all classes).
+
+    Shape:
+        embeddings ``(B, D)``, labels ``(B,)`` in ``[0, C)``; output a scalar.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 0.1,
+        alpha: float = 32.0,
+        volume_bound: float = 100.0,
+        hardness_scale: float = 0.15,
+        sensitivity: float = 0.9,
+        search_margin: float = 0.1,
+        decay_timing: float = 1.5,
+        memory_size: int = 55000,
+        memory_start_epoch: int = 3,
+        filter_start_epoch: int = 4,
+        positive_weighting: str = "decay",
+        negative_weighting: str = "inverse_effective_number",
+        distributed_batch_layout: str = "pml",
+        **kwargs,
+    ) -> None:
+        if positive_weighting not in POSITIVE_WEIGHTINGS:
+            raise ValueError(
+                f"positive_weighting must be one of {POSITIVE_WEIGHTINGS}, got {positive_weighting!r}"
+            )
+        if negative_weighting not in NEGATIVE_WEIGHTINGS:
+            raise ValueError(
+                f"negative_weighting must be one of {NEGATIVE_WEIGHTINGS}, got {negative_weighting!r}"
+            )
+        if distributed_batch_layout not in BATCH_LAYOUTS:
+            raise ValueError(
+                f"distributed_batch_layout must be one of {BATCH_LAYOUTS}, "
+                f"got {distributed_batch_layout!r}"
+            )
+        if not volume_bound >= 1:
+            raise ValueError(f"volume_bound must be >= 1, got {volume_bound}")
+        if int(memory_size) < 1:
+            raise ValueError(f"memory_size must be >= 1, got {memory_size}")
+        for name, value in (
+            ("memory_start_epoch", memory_start_epoch),
+            ("filter_start_epoch", filter_start_epoch),
+        ):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1 (epochs count from 1), got {value}")
+        super().__init__(num_classes, embedding_size, **kwargs)
+        C, D, T = self.num_classes, self.embedding_size, int(memory_size)
+        self.margin = float(margin)
+        self.alpha = float(alpha)
+        self.volume_bound = float(volume_bound)
+        self.hardness_scale = float(hardness_scale)
+        self.sensitivity = float(sensitivity)
+        self.search_margin = float(search_margin)
+        self.decay_timing = float(decay_timing)
+        self.memory_size = T
+        self.memory_start_epoch = int(memory_start_epoch)
+        self.filter_start_epoch = int(filter_start_epoch)
+        self.positive_weighting = positive_weighting
+        self.negative_weighting = negative_weighting
+        self.distributed_batch_layout = distributed_batch_layout
+        self.fixed_point_bits = _fixed_point_bits(T)
+        # None: host-side sizes on CPU, fixed-shape (sync-free) updates elsewhere; True/False
+        # force one of the two (tests run both)
+        self.sync_free_memory_updates = None
+
+        self.proxies = torch.nn.Parameter(torch.empty(C, D))
+        self.weight_init_func(self.proxies)
+
+        long = torch.long
+        self.register_buffer("epoch", torch.ones((), dtype=long))
+        self.register_buffer("memory_enabled", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("filter_enabled", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("sample_counts", torch.zeros(C, dtype=long))
+        self.register_buffer("effective_numbers", torch.zeros(C))
+        self.register_buffer("learned_similarities", torch.ones(C))
+        self.register_buffer("memory_embeddings", torch.zeros(T, D))
+        self.register_buffer("memory_labels", torch.full((T,), -1, dtype=long))
+        self.register_buffer("memory_write_position", torch.zeros((), dtype=long))
+        self.register_buffer("memory_count", torch.zeros((), dtype=long))
+        self.register_buffer("memory_class_counts", torch.zeros(C, dtype=long))
+        self.register_buffer("memory_class_sums", torch.zeros(C, D, dtype=long))
+
+        # Python mirrors of the schedule buffers (no host sync per step); refreshed by
+        # set_epoch and load_state_dict.
+        self._epoch = 1
+        self._memory_on = False
+        self._filter_on = False
+        self._pending_update = None
+        self._order_cache = {}
+        self.set_epoch(1)
+
+        self.add_to_recordable_attributes(list_of_names=["alpha", "margin"], is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=list(STATS), is_stat=True)
+
+    # ----------------------------------------------------------------- schedule
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the loss which epoch starts (counted from 1, as PML trainers do).
+
+        Turns the memory on from ``memory_start_epoch`` and the filter from
+        ``filter_start_epoch`` (the idiom of ``DistributedSampler.set_epoch``).
+        """
+        epoch = operator.index(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        memory_on = epoch >= self.memory_start_epoch
+        filter_on = epoch >= self.filter_start_epoch
+        if (epoch, memory_on, filter_on) == (self._epoch, self._memory_on, self._filter_on):
+            return
+        self.epoch.fill_(epoch)
+        self.memory_enabled.fill_(memory_on)
+        self.filter_enabled.fill_(filter_on)
+        self._epoch, self._memory_on, self._filter_on = epoch, memory_on, filter_on
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._epoch = int(self.epoch)
+        self._memory_on = bool(self.memory_enabled)
+        self._filter_on = bool(self.filter_enabled)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        self._pending_update = None
+        try:
+            loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if self._pending_update is not None:
+                self._commit(**self._pending_update)
+            if self.collect_stats:
+                self._state_stats()
+        finally:
+            self._pending_update = None
+        return loss
+
+    def class_weights(self, dtype: torch.dtype, names=None) -> dict:
+        """Per-class quantities of the current state (``(C,)`` each, detached): ``nu``,
+        ``sigma``, ``inverse_effective_number``, ``learned`` (``s_c``) and ``outlier``
+        (``out_c``); only ``names`` (and ``learned``, ``outlier``) if given."""
+        E = self.effective_numbers.to(dtype)
+        learned = self.learned_similarities.to(dtype)
+        nu = torch.log1p(E).add_(1.0).reciprocal_()
+        # eta = (1 + k (1 - s)) nu + lambda;  out = s - eta
+        eta = (1.0 + self.sensitivity) - self.sensitivity * learned
+        out = learned - eta.mul_(nu).add_(self.search_margin)
+        weights = {"nu": nu, "learned": learned, "outlier": out}
+        if names is None or "sigma" in names:
+            tau = self.decay_timing
+            # 1 / (1 + e^(V - E - tau)) = sigmoid(E + tau - V), without overflow
+            decay = torch.sigmoid(E + (tau - self.volume_bound))
+            weights["sigma"] = (nu - 1.0).mul_(decay).mul_(1.0 + math.exp(-tau)).add_(1.0)
+        if names is None or "inverse_effective_number" in names:
+            weights["inverse_effective_number"] = E.clamp(min=1.0).reciprocal_()
+        return weights
+
+    def compute_proxy_loss(self, embeddings, labels, indices_tuple):
+        dtype = embeddings.dtype
+        C, B = self.num_classes, embeddings.shape[0]
+        miner_weights = None
+        if indices_tuple is not None:
+            miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
+        if self.training:
+            order = self._rank_order(B, embeddings.device)
+            if order is not None:
+                embeddings, labels = embeddings[order], labels[order]
+                if miner_weights is not None:
+                    miner_weights = miner_weights[order]
+
+        x = F.normalize(embeddings, p=2, dim=1)
+        p = F.normalize(self.parameter_in(self.proxies, dtype), p=2, dim=1)
+        sims = x @ p.t()
+        pos_mask, _ = proxy_math.class_masks(labels, C)
+        detached = sims.detach()
+        penalty = None
+        if self._filter_on and self.positive_weighting != "none":
+            penalty = {
+                "inverse_effective_number": "inverse_effective_number",
+                "lower_bound": "nu",
+                "decay": "sigma",
+            }[self.positive_weighting]
+        needed = {penalty}
+        if self.negative_weighting != "none":
+            needed.add("inverse_effective_number")
+        cw = self.class_weights(dtype, needed)
+        outlier_threshold = cw["outlier"]
+
+        # per-class sample counts of the batch (index_add: no host sync)
+        counts = torch.zeros(C, dtype=dtype, device=x.device).index_add_(
+            0, labels, torch.ones(B, dtype=dtype, device=x.device)
+        )
+
+        # positive weights: one per sample (its positive pair)
+        pos_sims = detached.gather(1, labels.unsqueeze(1)).squeeze(1)
+        pos_outlier_threshold = outlier_threshold[labels]
+        outliers = pos_sims < pos_outlier_threshold if self._filter_on else None
+        pos_weights = None
+        if penalty is not None:
+            in_band = (pos_sims >= pos_outlier_threshold) & (pos_sims <= cw["learned"][labels])
+            pos_weights = cw[penalty][labels] + in_band.to(dtype)
+
+        neg_weights = None
+        if self.negative_weighting != "none":
+            neg_weights = torch.where(
+                detached < outlier_threshold,
+                cw["inverse_effective_number"],
+                torch.ones((), dtype=dtype, device=x.device),
+            )
+
+        pos_term, neg_term = proxy_math.proxy_anchor_terms(
+            sims,
+            pos_mask,
+            self.alpha,
+            self.margin,
+            pos_scale=None if pos_weights is None else pos_weights.unsqueeze(1),
+            neg_scale=neg_weights,
+            miner_weights=miner_weights,
+        )
+
+        # eq. 13 divisors: sum over C+ of the mean w+, sum over classes with negatives of mean w-
+        neg_counts = B - counts
+        if pos_weights is None:
+            pos_divisor = (counts > 0).sum()
+        else:
+            per_class = torch.zeros_like(counts).index_add_(0, labels, pos_weights)
+            pos_divisor = (per_class / counts.clamp(min=1)).sum()
+        if neg_weights is None:
+            neg_divisor = (neg_counts > 0).sum()
+            neg_weight_sum = None
+        else:
+            at_pos = neg_weights.gather(1, labels.unsqueeze(1)).squeeze(1)
+            neg_weight_sum = neg_weights.sum(0) - torch.zeros_like(counts).index_add_(
+                0, labels, at_pos
+            )
+            neg_divisor = (neg_weight_sum / neg_counts.clamp(min=1)).sum()
+
+        if self.collect_stats:
+            self._batch_stats(B, C, outliers, pos_weights, neg_weight_sum)
+
+        if self.training:
+            self._pending_update = {
+                "entries": x.detach(),
+                "labels": labels,
+                "outliers": outliers,
+                "proxies": p.detach(),
+            }
+
+        indices = torch.arange(C, device=x.device)
+        loss_dict = {
+            "pos_loss": {
+                "losses": pos_term,
+                "indices": indices,
+                "reduction_type": "element",
+                "divisor": pos_divisor,
+            },
+            "neg_loss": {
+                "losses": neg_term,
+                "indices": indices,
+                "reduction_type": "element",
+                "divisor": neg_divisor,
+            },
+        }
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
+        return loss_dict
+
+    def _sub_loss_names(self):
+        return ["pos_loss", "neg_loss"]
+
+    # ----------------------------------------------------------------- state update
+    @torch.no_grad()
+    def _commit(self, entries, labels, outliers, proxies) -> None:
+        """Apply the step's state update (called once the loss has been computed)."""
+        keep = None if outliers is None else ~outliers
+        kept = torch.ones_like(labels) if keep is None else keep.long()
+        self.sample_counts.index_add_(0, labels, kept)
+        beta = (self.volume_bound - 1.0) / self.volume_bound
+        # E = (1 - beta^n) / (1 - beta), in float64
+        power = torch.pow(beta, self.sample_counts.double())
+        self.effective_numbers.copy_(power.neg_().add_(1.0).div_(1.0 - beta))
+        if self._memory_on:
+            self._push_to_memory(entries, labels, keep)
+            self._update_learned_similarities(labels, proxies)
+
+    def _quantise(self, rows: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """``sign * rows`` in int64 fixed point: scaling by a power of two is exact and the
+        conversion truncates, so a memory row always gives the same integers."""
+        return (rows * (sign * 2.0**self.fixed_point_bits)).long()
+
+    def _push_to_memory(self, entries, labels, keep) -> None:
+        """Push the kept rows (in batch order) into the ring buffer, as a sequential FIFO
+        would (wrap-around and batches larger than T included), and update the per-class sums
+        and counts. On CPU, sizes are read on the host (no device to wait for) and the rows are
+        copied as at most two contiguous slices; elsewhere fixed-shape index ops avoid any
+        host sync."""
+        sync_free = self.sync_free_memory_updates
+        if sync_free is None:
+            sync_free = entries.device.type != "cpu"
+        if sync_free:
+            self._push_fixed_shape(entries, labels, keep)
+        else:
+            self._push_host_sizes(entries, labels, keep)
+
+    def _replace_slots(self, start, rows, labels) -> None:
+        """Overwrite the contiguous slots ``start .. start + len(rows) - 1`` (no wrap)."""
+        stop = start + rows.shape[0]
+        old_rows = self.memory_embeddings[start:stop]
+        old_labels = self.memory_labels[start:stop]
+        sums, counts = self.memory_class_sums, self.memory_class_counts
+        index = (old_labels.clamp(min=0),)
+        sums.index_put_(index, self._quantise(old_rows, -1.0), accumulate=True)
+        counts.index_put_(index, -(old_labels >= 0).long(), accumulate=True)
+        rows = rows.to(old_rows.dtype)
+        sums.index_put_((labels,), self._quantise(rows), accumulate=True)
+        counts.index_put_((labels,), torch.ones_like(labels), accumulate=True)
+        old_rows.copy_(rows)
+        old_labels.copy_(labels)
+
+    def _push_host_sizes(self, entries, labels, keep) -> None:
+        T = self.memory_size
+        if keep is not None:
+            kept = keep.nonzero().squeeze(1)
+            entries, labels = entries.index_select(0, kept), labels.index_select(0, kept)
+        pushed = entries.shape[0]
+        if pushed == 0:
+            return
+        position = int(self.memory_write_position)
+        start = position
+        if pushed > T:  # only the last T rows survive, from slot position + pushed - T on
+            entries, labels = entries[pushed - T :], labels[pushed - T :]
+            start = (position + pushed - T) % T
+        n = entries.shape[0]
+        first = min(n, T - start)
+        self._replace_slots(start, entries[:first], labels[:first])
+        if first < n:
+            self._replace_slots(0, entries[first:], labels[first:])
+        self.memory_write_position.fill_((position + pushed) % T)
+        self.memory_count.fill_(min(int(self.memory_count) + pushed, T))
+
+    def _push_fixed_shape(self, entries, labels, keep) -> None:
+        T, B = self.memory_size, entries.shape[0]
+        L = min(B, T)
+        device = entries.device
+        if keep is None:
+            order = torch.arange(B, device=device)
+            n_keep = torch.tensor(B, device=device)
+        else:
+            # kept rows first, in batch order
+            order = torch.sort((~keep).to(torch.int8), stable=True).indices
+            n_keep = keep.sum()
+        j = torch.arange(L, device=device)
+        valid = j < n_keep
+        # the last kept rank r < n_keep with r = j (mod T) ends up in slot ptr + j
+        rank = j + T * torch.div((n_keep - 1 - j).clamp(min=0), T, rounding_mode="floor")
+        src = order.index_select(0, rank.clamp(max=B - 1))
+        slots = (self.memory_write_position + j) % T
+        old_rows = self.memory_embeddings.index_select(0, slots)
+        old_labels = self.memory_labels.index_select(0, slots)
+        new_rows = entries.index_select(0, src).to(old_rows.dtype)
+        rows = torch.where(valid.unsqueeze(1), new_rows, old_rows)
+        new_labels = torch.where(valid, labels.index_select(0, src), old_labels)
+        # Per-class sums and counts: remove what the slots held, add what they hold now. Slots
+        # left unchanged cancel exactly; empty slots hold zeros (label -1, counted as none).
+        sums, counts = self.memory_class_sums, self.memory_class_counts
+        sums.index_put_((old_labels.clamp(min=0),), self._quantise(old_rows, -1.0), accumulate=True)
+        sums.index_put_((new_labels.clamp(min=0),), self._quantise(rows), accumulate=True)
+        counts.index_put_((old_labels.clamp(min=0),), -(old_labels >= 0).long(), accumulate=True)
+        counts.index_put_((new_labels.clamp(min=0),), (new_labels >= 0).long(), accumulate=True)
+        self.memory_embeddings.index_copy_(0, slots, rows)
+        self.memory_labels.index_copy_(0, slots, new_labels)
+        self.memory_write_position.copy_((self.memory_write_position + n_keep) % T)
+        self.memory_count.copy_((self.memory_count + n_keep).clamp(max=T))
+
+    def _update_learned_similarities(self, labels, proxies) -> None:
+        """``s_c = h * mean_{memory entries of c} cos(entry, p_c)`` for the batch's classes."""
+        scale = self.hardness_scale * 2.0**-self.fixed_point_bits
+        if self.num_classes <= labels.shape[0]:
+            # fewer classes than samples: compute every class, update those of the batch
+            counts = self.memory_class_counts
+            dots = (self.memory_class_sums.to(proxies.dtype) * proxies).sum(1)
+            present = torch.zeros_like(counts, dtype=torch.bool).index_fill_(0, labels, True)
+            current = self.learned_similarities
+            estimate = (dots * scale / counts.clamp(min=1)).to(current.dtype)
+            current.copy_(torch.where(present & (counts > 0), estimate, current))
+            return
+        counts = self.memory_class_counts.index_select(0, labels)
+        sums = self.memory_class_sums.index_select(0, labels).to(proxies.dtype)
+        dots = (sums * proxies.index_select(0, labels)).sum(1)
+        current = self.learned_similarities.index_select(0, labels)
+        estimate = (dots * scale / counts.clamp(min=1)).to(current.dtype)
+        updated = torch.where(counts > 0, estimate, current)
+        self.learned_similarities.index_put_((labels,), updated)
+
+    # ----------------------------------------------------------------- helpers
+    def _rank_order(self, batch_size: int, device: torch.device):
+        """Permutation restoring rank order of a batch gathered by PML's
+        ``DistributedLossWrapper`` (this rank's chunk first), or ``None``."""
+        if self.distributed_batch_layout != "pml":
+            return None
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world <= 1 or rank == 0 or batch_size % world != 0:
+            return None
+        key = (batch_size, world, rank, device)
+        if key not in self._order_cache:
+            b = batch_size // world
+            # chunk position of rank k in PML's layout: [rank, 0, 1, .., rank-1, rank+1, ..]
+            position = [0 if k == rank else (k + 1 if k < rank else k) for k in range(world)]
+            self._order_cache[key] = torch.cat(
+                [torch.arange(q * b, (q + 1) * b, device=device) for q in position]
+            )
+        return self._order_cache[key]
+
+    def _state_stats(self) -> None:
+        self.mean_effective_number = self.effective_numbers.double().mean().item()
+        self.mean_learned_similarity = self.learned_similarities.double().mean().item()
+        self.memory_fill = self.memory_count.item() / self.memory_size
+
+    def _batch_stats(self, B, C, outliers, pos_weights, neg_weight_sum) -> None:
+        self.outlier_fraction = 0.0 if outliers is None else outliers.double().mean().item()
+        self.mean_positive_weight = 1.0 if pos_weights is None else pos_weights.mean().item()
+        if neg_weight_sum is None or C == 1:
+            self.mean_negative_weight = 1.0
+        else:
+            self.mean_negative_weight = (neg_weight_sum.sum() / (B * (C - 1))).item()
