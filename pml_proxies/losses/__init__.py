@@ -5,6 +5,8 @@ from .base_multi_proxy_loss import BaseMultiProxyLoss
 from .base_proxy_loss import BaseProxyLoss
 from .data_wise_multi_proxy_anchor_loss import DataWiseMultiProxyAnchorLoss
 from .multi_proxy_anchor_loss import MultiProxyAnchorLoss
+from .proxy_isa_loss import ProxyISALoss
+from .vcpa_loss import VCPALoss
 
 __all__ = [
     "AllPairsMultiProxyAnchorLoss",
@@ -12,4 +14,6 @@ __all__ = [
     "BaseProxyLoss",
     "DataWiseMultiProxyAnchorLoss",
     "MultiProxyAnchorLoss",
+    "ProxyISALoss",
+    "VCPALoss",
 ]
