@@ -135,6 +135,27 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if flags[1] and not bool(torch.isfinite(embeddings).all()):
             raise ValueError("embeddings contain NaN or infinite values")
 
+    def proxy_anchor_loss_dict(
+        self, pos_term: torch.Tensor, neg_term: torch.Tensor, pos_divisor, neg_divisor
+    ) -> dict:
+        """PML loss dict of per-class Proxy-Anchor terms (``"pos_loss"``, ``"neg_loss"``), each
+        summed and divided by its divisor by PML's ``DivisorReducer``."""
+        indices = torch.arange(pos_term.shape[0], device=pos_term.device)
+        return {
+            "pos_loss": {
+                "losses": pos_term,
+                "indices": indices,
+                "reduction_type": "element",
+                "divisor": pos_divisor,
+            },
+            "neg_loss": {
+                "losses": neg_term,
+                "indices": indices,
+                "reduction_type": "element",
+                "divisor": neg_divisor,
+            },
+        }
+
     def parameter_in(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``param`` in the compute dtype (a differentiable cast; the parameter keeps its dtype)."""
         return param if param.dtype == dtype else param.to(dtype)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..utils import proxy_math
 from .base_multi_proxy_loss import BaseMultiProxyLoss
 
@@ -47,21 +45,9 @@ class MultiProxyAnchorLoss(BaseMultiProxyLoss):
             self.margin,
             miner_weights=self.miner_weights(indices_tuple, labels, sims.dtype),
         )
-        indices = torch.arange(self.num_classes, device=sims.device)
-        loss_dict = {
-            "pos_loss": {
-                "losses": pos_term,
-                "indices": indices,
-                "reduction_type": "element",
-                "divisor": pos_mask.any(dim=0).sum(),
-            },
-            "neg_loss": {
-                "losses": neg_term,
-                "indices": indices,
-                "reduction_type": "element",
-                "divisor": self.num_classes,
-            },
-        }
+        loss_dict = self.proxy_anchor_loss_dict(
+            pos_term, neg_term, pos_mask.any(dim=0).sum(), self.num_classes
+        )
         self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
         return loss_dict
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from ..utils import proxy_math
+from ..utils import distributed, proxy_math
 from .base_proxy_loss import BaseProxyLoss
 
 POSITIVE_WEIGHTINGS = ("none", "inverse_effective_number", "lower_bound", "decay")
@@ -193,7 +193,6 @@ class ProxyISALoss(BaseProxyLoss):
         self._memory_on = False
         self._filter_on = False
         self._pending_update = None
-        self._order_cache = {}
         self.set_epoch(1)
 
         self.add_to_recordable_attributes(list_of_names=["alpha", "margin"], is_stat=False)
@@ -348,21 +347,7 @@ class ProxyISALoss(BaseProxyLoss):
                 "proxies": p.detach(),
             }
 
-        indices = torch.arange(C, device=x.device)
-        loss_dict = {
-            "pos_loss": {
-                "losses": pos_term,
-                "indices": indices,
-                "reduction_type": "element",
-                "divisor": pos_divisor,
-            },
-            "neg_loss": {
-                "losses": neg_term,
-                "indices": indices,
-                "reduction_type": "element",
-                "divisor": neg_divisor,
-            },
-        }
+        loss_dict = self.proxy_anchor_loss_dict(pos_term, neg_term, pos_divisor, neg_divisor)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
         return loss_dict
 
@@ -495,25 +480,10 @@ class ProxyISALoss(BaseProxyLoss):
 
     # ----------------------------------------------------------------- helpers
     def _rank_order(self, batch_size: int, device: torch.device):
-        """Permutation restoring rank order of a batch gathered by PML's
-        ``DistributedLossWrapper`` (this rank's chunk first), or ``None``."""
+        """Rank-order permutation of a batch gathered by PML's ``DistributedLossWrapper``."""
         if self.distributed_batch_layout != "pml":
             return None
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if world <= 1 or rank == 0 or batch_size % world != 0:
-            return None
-        key = (batch_size, world, rank, device)
-        if key not in self._order_cache:
-            b = batch_size // world
-            # chunk position of rank k in PML's layout: [rank, 0, 1, .., rank-1, rank+1, ..]
-            position = [0 if k == rank else (k + 1 if k < rank else k) for k in range(world)]
-            self._order_cache[key] = torch.cat(
-                [torch.arange(q * b, (q + 1) * b, device=device) for q in position]
-            )
-        return self._order_cache[key]
+        return distributed.gathered_batch_rank_order(batch_size, device)
 
     def _state_stats(self) -> None:
         self.mean_effective_number = self.effective_numbers.double().mean().item()

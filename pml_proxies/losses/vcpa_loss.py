@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from ..utils import proxy_math
+from ..utils import distributed, proxy_math
 from .base_proxy_loss import BaseProxyLoss
 
 NORM_EPS = 1e-12  # as F.normalize
@@ -216,14 +216,6 @@ def _seed_from_state(state: torch.Tensor) -> int:
     """A deterministic 63-bit seed from a generator state of another device type."""
     digest = hashlib.blake2b(state.cpu().numpy().tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _distributed_world() -> tuple[int, int]:
-    """``(rank, world_size)``, ``(0, 1)`` outside an initialised process group."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # ------------------------------------------------------------------------------------- loss
@@ -433,7 +425,7 @@ class VCPALoss(BaseProxyLoss):
             proxies = self.parameter_in(self.proxy_mean, dtype)
             return self._loss_dict(embeddings, labels, proxies, miner_weights)
 
-        order = self._rank_order(embeddings.shape[0], embeddings.device)
+        order = distributed.gathered_batch_rank_order(embeddings.shape[0], embeddings.device)
         if order is not None:
             embeddings, labels = embeddings[order], labels[order]
             miner_weights = None if miner_weights is None else miner_weights[order]
@@ -469,21 +461,9 @@ class VCPALoss(BaseProxyLoss):
         pos_term, neg_term = proxy_math.proxy_anchor_terms(
             sims, pos_mask, self.alpha, self.margin, miner_weights=miner_weights
         )
-        indices = torch.arange(self.num_classes, device=sims.device)
-        loss_dict = {
-            "pos_loss": {
-                "losses": pos_term,
-                "indices": indices,
-                "reduction_type": "element",
-                "divisor": pos_mask.any(dim=0).sum(),
-            },
-            "neg_loss": {
-                "losses": neg_term,
-                "indices": indices,
-                "reduction_type": "element",
-                "divisor": self.num_classes,
-            },
-        }
+        loss_dict = self.proxy_anchor_loss_dict(
+            pos_term, neg_term, pos_mask.any(dim=0).sum(), self.num_classes
+        )
         if self.newton_steps == 0:
             self.add_weight_regularization_to_loss_dict(loss_dict, self.proxy_mean)
         return loss_dict
@@ -565,25 +545,10 @@ class VCPALoss(BaseProxyLoss):
             self._generator = generator
         return generator
 
-    def _rank_order(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
-        """Permutation putting a batch gathered by ``DistributedLossWrapper`` in rank order.
-
-        On rank ``r`` the wrapper passes ``[own, rank 0, .., rank r-1, rank r+1, ..]``; every rank
-        must run the Newton steps on the same ordering to stay bit-identical. The loss does not
-        depend on the order, so the permutation is harmless anywhere else.
-        """
-        rank, world = _distributed_world()
-        if world <= 1 or batch_size % world:
-            return None
-        chunk = batch_size // world
-        starts = [0 if k == rank else (k + 1 if k < rank else k) for k in range(world)]
-        order = torch.arange(chunk).unsqueeze(0) + torch.tensor(starts).unsqueeze(1) * chunk
-        return order.flatten().to(device)
-
     @torch.no_grad()
     def _sync_ranks(self) -> None:
         """At the first distributed training step, broadcast the state from rank 0."""
-        _, world = _distributed_world()
+        _, world = distributed.world()
         if world <= 1 or self._ranks_synced:
             return
         dist = torch.distributed
