@@ -1,0 +1,155 @@
+"""Data of the benchmark: the dataset's train/test splits and a class-disjoint validation split
+carved from the training classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class RelabeledSubset(Dataset):
+    """Samples ``indices`` of ``base`` with labels mapped to ``0..n-1`` by ``label_map``.
+
+    Attributes:
+        labels: numpy int64 labels (contiguous), as PML's samplers want.
+        original_labels: the base dataset's labels of these samples.
+    """
+
+    def __init__(self, base: Dataset, indices: np.ndarray, label_map: dict[int, int]) -> None:
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        base_labels = np.asarray(base.labels, dtype=np.int64)
+        self.original_labels = base_labels[self.indices]
+        self.labels = np.array([label_map[int(y)] for y in self.original_labels], dtype=np.int64)
+        self.num_classes = len(label_map)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, _ = self.base[int(self.indices[i])]
+        return image, int(self.labels[i])
+
+
+@dataclass
+class BenchmarkData:
+    """The three class-disjoint splits. ``train`` uses the training transform, ``val`` and
+    ``test`` the evaluation transform. ``*_classes`` are the class names of each split."""
+
+    train: RelabeledSubset
+    val: RelabeledSubset
+    test: RelabeledSubset
+    train_classes: list
+    val_classes: list
+    test_classes: list
+
+
+def split_validation_classes(
+    labels: np.ndarray, val_fraction: float, seed: int = 0, min_val_classes: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split the classes of ``labels`` into (train classes, val classes), class-disjoint.
+
+    ``round(val_fraction * C)`` classes (at least ``min_val_classes``, at least 2 left for
+    training) are drawn with a fixed ``seed`` (the same split for every loss and run seed).
+    ``val_fraction = 0`` gives no validation classes.
+    """
+    classes = np.unique(np.asarray(labels))
+    if val_fraction <= 0:
+        return classes, classes[:0]
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    n_val = max(min_val_classes, int(round(val_fraction * len(classes))))
+    if len(classes) - n_val < 2:
+        raise ValueError(
+            f"cannot carve {n_val} validation classes out of {len(classes)} training classes "
+            "and keep at least 2 for training"
+        )
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(classes)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _subset(base, classes: np.ndarray) -> RelabeledSubset:
+    labels = np.asarray(base.labels, dtype=np.int64)
+    indices = np.flatnonzero(np.isin(labels, classes))
+    label_map = {int(c): i for i, c in enumerate(np.sort(classes))}
+    return RelabeledSubset(base, indices, label_map)
+
+
+def _class_names(base, classes: np.ndarray) -> list:
+    names = getattr(base, "classes", None)
+    if names is None:
+        return [int(c) for c in classes]
+    return [names[int(c)] for c in classes]
+
+
+def load_benchmark_data(
+    dataset: str,
+    root: str | None = None,
+    image_size: int | None = None,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    download: bool = False,
+    max_train_classes: int | None = None,
+    channels: int | None = None,
+    dataset_kwargs: dict | None = None,
+    progress: bool = True,
+) -> BenchmarkData:
+    """Load ``dataset`` with :mod:`pml_proxies.datasets` and build the three splits.
+
+    Args:
+        dataset: a name of :data:`pml_proxies.datasets.DATASET_NAMES`.
+        root: data folder (``None``: the datasets module's default).
+        image_size: image side given to :func:`~pml_proxies.datasets.get_transforms`.
+        val_fraction: fraction of the training classes held out for model selection.
+        split_seed: seed of the validation class draw.
+        download: allow downloading the data set.
+        max_train_classes: keep only this many training-split classes (the first ones; quick
+            runs), ``None`` for all.
+        channels: 1 or 3 channels (``None``: the dataset's default); 3 gives ImageNet-normalised
+            RGB, what the pretrained trunks expect.
+        dataset_kwargs: extra keyword arguments of the data set class (e.g. Omniglot's
+            ``variant``).
+        progress: progress bars of the data set class, where it has them.
+    """
+    import inspect
+
+    from ..datasets import dataset_class, get_dataset, get_transforms
+
+    kw = dict(dataset_kwargs or {})
+    if "progress" in inspect.signature(dataset_class(dataset).__init__).parameters:
+        kw.setdefault("progress", progress)
+
+    train_tf = get_transforms(dataset, train=True, image_size=image_size, channels=channels)
+    eval_tf = get_transforms(dataset, train=False, image_size=image_size, channels=channels)
+    train_base = get_dataset(
+        dataset, "train", root=root, transform=train_tf, download=download, **kw
+    )
+    val_base = get_dataset(dataset, "train", root=root, transform=eval_tf, download=download, **kw)
+    test_base = get_dataset(dataset, "test", root=root, transform=eval_tf, download=download, **kw)
+
+    all_train = np.unique(np.asarray(train_base.labels))
+    if max_train_classes is not None:
+        all_train = all_train[: int(max_train_classes)]
+    train_labels = np.asarray(train_base.labels)
+    train_labels = train_labels[np.isin(train_labels, all_train)]
+    tr_classes, val_classes = split_validation_classes(train_labels, val_fraction, split_seed)
+    test_classes = np.unique(np.asarray(test_base.labels))
+    return BenchmarkData(
+        train=_subset(train_base, tr_classes),
+        val=_subset(val_base, val_classes),
+        test=_subset(test_base, test_classes),
+        train_classes=_class_names(train_base, tr_classes),
+        val_classes=_class_names(val_base, val_classes),
+        test_classes=_class_names(test_base, test_classes),
+    )
+
+
+def probe_channels(ds: Dataset) -> int:
+    """Number of channels of the first image of ``ds``."""
+    image, _ = ds[0]
+    image = torch.as_tensor(image)
+    return 1 if image.dim() == 2 else int(image.shape[0])
