@@ -624,3 +624,13 @@ def test_metric_loss_only_with_hook_container(tmp_path):
     trainer.loss_funcs = {"metric_loss": fresh}
     hooks.load_latest_saved_models(trainer, str(tmp_path / "models"), torch.device("cpu"))
     assert_same_state(state_of(loss), state_of(fresh))
+
+
+def test_seed_none_follows_torch_manual_seed():
+    torch.manual_seed(123)
+    first = VCPALoss(5, 4, seed=None)
+    torch.manual_seed(123)
+    second = VCPALoss(5, 4, seed=None)
+    third = VCPALoss(5, 4, seed=None)
+    assert torch.equal(first.rng_state, second.rng_state)
+    assert not torch.equal(second.rng_state, third.rng_state)

@@ -244,8 +244,8 @@ class VCPALoss(BaseProxyLoss):
     descent, like the paper's clamp).
 
     Randomness comes from the loss's own ``torch.Generator`` (seeded by ``seed``; ``None`` draws a
-    random seed). Means, standard deviations and the generator state (a ``uint8`` buffer kept on
-    the CPU) are buffers, or Parameters with ``newton_steps=0``: ``state_dict`` resumes exactly.
+    seed from torch's global generator). Means, standard deviations and the generator state (a
+    ``uint8`` buffer kept on the CPU) are buffers, or Parameters with ``newton_steps=0``: ``state_dict`` resumes exactly.
     State changes only in training mode and only once the step succeeded. In eval mode the loss
     is evaluated at the means, with no sampling and no state change.
 
@@ -267,7 +267,8 @@ class VCPALoss(BaseProxyLoss):
             (``eps = 0``, ``p^ = mu``), with ``mu`` initialised as Proxy-Anchor's proxies
             (``weight_init_func``, kaiming normal) instead of 0 (SPEC decision); ``sigma`` then
             never changes (its Newton subproblem is solved by ``sigma = sigma_prev``).
-        seed: seed of the loss's generator; ``None`` for a random one.
+        seed: seed of the loss's generator; ``None`` draws one from torch's global generator
+            (so ``torch.manual_seed`` makes runs reproducible).
         **kwargs: ``check_inputs`` and PML keyword arguments (``collect_stats``, ``reducer``,
             ``weight_init_func``; ``weight_regularizer`` only with ``newton_steps=0``).
 
@@ -330,11 +331,10 @@ class VCPALoss(BaseProxyLoss):
         else:
             self.register_buffer("proxy_mean", mean)
             self.register_buffer("proxy_std", std)
-        generator = torch.Generator()
         if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
+            # drawn from torch's global generator, so torch.manual_seed makes runs reproducible
+            seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator().manual_seed(int(seed))
         self.register_buffer("rng_state", generator.get_state())
         self._generator: torch.Generator | None = None
         self._pending: dict | None = None
