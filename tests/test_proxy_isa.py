@@ -456,6 +456,57 @@ def test_autocast_computes_in_float32_and_keeps_proxies_float32():
     assert_same_state(state_of(loss), state_of(ref))
 
 
+def sync_free_steps(device, steps=3):
+    """A few sync-free training steps (memory on from epoch 1, filter from epoch 2)."""
+    torch.manual_seed(0)
+    loss = ProxyISALoss(6, 8, memory_size=5, memory_start_epoch=1, filter_start_epoch=2,
+                        volume_bound=4.0, hardness_scale=0.5).to(device)  # fmt: skip
+    loss.sync_free_memory_updates = True
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(10, 8, generator=gen).to(device),
+                torch.randint(0, 6, (10,), generator=gen).to(device))
+               for _ in range(steps)]  # fmt: skip
+    return loss, batches
+
+
+def test_sync_free_state_update_builds_no_tensor_from_host_values(monkeypatch):
+    # on CUDA, torch.tensor(host value, device=...) is a blocking H2D copy, i.e. a host sync:
+    # the fixed-shape update path (filter off and on) must build its tensors on the device
+    loss, batches = sync_free_steps("cpu")
+
+    def host_tensor(*args, **kwargs):
+        raise AssertionError("torch.tensor called in the sync-free state update")
+
+    for epoch in (1, 2):
+        loss.set_epoch(epoch)
+        X, y = batches[epoch]
+        loss(X, y)  # warm-up outside the patch (caches)
+        loss.compute_proxy_loss(X, y, None)
+        update = loss._pending_update
+        assert (update["outliers"] is None) == (epoch == 1)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "tensor", host_tensor)
+            loss._commit(**update)
+        loss._pending_update = None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_state_update_has_no_host_sync():
+    loss, batches = sync_free_steps("cuda")
+    for epoch in (1, 2):
+        loss.set_epoch(epoch)
+        X, y = batches[epoch]
+        loss(X, y)
+        loss.compute_proxy_loss(X, y, None)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss._commit(**loss._pending_update)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            loss._pending_update = None
+
+
 def test_statistics():
     loss = ProxyISALoss(6, 2, memory_size=20, memory_start_epoch=1, filter_start_epoch=2,
                         collect_stats=True)  # fmt: skip

@@ -97,7 +97,8 @@ class ProxyISALoss(BaseProxyLoss):
         sample_counts, effective_numbers, learned_similarities: ``n_c``, ``E_c``, ``s_c``.
         memory_embeddings, memory_labels (-1 = empty), memory_write_position, memory_count:
             the ring buffer; memory_class_counts and memory_class_sums (int64 fixed point with
-            2^-40 resolution, exact and order-independent) summarise it per class.
+            2^-40 resolution, coarser for T >= 2^22; exact and order-independent) summarise it
+            per class.
 
     Statistics (PML recordable stats, only with ``collect_stats=True``): ``mean_effective_number``,
     ``memory_fill`` (fraction of ``T``), ``outlier_fraction`` (of the batch's positives),
@@ -430,7 +431,8 @@ class ProxyISALoss(BaseProxyLoss):
         device = entries.device
         if keep is None:
             order = torch.arange(B, device=device)
-            n_keep = torch.tensor(B, device=device)
+            # torch.full, not torch.tensor: a host value copied to CUDA is a blocking H2D copy
+            n_keep = torch.full((), B, dtype=torch.long, device=device)
         else:
             # kept rows first, in batch order
             order = torch.sort((~keep).to(torch.int8), stable=True).indices
