@@ -112,6 +112,12 @@ def test_registry_defaults_and_errors():
     assert loss.weight_reg_weight == 0.2 and loss.weight_regularizer is not None
     # PML stores 1 / gamma
     assert (loss.la, loss.gamma, loss.margin, loss.centers_per_class) == (20, 10.0, 0.01, 10)
+    # user overrides of SoftTriple's regulariser weight are not overwritten by the default tau
+    assert build_loss("soft_triple", 4, 8, overrides={"tau": 0.3})[0].weight_reg_weight == 0.3
+    loss, _ = build_loss("soft_triple", 4, 8, overrides={"weight_reg_weight": 0.5})
+    assert loss.weight_reg_weight == 0.5
+    loss, _ = build_loss("soft_triple", 4, 8, overrides={"weight_regularizer": None})
+    assert loss.weight_regularizer is None
     assert registry.loss_kwargs("mpa", overrides={"centers_per_class": 3})["centers_per_class"] == 3
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("nope", 3, 4)
@@ -274,6 +280,12 @@ def test_digits_benchmark_end_to_end_and_resume(tmp_path):
     # a different protocol in the same folder is refused
     with pytest.raises(ValueError, match="different protocol"):
         run_benchmark(_quick_config(tmp_path, ["proxy_anchor"], epochs=3))
+    # ... before training any run of the new protocol or rewriting config.json
+    config_json = (folder / "config.json").read_text()
+    with pytest.raises(ValueError, match="different protocol"):
+        run_benchmark(_quick_config(tmp_path, ["normalized_softmax", "proxy_anchor"], epochs=3))
+    assert not (folder / "runs" / "normalized_softmax").exists()
+    assert (folder / "config.json").read_text() == config_json
 
 
 def test_runs_are_reproducible(tmp_path):

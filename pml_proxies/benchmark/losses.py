@@ -65,8 +65,10 @@ def _soft_triple_regularizer(kwargs: dict[str, Any]) -> dict[str, Any]:
 
     kwargs = dict(kwargs)
     tau = kwargs.pop("tau", 0.2)
-    kwargs["weight_regularizer"] = IntraClassCenterRegularizer(kwargs["centers_per_class"])
-    kwargs["weight_reg_weight"] = tau
+    # explicit overrides (e.g. --loss-param soft_triple.weight_reg_weight=0.5) win
+    if "weight_regularizer" not in kwargs:
+        kwargs["weight_regularizer"] = IntraClassCenterRegularizer(kwargs["centers_per_class"])
+    kwargs.setdefault("weight_reg_weight", tau)
     return kwargs
 
 

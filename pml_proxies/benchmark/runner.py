@@ -45,8 +45,24 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
         torch.set_num_threads(threads)
 
 
+def _check_previous_runs(config: BenchmarkConfig, output: Path) -> None:
+    """Refuse, before anything is trained or written, a folder holding a finished run of another
+    protocol (so no run of the new protocol is added beside it and config.json stays true)."""
+    for loss in config.losses:
+        for seed in config.seeds:
+            previous = load_result(output, loss, seed)
+            if previous is not None and previous.get("config_fingerprint") != config.fingerprint(
+                loss
+            ):
+                raise ValueError(
+                    f"{run_dir(output, loss, seed)} holds a finished run of a different "
+                    "protocol; use another --output folder or delete that run"
+                )
+
+
 def _run(config: BenchmarkConfig) -> dict:
     output = Path(config.output)
+    _check_previous_runs(config, output)
     output.mkdir(parents=True, exist_ok=True)
     data = load_benchmark_data(
         config.dataset,
@@ -69,12 +85,7 @@ def _run(config: BenchmarkConfig) -> dict:
     for loss, seed in bar:
         bar.set_postfix_str(f"{loss} seed {seed}")
         previous = load_result(output, loss, seed)
-        if previous is not None:
-            if previous.get("config_fingerprint") != config.fingerprint(loss):
-                raise ValueError(
-                    f"{run_dir(output, loss, seed)} holds a finished run of a different "
-                    "protocol; use another --output folder or delete that run"
-                )
+        if previous is not None:  # its protocol was checked by _check_previous_runs
             results.append(previous)
             skipped += 1
             continue
