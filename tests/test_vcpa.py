@@ -219,6 +219,38 @@ def test_newton_steps_match_loops(dtype, stochastic, num_classes, batch, steps):
     assert not torch.equal(loss.proxy_mean.double(), mu0)
 
 
+def test_training_steps_chain_priors_and_fresh_loss_noise():
+    """Two training steps against the loops: each step's prior is the state after the previous
+    step, every Newton step draws a fresh eps, and the returned loss (and its gradient) is PML's
+    ProxyAnchorLoss at mu^t + sigma^t * eps with yet another fresh eps (M + 1 draws per step)."""
+    num_classes, dim, seed, steps, tau = 5, 4, 7, 2, 0.05
+    batches = [make_batch(9, dim, num_classes, s, torch.float64, classes=[0, 1, 3]) for s in (3, 4)]
+    loss = VCPALoss(num_classes, dim, temperature=tau, newton_steps=steps, seed=seed).double()
+    gen = torch.Generator().manual_seed(seed)
+    mu, sigma = loss.proxy_mean.clone(), loss.proxy_std.clone()
+    for emb, labels in batches:
+        eps = [
+            torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
+            for _ in range(steps + 1)
+        ]
+        e1 = emb.clone().requires_grad_(True)
+        value = loss(e1, labels)
+        value.backward()
+        x = F.normalize(emb, dim=1)
+        mu_prev, sigma_prev = mu, sigma
+        for e in eps[:steps]:
+            mu, sigma = naive_newton_step(x, labels, mu, sigma, e, mu_prev, sigma_prev, tau, 1e-5)
+        torch.testing.assert_close(loss.proxy_mean, mu, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(loss.proxy_std, sigma, rtol=1e-9, atol=1e-10)
+        reference = ProxyAnchorLoss(num_classes, dim).double()
+        reference.proxies.data = mu + sigma * eps[steps]
+        e2 = emb.clone().requires_grad_(True)
+        ref_value = reference(e2, labels)
+        ref_value.backward()
+        torch.testing.assert_close(value, ref_value, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(e1.grad, e2.grad, rtol=1e-9, atol=1e-10)
+
+
 def test_deterministic_loss_equals_pml_proxy_anchor(dtype):
     """stochastic=False: the training loss and its gradient are ProxyAnchorLoss at the means."""
     num_classes, dim = 6, 8
