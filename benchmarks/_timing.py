@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 
 def synchronize(device: torch.device) -> None:
@@ -74,3 +75,36 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def cpu_time(step: Callable[[], object], device: torch.device) -> float:
+    """Process CPU seconds of one ``step()`` (steadier than wall time on a shared machine)."""
+    start = time.process_time()
+    step()
+    synchronize(device)
+    return time.process_time() - start
+
+
+def interleaved_times(
+    steps: dict, device: torch.device, repeats: int, desc: str, clock: str = "wall"
+) -> dict:
+    """Median seconds per step, measuring one step of each in turn for ``repeats`` rounds (so
+    that load changes hit every step alike); ``clock`` is ``"wall"`` or ``"cpu"``."""
+    for step in steps.values():  # warm-up
+        median_time(step, device, repeats=1, warmup=2)
+    times = {name: [] for name in steps}
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for name, step in steps.items():
+            if clock == "cpu":
+                times[name].append(cpu_time(step, device))
+            else:
+                times[name].append(median_time(step, device, repeats=1, warmup=0))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def make_batch(batch: int, dim: int, num_classes: int, device: torch.device, seed: int = 0):
+    """Random embeddings (requiring grad) and labels, from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(batch, dim, generator=gen).to(device).requires_grad_(True)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    return embeddings, labels

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from pytorch_metric_learning.losses import ProxyAnchorLoss, SoftTripleLoss
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import format_table, forward_backward, median_time, peak_memory_mb  # noqa: E402
+from _timing import (  # noqa: E402
+    format_table,
+    forward_backward,
+    interleaved_times,
+    make_batch,
+    peak_memory_mb,
+)
 
 from pml_proxies.losses import (  # noqa: E402
     AllPairsMultiProxyAnchorLoss,
@@ -48,24 +52,6 @@ def build_losses(num_classes: int, dim: int, k: int, device: torch.device) -> di
     for name, cls in MPA_LOSSES.items():
         losses[f"{name} (K={k})"] = cls(num_classes, dim, centers_per_class=k)
     return {name: loss.to(device) for name, loss in losses.items()}
-
-
-def make_batch(batch: int, dim: int, num_classes: int, device: torch.device, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(batch, dim, generator=gen).to(device).requires_grad_(True)
-    labels = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
-    return embeddings, labels
-
-
-def interleaved_times(steps: dict, device: torch.device, repeats: int, desc: str) -> dict:
-    """Median seconds per step, measuring one step of each in turn, ``repeats`` rounds."""
-    for step in steps.values():  # warm-up
-        median_time(step, device, repeats=1, warmup=1)
-    times = {name: [] for name in steps}
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
-        for name, step in steps.items():
-            times[name].append(median_time(step, device, repeats=1, warmup=0))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def speed_table(args, device: torch.device) -> list[dict]:

@@ -12,18 +12,15 @@ memory of ``T`` entries full, per-class state as after a long run), next to PML'
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import ProxyAnchorLoss
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import format_table, forward_backward, median_time, synchronize  # noqa: E402
+from _timing import format_table, forward_backward, interleaved_times  # noqa: E402
 
 from pml_proxies.losses import ProxyISALoss  # noqa: E402
 
@@ -52,29 +49,6 @@ def fill_steady_state(loss: ProxyISALoss, seed: int = 0) -> None:
     p = F.normalize(loss.proxies.detach(), dim=1).double()
     mean_cos = (sums * p).sum(1) / loss.memory_class_counts.clamp(min=1)
     loss.learned_similarities.copy_(loss.hardness_scale * mean_cos)
-
-
-def cpu_time(step, device: torch.device) -> float:
-    """Process CPU seconds of one ``step()`` (steadier than wall time on a shared machine)."""
-    start = time.process_time()
-    step()
-    synchronize(device)
-    return time.process_time() - start
-
-
-def interleaved_times(
-    steps: dict, device: torch.device, repeats: int, desc: str, clock: str = "wall"
-) -> dict:
-    for step in steps.values():  # warm-up
-        median_time(step, device, repeats=1, warmup=2)
-    times = {name: [] for name in steps}
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
-        for name, step in steps.items():
-            if clock == "cpu":
-                times[name].append(cpu_time(step, device))
-            else:
-                times[name].append(median_time(step, device, repeats=1, warmup=0))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv=None) -> None:

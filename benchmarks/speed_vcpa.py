@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,30 +26,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from pytorch_metric_learning.losses import ProxyAnchorLoss  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import format_table, forward_backward, median_time  # noqa: E402
+from _timing import (  # noqa: E402
+    format_table,
+    forward_backward,
+    interleaved_times,
+    make_batch,
+)
 
 from pml_proxies.losses import VCPALoss  # noqa: E402
-
-
-def interleaved_times(steps: dict, device: torch.device, repeats: int, desc: str) -> dict:
-    """Median seconds per step, measuring one step of each in turn, ``repeats`` rounds."""
-    for step in steps.values():  # warm-up
-        median_time(step, device, repeats=1, warmup=1)
-    times = {name: [] for name in steps}
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
-        for name, step in steps.items():
-            times[name].append(median_time(step, device, repeats=1, warmup=0))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def make_batch(batch: int, dim: int, num_classes: int, device: torch.device, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(batch, dim, generator=gen).to(device).requires_grad_(True)
-    labels = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
-    return embeddings, labels
 
 
 def loss_only_table(args, device: torch.device) -> list[dict]:

@@ -482,12 +482,12 @@ def test_sync_free_state_update_builds_no_tensor_from_host_values(monkeypatch):
         X, y = batches[epoch]
         loss(X, y)  # warm-up outside the patch (caches)
         loss.compute_proxy_loss(X, y, None)
-        update = loss._pending_update
+        update = loss._staged_state
         assert (update["outliers"] is None) == (epoch == 1)
         with monkeypatch.context() as patch:
             patch.setattr(torch, "tensor", host_tensor)
-            loss._commit(**update)
-        loss._pending_update = None
+            loss.commit_state(update)
+        loss._staged_state = None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -501,10 +501,10 @@ def test_cuda_state_update_has_no_host_sync():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            loss._commit(**loss._pending_update)
+            loss.commit_state(loss._staged_state)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-            loss._pending_update = None
+            loss._staged_state = None
 
 
 def test_statistics():

@@ -47,6 +47,7 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.check_inputs = check_inputs
+        self._staged_state: dict | None = None
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "embedding_size"], is_stat=False
         )
@@ -70,6 +71,19 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        self._staged_state = None
+        try:
+            loss = self._checked_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if self._staged_state is not None:
+                self.commit_state(self._staged_state)
+        except BaseException:
+            self.on_failed_step()
+            raise
+        finally:
+            self._staged_state = None
+        return loss
+
+    def _checked_forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_required(labels)
         if ref_emb is not None or ref_labels is not None:
             raise ValueError(f"ref_emb is not supported for {type(self).__name__}")
@@ -79,6 +93,20 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         dtype = proxy_math.compute_dtype(embeddings.dtype)
         with proxy_math.autocast_disabled(embeddings.device.type):
             return super().forward(embeddings.to(dtype), labels, indices_tuple)
+
+    # ----------------------------------------------------------------- stateful losses
+    def stage_state(self, update: dict) -> None:
+        """Stage a state update computed during this call; :meth:`commit_state` writes it only
+        after the whole forward (loss, regularisers, reducer) succeeded, so a step that raises
+        leaves the state untouched."""
+        self._staged_state = update
+
+    def commit_state(self, update: dict) -> None:
+        """Write a staged state update (stateful losses override this)."""
+        raise NotImplementedError(f"{type(self).__name__} staged a state update it cannot commit")
+
+    def on_failed_step(self) -> None:
+        """Called when a forward raises, before the error propagates (no state was written)."""
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return self.compute_proxy_loss(embeddings, labels, indices_tuple)

@@ -193,7 +193,6 @@ class ProxyISALoss(BaseProxyLoss):
         self._epoch = 1
         self._memory_on = False
         self._filter_on = False
-        self._pending_update = None
         self.set_epoch(1)
 
         self.add_to_recordable_attributes(list_of_names=["alpha", "margin"], is_stat=False)
@@ -226,16 +225,13 @@ class ProxyISALoss(BaseProxyLoss):
 
     # ----------------------------------------------------------------- forward
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        self._pending_update = None
-        try:
-            loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-            if self._pending_update is not None:
-                self._commit(**self._pending_update)
-            if self.collect_stats:
-                self._state_stats()
-        finally:
-            self._pending_update = None
+        loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if self.collect_stats:
+            self._state_stats()
         return loss
+
+    def commit_state(self, update: dict) -> None:
+        self._commit(**update)
 
     def class_weights(self, dtype: torch.dtype, names=None) -> dict:
         """Per-class quantities of the current state (``(C,)`` each, detached): ``nu``,
@@ -341,12 +337,14 @@ class ProxyISALoss(BaseProxyLoss):
             self._batch_stats(B, C, outliers, pos_weights, neg_weight_sum)
 
         if self.training:
-            self._pending_update = {
-                "entries": x.detach(),
-                "labels": labels,
-                "outliers": outliers,
-                "proxies": p.detach(),
-            }
+            self.stage_state(
+                {
+                    "entries": x.detach(),
+                    "labels": labels,
+                    "outliers": outliers,
+                    "proxies": p.detach(),
+                }
+            )
 
         loss_dict = self.proxy_anchor_loss_dict(pos_term, neg_term, pos_divisor, neg_divisor)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)

@@ -337,7 +337,6 @@ class VCPALoss(BaseProxyLoss):
         generator = torch.Generator().manual_seed(int(seed))
         self.register_buffer("rng_state", generator.get_state())
         self._generator: torch.Generator | None = None
-        self._pending: dict | None = None
         self._ranks_synced = False
 
         self.add_to_recordable_attributes(
@@ -393,25 +392,8 @@ class VCPALoss(BaseProxyLoss):
         return torch.cat(out)
 
     # ------------------------------------------------------------------------ forward
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple=None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self._pending = None
-        try:
-            loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-            if self._pending is not None:
-                self._commit(self._pending)
-        except BaseException:
-            self._generator = None  # rebuilt from the committed rng_state buffer
-            raise
-        finally:
-            self._pending = None
-        return loss
+    def on_failed_step(self) -> None:
+        self._generator = None  # rebuilt from the committed rng_state buffer
 
     def compute_proxy_loss(self, embeddings, labels, indices_tuple):
         miner_weights = None
@@ -444,7 +426,7 @@ class VCPALoss(BaseProxyLoss):
             proxies = self._sample(mean, std, generator)
             step = None
         pending["rng_state"] = generator.get_state()
-        self._pending = pending
+        self.stage_state(pending)
         loss_dict = self._loss_dict(embeddings, labels, proxies, miner_weights)
         if self.collect_stats:
             self._record_stats(embeddings, labels, proxies, pending, step, dtype)
@@ -502,7 +484,7 @@ class VCPALoss(BaseProxyLoss):
         return mean + std * self._noise(mean.detach(), generator)
 
     @torch.no_grad()
-    def _commit(self, pending: dict) -> None:
+    def commit_state(self, pending: dict) -> None:
         """Write the step's new state (only after the whole step succeeded)."""
         if "mean" in pending:
             self.proxy_mean.copy_(pending["mean"])
