@@ -14,13 +14,13 @@ from pytorch_metric_learning.losses import ProxyAnchorLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from pml_proxies.functional import proxy_math
 from pml_proxies.losses import (
     AllPairsMultiProxyAnchorLoss,
     DataWiseMultiProxyAnchorLoss,
     MultiProxyAnchorLoss,
 )
 from pml_proxies.regularizers import IntraClassCenterRegularizer
-from pml_proxies.utils import proxy_math
 
 LOSSES = [MultiProxyAnchorLoss, DataWiseMultiProxyAnchorLoss, AllPairsMultiProxyAnchorLoss]
 POOLINGS = ["softmax", "max", "mean"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import proxy_math
+from ..functional import proxy_math
 from .base_multi_proxy_loss import BaseMultiProxyLoss
 
 

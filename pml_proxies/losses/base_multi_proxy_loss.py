@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from ..functional import proxy_math
 from ..regularizers import IntraClassCenterRegularizer
-from ..utils import proxy_math
 from .base_proxy_loss import BaseProxyLoss
 
 DEFAULT = "default"

@@ -9,7 +9,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.reducers import DivisorReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ..utils import proxy_math
+from ..functional import proxy_math
 
 
 class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):

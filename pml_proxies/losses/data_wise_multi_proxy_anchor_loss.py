@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..utils import proxy_math
+from ..functional import proxy_math
 from .base_multi_proxy_loss import BaseMultiProxyLoss
 
 

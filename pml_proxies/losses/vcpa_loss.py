@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from ..utils import distributed, proxy_math
+from ..functional import distributed, proxy_math
 from .base_proxy_loss import BaseProxyLoss
 
 NORM_EPS = 1e-12  # as F.normalize

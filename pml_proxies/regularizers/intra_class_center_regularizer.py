@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.regularizers import BaseRegularizer
 
-from ..utils import proxy_math
+from ..functional import proxy_math
 
 
 class _ClassGram(torch.autograd.Function):
