@@ -59,6 +59,7 @@ def test_every_example_documented_and_listed():
         assert f"examples/{script}" in readme, script
 
 
+@pytest.mark.slow
 def test_proxy_isa_trainer_logs_statistics_and_resumes(tmp_path):
     first = run_example("proxy_isa_pml_trainer.py", tmp_path, "--epochs", "2")
     assert "training epochs 1..2" in first
@@ -85,6 +86,7 @@ def test_proxy_isa_trainer_logs_statistics_and_resumes(tmp_path):
     assert any(name.startswith("trunk") for name in saved), saved
 
 
+@pytest.mark.slow
 def test_vcpa_plain_pytorch(tmp_path):
     from pml_proxies.losses import VCPALoss
 
@@ -106,6 +108,7 @@ def test_vcpa_plain_pytorch(tmp_path):
     assert not torch.equal(loss.proxy_mean, torch.zeros(5, 64))  # trained, not initial
 
 
+@pytest.mark.slow
 def test_mpa_family_with_tester(tmp_path):
     out = run_example("mpa_family_with_tester.py", tmp_path)
     assert_only_output_dir(tmp_path)
@@ -118,6 +121,7 @@ def test_mpa_family_with_tester(tmp_path):
     assert "nDCG@10" in out and "AP-MPA" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["proxy_anchor", "vcpa"])
 def test_cub200_recipe_quick(tmp_path, loss):
     # proxy_anchor: warm-up epoch and proxy optimizer; vcpa: no proxy parameters at all
@@ -133,6 +137,7 @@ def test_cub200_recipe_quick(tmp_path, loss):
     assert "epoch 2:" in out and "best epoch" in out
 
 
+@pytest.mark.slow
 def test_example_with_omniglot(tmp_path, shared_dir):
     root = shared_dir / "data" / "omniglot"
     if not (root / "images_background_small1.zip").is_file():

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 if os.environ.get("PML_PROXIES_REQUIRE_MLRC"):
     import powerful_benchmarker  # noqa: F401
 else:
