@@ -18,6 +18,8 @@ from PIL import Image
 
 from pml_proxies.datasets import (
     DATASET_NAMES,
+    CorruptArchiveError,
+    DownloadError,
     default_root,
     download_url,
     extract_archive,
@@ -30,7 +32,6 @@ from pml_proxies.datasets import download as download_mod
 from pml_proxies.datasets import omniglot as omni_mod
 from pml_proxies.datasets import sop as sop_mod
 from pml_proxies.datasets import transforms as T
-from pml_proxies.datasets.download import CorruptArchiveError, DownloadError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -583,7 +584,7 @@ def test_omniglot_download_from_file_url(tmp_path, monkeypatch):
     assert (test.variant, len(test), test.num_classes) == ("full", 3, 1)
 
 
-def test_omniglot_real_small_sets(shared_dir):
+def test_omniglot_real_small_sets(shared_dir, tmp_path, monkeypatch):
     root = shared_dir / "data"
     if not (root / "omniglot" / "images_background_small1.zip").is_file():
         pytest.skip("Omniglot small zips are not in ../shared/data/omniglot")
@@ -609,6 +610,11 @@ def test_omniglot_real_small_sets(shared_dir):
         transform=get_transforms("omniglot", True, image_size=84, channels=3),
     )[5]
     assert x.shape == (3, 84, 84)
+    # the bundled copy holds the same images, in the same order
+    monkeypatch.setenv("PML_PROXIES_DATA", str(tmp_path))
+    bundled = get_dataset("omniglot", "test", progress=False)
+    assert bundled.source == "bundled" and bundled.classes == test.classes
+    np.testing.assert_array_equal(bundled.images, test.images)
 
 
 # ------------------------------------------------------------- Omniglot: the bundled small set
