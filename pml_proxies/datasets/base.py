@@ -130,7 +130,7 @@ class BaseDataset(torch.utils.data.Dataset):
         return root / self.name
 
     def expected_files(self, root: Path) -> str:
-        """What to put where, as a sentence fragment ("put ... under ...")."""
+        """What to put where, as a sentence without its full stop ("put ... under ...")."""
         raise NotImplementedError
 
     def missing_hint(self, root: Path, origin: str) -> str:
@@ -162,15 +162,16 @@ class BaseDataset(torch.utils.data.Dataset):
                     f"{self.expected_files(root)}"
                 )
             return found
-        raise FileNotFoundError(self.missing_message(root, origin, download))
+        raise FileNotFoundError(self.missing_message(root, origin))
 
-    def missing_message(self, root: Path, origin: str, download: bool) -> str:
+    def missing_message(self, root: Path, origin: str) -> str:
         """The FileNotFoundError text of :meth:`locate` (shown to Python and CLI users alike)."""
+        expected = self.expected_files(root)
         lines = [
             f"{self.title} not found under {root} ({ROOT_ORIGINS.get(origin, origin)}).",
-            f"Either {self.expected_files(root)},",
-            f"or point to the folder holding it: root=DIR in Python, --root DIR on the CLI, or "
-            f"the environment variable ${ENV_ROOT}=DIR.",
+            f"{expected[:1].upper()}{expected[1:]}.",
+            f"If it is elsewhere, point to its data root: root=DIR in Python, --root DIR on the "
+            f"CLI, or the environment variable ${ENV_ROOT}=DIR.",
         ]
         resources = self.resources()
         present = [
@@ -181,8 +182,8 @@ class BaseDataset(torch.utils.data.Dataset):
         if present:
             lines.append(
                 f"Found {', '.join(map(str, present))}: download=True in Python / --download on "
-                "the CLI checks it and extracts what is not extracted yet, downloading only "
-                "what is missing."
+                "the CLI checks it (MD5 where known), extracts it where needed and downloads "
+                "only what is missing."
             )
         elif resources:
             lines.append(
