@@ -1,7 +1,12 @@
 """Data sets of the benchmark: parsing on small fake trees, transforms, download/extract code."""
 
+import fnmatch
 import hashlib
+import importlib.resources
 import io
+import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -13,6 +18,8 @@ from PIL import Image
 
 from pml_proxies.datasets import (
     DATASET_NAMES,
+    CorruptArchiveError,
+    DownloadError,
     default_root,
     download_url,
     extract_archive,
@@ -21,9 +28,12 @@ from pml_proxies.datasets import (
 )
 from pml_proxies.datasets import cars196 as cars_mod
 from pml_proxies.datasets import cub200 as cub_mod
+from pml_proxies.datasets import download as download_mod
 from pml_proxies.datasets import omniglot as omni_mod
 from pml_proxies.datasets import sop as sop_mod
 from pml_proxies.datasets import transforms as T
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -230,18 +240,57 @@ def test_bad_name_and_split(tmp_path):
         get_dataset("digits", "val")
     with pytest.raises(ValueError, match="split"):
         get_dataset("cub200", "query", root=tmp_path)
+    with pytest.raises(TypeError, match="download"):
+        get_dataset("cub200", "train", root=tmp_path, download="yes")
+    with pytest.raises(ValueError, match="variant"):
+        get_dataset("omniglot", "train", variant="tiny")
 
 
-@pytest.mark.parametrize("name", ["omniglot", "cub200", "cars196", "sop", "inshop"])
-def test_missing_files_error(name, tmp_path):
-    with pytest.raises(FileNotFoundError, match="download=True|Google Drive") as e:
+FILE_SETS = ["omniglot", "cub200", "cars196", "sop", "inshop"]
+
+
+def assert_no_leftovers(top: Path):
+    """No partial download, no staging folder and no empty folder anywhere under ``top``."""
+    if not top.exists():
+        return
+    for p in top.rglob("*"):
+        assert not p.name.endswith(".part"), p
+        assert not p.name.startswith(".extracting-"), p
+        if p.is_dir():
+            assert any(p.iterdir()), f"empty folder left behind: {p}"
+
+
+@pytest.mark.parametrize("name", FILE_SETS)
+def test_missing_files_error_names_python_and_cli_options(name, tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
         get_dataset(name, "train", root=tmp_path)
-    assert str(tmp_path) in str(e.value)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "given by root= in Python / --root on the CLI" in msg
+    for option in ("root=", "--root", "$PML_PROXIES_DATA"):
+        assert option in msg, (option, msg)
+    if name == "inshop":
+        assert "cannot be downloaded automatically" in msg and "Google Drive" in msg
+    else:
+        assert "download=True" in msg and "--download" in msg
+    assert list(tmp_path.iterdir()) == []  # looking creates nothing
+
+
+@pytest.mark.parametrize("name", ["cub200", "sop"])
+def test_missing_files_error_says_where_the_root_came_from(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("PML_PROXIES_DATA", str(tmp_path / "env"))
+    with pytest.raises(FileNotFoundError, match=r"the folder of \$PML_PROXIES_DATA") as e:
+        get_dataset(name, "train")
+    assert str(tmp_path / "env") in str(e.value)
+    monkeypatch.delenv("PML_PROXIES_DATA")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match="neither root= / --root nor"):
+        get_dataset(name, "train")
 
 
 def test_inshop_download_explains_google_drive(tmp_path):
     with pytest.raises(FileNotFoundError, match="Google Drive"):
         get_dataset("inshop", "train", root=tmp_path, download=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- download code
@@ -280,8 +329,162 @@ def test_extract_archive_zip_tar_and_unsafe(tmp_path):
         extract_archive(evil, tmp_path / "e", progress=False)
     assert not (tmp_path / "escape.txt").exists()
     (tmp_path / "plain.txt").write_text("no archive")
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(CorruptArchiveError, match="neither") as e:  # a ValueError
         extract_archive(tmp_path / "plain.txt", tmp_path / "p")
+    assert isinstance(e.value, ValueError) and str(tmp_path / "plain.txt") in str(e.value)
+    assert "delete it and download it again" in str(e.value) and not (tmp_path / "p").exists()
+
+
+def test_extract_archive_merges_into_existing_folder(tmp_path):
+    dest = tmp_path / "d"
+    (dest / "top").mkdir(parents=True)
+    (dest / "top" / "old.txt").write_text("kept")
+    (dest / "top" / "x.txt").write_text("stale")
+    zpath = tmp_path / "a.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("top/x.txt", "new")
+        z.writestr("top/sub/y.txt", "y")
+    extract_archive(zpath, dest, progress=False)
+    assert (dest / "top" / "old.txt").read_text() == "kept"
+    assert (dest / "top" / "x.txt").read_text() == "new"
+    assert (dest / "top" / "sub" / "y.txt").read_text() == "y"
+    assert sorted(p.name for p in dest.iterdir()) == ["top"]  # no staging folder left
+
+
+def make_tgz(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def random_bytes(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("kind", ["tgz", "zip"])
+def test_extract_truncated_archive_changes_nothing(tmp_path, kind):
+    members = {f"top/f{i}.bin": random_bytes(50_000, seed=i) for i in range(4)}
+    archive = tmp_path / f"a.{kind}"
+    if kind == "tgz":
+        make_tgz(archive, members)
+        archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
+    else:  # a CRC error in the last member (the central directory stays readable)
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+            for name, data in members.items():
+                z.writestr(name, data)
+        raw = bytearray(archive.read_bytes())
+        at = bytes(raw).find(members["top/f3.bin"]) + 1000
+        raw[at] ^= 0xFF
+        archive.write_bytes(bytes(raw))
+    dest = tmp_path / "dest"
+    with pytest.raises(CorruptArchiveError, match="damaged or truncated") as e:
+        extract_archive(archive, dest, progress=False)
+    assert e.value.path == archive and str(archive) in str(e.value)
+    assert "delete it and download it again" in str(e.value)
+    assert not dest.exists()  # staged: no partial extraction, no created folder
+
+
+# ------------------------------------------------------------------- failed downloads
+
+
+class FakeResponse:
+    """urlopen's response: ``blocks`` then ``error`` (an exception), with a Content-Length."""
+
+    def __init__(self, blocks, error=None, length=None):
+        self.blocks, self.error = list(blocks), error
+        self.headers = {"Content-Length": str(length)} if length is not None else {}
+
+    def read(self, n=-1):
+        if self.blocks:
+            return self.blocks.pop(0)
+        if self.error is not None:
+            raise self.error
+        return b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize(
+    "response, raised",
+    [
+        (FakeResponse([b"x" * 100], ConnectionResetError("reset by peer")), DownloadError),
+        (FakeResponse([b"x" * 100], KeyboardInterrupt()), KeyboardInterrupt),
+        (FakeResponse([b"x" * 100], length=300), DownloadError),  # server closed early
+    ],
+    ids=["connection_reset", "interrupted", "short_transfer"],
+)
+def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, response, raised):
+    monkeypatch.setattr(download_mod.urllib.request, "urlopen", lambda *a, **k: response)
+    dest = tmp_path / "root" / "sub" / "file.bin"
+    with pytest.raises(raised):
+        download_url("https://example.invalid/file.bin", dest, progress=False)
+    assert not (tmp_path / "root").exists()
+
+
+def test_failed_dataset_download_leaves_no_folders(tmp_path, monkeypatch):
+    missing = (tmp_path / "missing.tgz").as_uri()
+    monkeypatch.setattr(cub_mod, "CUB_URLS", [missing, missing])
+    root = tmp_path / "root"
+    with pytest.raises(DownloadError, match="all mirrors failed"):
+        get_dataset("cub200", "train", root=root, download=True)
+    assert not root.exists()
+    # Cars: the first file downloads, the second fails: the complete file stays, nothing else
+    src = tmp_path / "mirror"
+    make_cars(src)
+    monkeypatch.setattr(cars_mod, "CARS_ANNOS_URLS", [(src / "cars_annos.mat").as_uri()])
+    monkeypatch.setattr(cars_mod, "CARS_IMAGES_URLS", [missing])
+    with pytest.raises(DownloadError):
+        get_dataset("cars196", "train", root=root, download=True)
+    assert sorted(p.name for p in root.rglob("*")) == ["cars196", "cars_annos.mat"]
+    # Omniglot without a root downloads into $PML_PROXIES_DATA: nothing created there either
+    monkeypatch.setenv("PML_PROXIES_DATA", str(tmp_path / "env"))
+    monkeypatch.setattr(omni_mod, "OMNIGLOT_URL", (tmp_path / "nowhere").as_uri() + "/{}")
+    with pytest.raises(DownloadError):
+        get_dataset("omniglot", "train", download=True, progress=False)
+    assert not (tmp_path / "env").exists()
+
+
+# ------------------------------------------------------------------- corrupted archives
+
+
+def test_existing_archive_with_wrong_md5_is_reported_not_overwritten(tmp_path, monkeypatch):
+    folder = tmp_path / "cub2011"
+    folder.mkdir()
+    (folder / "CUB_200_2011.tgz").write_bytes(b"half a download")
+    monkeypatch.setattr(cub_mod, "CUB_URLS", [(tmp_path / "never-used.tgz").as_uri()])
+    with pytest.raises(FileNotFoundError, match="Found .*CUB_200_2011.tgz"):
+        get_dataset("cub200", "train", root=tmp_path)  # without download: hints at it
+    with pytest.raises(CorruptArchiveError, match="wrong MD5") as e:
+        get_dataset("cub200", "train", root=tmp_path, download=True)
+    assert e.value.path == folder / "CUB_200_2011.tgz" and "delete it" in str(e.value)
+    assert (folder / "CUB_200_2011.tgz").read_bytes() == b"half a download"
+    assert sorted(p.name for p in folder.iterdir()) == ["CUB_200_2011.tgz"]
+
+
+def test_truncated_archive_of_a_dataset_is_reported(tmp_path, monkeypatch):
+    src = tmp_path / "mirror"
+    make_cars(src)
+    archive = make_tgz(
+        tmp_path / "car_ims.tgz",
+        {f"car_ims/{i:06d}.jpg": random_bytes(40_000, i) for i in range(1, 6)},
+    )
+    archive.write_bytes(archive.read_bytes()[:100_000])  # e.g. a copy cut short
+    target = tmp_path / "root" / "cars196"
+    target.mkdir(parents=True)
+    shutil.copy(src / "cars_annos.mat", target)
+    shutil.copy(archive, target)  # no MD5 is known for Cars: only extraction can tell
+    monkeypatch.setattr(cars_mod, "CARS_IMAGES_URLS", [(tmp_path / "never-used").as_uri()])
+    with pytest.raises(CorruptArchiveError) as e:
+        get_dataset("cars196", "train", root=tmp_path / "root", download=True)
+    assert e.value.path == target / "car_ims.tgz" and "download it again" in str(e.value)
+    assert sorted(p.name for p in target.iterdir()) == ["car_ims.tgz", "cars_annos.mat"]
 
 
 # ----------------------------------------------------------------------------- Omniglot
@@ -320,6 +523,9 @@ def test_omniglot_full_zips_preferred(tmp_path):
     train = get_dataset("omniglot", "train", root=tmp_path, transform=T.ToTensor())
     test = get_dataset("omniglot", "test", root=tmp_path, transform=T.ToTensor())
     assert train.variant == test.variant == "full"
+    assert train.files == (d / "images_background.zip",)
+    assert test.files == (d / "images_evaluation.zip",)
+    assert train.source == "argument" and train.directory == d
     assert (len(train), train.num_classes, len(test), test.num_classes) == (15, 5, 12, 4)
     assert train.classes[:3] == ["A/character01", "A/character02", "B/character01"]
     assert_contiguous(train)
@@ -378,7 +584,7 @@ def test_omniglot_download_from_file_url(tmp_path, monkeypatch):
     assert (test.variant, len(test), test.num_classes) == ("full", 3, 1)
 
 
-def test_omniglot_real_small_sets(shared_dir):
+def test_omniglot_real_small_sets(shared_dir, tmp_path, monkeypatch):
     root = shared_dir / "data"
     if not (root / "omniglot" / "images_background_small1.zip").is_file():
         pytest.skip("Omniglot small zips are not in ../shared/data/omniglot")
@@ -404,6 +610,205 @@ def test_omniglot_real_small_sets(shared_dir):
         transform=get_transforms("omniglot", True, image_size=84, channels=3),
     )[5]
     assert x.shape == (3, 84, 84)
+    # the bundled copy holds the same images, in the same order
+    monkeypatch.setenv("PML_PROXIES_DATA", str(tmp_path))
+    bundled = get_dataset("omniglot", "test", progress=False)
+    assert bundled.source == "bundled" and bundled.classes == test.classes
+    np.testing.assert_array_equal(bundled.images, test.images)
+
+
+# ------------------------------------------------------------- Omniglot: the bundled small set
+
+BUNDLED_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+SMALL_ALPHABETS = {
+    "train": {"Balinese", "Early_Aramaic", "Korean", "Sanskrit"},
+    "test": {"Greek", "Japanese_(katakana)", "Latin", "Tagalog"},
+}
+
+
+def bundled_data_dir() -> Path:
+    return Path(str(importlib.resources.files("pml_proxies.datasets").joinpath("data")))
+
+
+@pytest.fixture
+def no_local_data(tmp_path, monkeypatch):
+    """$PML_PROXIES_DATA pointing at an empty folder: no Omniglot files anywhere but the
+    package's own (the bundled set must need neither ../shared nor a download)."""
+    monkeypatch.setenv("PML_PROXIES_DATA", str(tmp_path / "empty"))
+    return tmp_path / "empty"
+
+
+def test_bundled_omniglot_loads_without_root(no_local_data):
+    train = get_dataset("omniglot", "train", progress=False)
+    test = get_dataset("omniglot", "test", progress=False)
+    data = bundled_data_dir()
+    for ds, (n_classes, n_images) in ((train, (128, 2560)), (test, (114, 2280))):
+        assert (ds.source, ds.variant) == ("bundled", "small")
+        assert ds.files == tuple(data / z for z in BUNDLED_ZIPS)
+        assert (ds.num_classes, len(ds)) == (n_classes, n_images)
+        assert_contiguous(ds)
+        assert np.bincount(ds.labels).tolist() == [20] * n_classes
+        assert {c.split("/")[0] for c in ds.classes} == SMALL_ALPHABETS[ds.split]
+        assert ds.load_image(0).size == (105, 105)
+    assert not set(train.classes) & set(test.classes)
+    assert not no_local_data.exists()  # nothing downloaded or created
+    x, y = train[0]
+    assert x.shape == (1, 64, 64) and x.dtype == torch.float32 and y == 0
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.mean() < 0.5  # inverted: mostly dark
+
+
+def test_bundled_omniglot_also_from_the_default_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("PML_PROXIES_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.cache/pml-proxies/data is empty
+    ds = get_dataset("omniglot", "test", variant="small", progress=False)
+    assert (ds.source, ds.num_classes, len(ds)) == ("bundled", 114, 2280)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bundled_zips_are_the_authors_files():
+    data = bundled_data_dir()
+    for z in BUNDLED_ZIPS:
+        assert md5(data / z) == omni_mod.OMNIGLOT_MD5[z]
+    # Greek and Latin are in both zips, byte for byte (read once by the data set)
+    members = []
+    for z in BUNDLED_ZIPS:
+        with zipfile.ZipFile(data / z) as f:
+            members.append(
+                {
+                    tuple(i.filename.split("/")[1:]): i.CRC
+                    for i in f.infolist()
+                    if i.filename.split("/")[1:2] in (["Greek"], ["Latin"])
+                    and i.filename.endswith(".png")
+                }
+            )
+    assert members[0] == members[1] and len(members[0]) == (24 + 26) * 20
+    licence = (data / "LICENSE-omniglot.txt").read_text()
+    assert "MIT" in licence and "Brenden Lake" in licence
+    assert "Lake" in (data / "README.md").read_text()
+
+
+def test_bundled_zips_are_declared_package_data():
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["pml_proxies"]
+    for name in (*BUNDLED_ZIPS, "LICENSE-omniglot.txt", "README.md"):
+        rel = f"datasets/data/{name}"
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), rel
+        assert importlib.resources.files("pml_proxies").joinpath(rel).is_file(), rel
+    assert "pml_proxies/datasets/data/LICENSE-omniglot.txt" in config["project"]["license-files"]
+    assert omni_mod.bundled_omniglot_zips() == tuple(bundled_data_dir() / z for z in BUNDLED_ZIPS)
+
+
+@pytest.mark.slow
+def test_wheel_and_sdist_contain_the_bundled_zips(tmp_path):
+    pytest.importorskip("setuptools", minversion="77")
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / f, src)
+    shutil.copytree(
+        REPO / "pml_proxies", src / "pml_proxies", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    out = tmp_path / "dist"
+    out.mkdir()
+    for build in ("build_wheel", "build_sdist"):  # one process each: setuptools keeps state
+        code = f"import sys; from setuptools import build_meta as b; b.{build}(sys.argv[1])"
+        subprocess.run(
+            [sys.executable, "-c", code, str(out)], cwd=src, check=True, capture_output=True
+        )
+    wheel = zipfile.ZipFile(next(out.glob("*.whl"))).namelist()
+    sdist = tarfile.open(next(out.glob("*.tar.gz"))).getnames()
+    for name in (*BUNDLED_ZIPS, "LICENSE-omniglot.txt", "README.md"):
+        assert f"pml_proxies/datasets/data/{name}" in wheel, name
+        assert any(n.endswith(f"/pml_proxies/datasets/data/{name}") for n in sdist), name
+
+
+# ------------------------------------------------------------- Omniglot: which files are used
+
+
+def make_small_zips(directory: Path, seed=0):
+    directory.mkdir(parents=True, exist_ok=True)
+    make_omniglot_zip(
+        directory / BUNDLED_ZIPS[0],
+        "images_background_small1",
+        {"Korean": 2, "Greek": 1},
+        seed=seed,
+    )
+    make_omniglot_zip(
+        directory / BUNDLED_ZIPS[1], "images_background_small2", {"Sanskrit": 1, "Greek": 1}
+    )
+
+
+def make_full_zips(directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    make_omniglot_zip(directory / "images_background.zip", "images_background", {"A": 3})
+    make_omniglot_zip(directory / "images_evaluation.zip", "images_evaluation", {"B": 2})
+
+
+def test_omniglot_precedence_root_env_bundled(tmp_path, monkeypatch):
+    env = tmp_path / "env"
+    make_full_zips(env / "omniglot")
+    monkeypatch.setenv("PML_PROXIES_DATA", str(env))
+    # 1. files under $PML_PROXIES_DATA win over the bundled set
+    ds = get_dataset("omniglot", "train", progress=False)
+    assert (ds.source, ds.variant, ds.num_classes) == ("environment", "full", 3)
+    assert ds.files == (env / "omniglot" / "images_background.zip",)
+    small = get_dataset("omniglot", "train", variant="small", progress=False)
+    assert small.source == "bundled"  # env has no small zips: the bundled ones
+    # 2. an explicit root wins over $PML_PROXIES_DATA
+    make_small_zips(tmp_path / "mine")
+    ds = get_dataset("omniglot", "train", root=tmp_path / "mine", progress=False)
+    assert (ds.source, ds.variant, ds.classes) == (
+        "argument",
+        "small",
+        ["Korean/character01", "Korean/character02", "Sanskrit/character01"],
+    )
+    assert ds.files == tuple(tmp_path / "mine" / z for z in BUNDLED_ZIPS)
+    # 3. an explicit root without files never falls back to the bundled set
+    with pytest.raises(FileNotFoundError, match="Without root= / --root, the small set bundled"):
+        get_dataset("omniglot", "train", root=tmp_path / "nothing")
+    # 4. small zips under $PML_PROXIES_DATA are used too (auto: full first, then small)
+    shutil.rmtree(env / "omniglot")
+    make_small_zips(env / "Omniglot")
+    ds = get_dataset("omniglot", "test", progress=False)
+    assert (ds.source, ds.variant, ds.classes) == ("environment", "small", ["Greek/character01"])
+
+
+def test_omniglot_full_variant_has_no_bundled_fallback(no_local_data):
+    with pytest.raises(FileNotFoundError) as e:
+        get_dataset("omniglot", "train", variant="full")
+    msg = str(e.value)
+    assert "images_background.zip + images_evaluation.zip" in msg
+    assert "--dataset-arg variant=small" in msg and "--download" in msg
+    assert str(no_local_data) in msg and "$PML_PROXIES_DATA" in msg
+
+
+@pytest.mark.parametrize("damage", ["not_a_zip", "truncated", "bad_crc", "bad_png"])
+def test_corrupted_omniglot_zip_is_reported(tmp_path, damage):
+    make_small_zips(tmp_path, seed=7)
+    bad = tmp_path / BUNDLED_ZIPS[1]
+    raw = bytearray(bad.read_bytes())
+    if damage == "not_a_zip":
+        raw = bytearray(b"<html>404 Not Found</html>")
+    elif damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        with zipfile.ZipFile(bad) as z:
+            name = next(n for n in z.namelist() if n.endswith(".png"))
+            member = z.read(name)
+        if damage == "bad_crc":  # flip a byte of the stored PNG: the zip's CRC check fails
+            at = bytes(raw).find(member) + len(member) // 2
+            raw[at] ^= 0xFF
+        else:  # a member that is no PNG at all, with a correct CRC
+            with zipfile.ZipFile(bad, "a") as z:
+                z.writestr("images_background_small2/Sanskrit/character01/x.png", b"not a png")
+            raw = bytearray(bad.read_bytes())
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CorruptArchiveError) as e:  # Sanskrit (train) is read from the bad zip
+        get_dataset("omniglot", "train", root=tmp_path, progress=False)
+    assert e.value.path == bad and str(bad) in str(e.value)
+    assert "delete it and download it again" in str(e.value) and "--download" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- CUB-200-2011

@@ -7,13 +7,15 @@
 
 from . import transforms
 from .base import ENV_ROOT, BaseDataset, ImageFileDataset, default_root
-from .download import download_url, extract_archive
+from .download import CorruptArchiveError, DownloadError, download_url, extract_archive
 from .factory import DATASET_NAMES, dataset_class, get_dataset, get_transforms
 
 __all__ = [
     "DATASET_NAMES",
     "ENV_ROOT",
     "BaseDataset",
+    "CorruptArchiveError",
+    "DownloadError",
     "ImageFileDataset",
     "dataset_class",
     "default_root",

@@ -1,33 +1,63 @@
-"""Common base class of the benchmark data sets, default data root and split checks."""
+"""Common base class of the benchmark data sets: data root, split checks, and the one
+locate / download / "not found" implementation every file-backed data set uses."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..functional.validation import check_bool, check_choice
+from .download import download_first, extract_archive, new_dirs
+
 ENV_ROOT = "PML_PROXIES_DATA"
+CACHE_ROOT = "~/.cache/pml-proxies/data"
 SPLITS = ("train", "test")
+
+#: where a data root came from (:func:`resolve_root`), as the error messages explain it
+ROOT_ORIGINS = {
+    "argument": "the folder given by root= in Python / --root on the CLI",
+    "environment": f"the folder of ${ENV_ROOT}",
+    "cache": f"the default data root: neither root= / --root nor ${ENV_ROOT} was given",
+}
+
+
+def resolve_root(root: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """``(data root, origin)``: ``root`` if given (origin ``"argument"``), else
+    ``$PML_PROXIES_DATA`` (``"environment"``), else ``~/.cache/pml-proxies/data`` (``"cache"``)."""
+    if root is not None:
+        return Path(root).expanduser(), "argument"
+    env = os.environ.get(ENV_ROOT)
+    if env:
+        return Path(env).expanduser(), "environment"
+    return Path(CACHE_ROOT).expanduser(), "cache"
 
 
 def default_root(root: str | os.PathLike | None = None) -> Path:
     """``root`` if given, else ``$PML_PROXIES_DATA``, else ``~/.cache/pml-proxies/data``."""
-    if root is not None:
-        return Path(root).expanduser()
-    env = os.environ.get(ENV_ROOT)
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.cache/pml-proxies/data").expanduser()
+    return resolve_root(root)[0]
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One file of a data set's download: tried from ``urls`` in order, saved as ``filename`` in
+    the data set's download folder (and kept there), checked against ``md5`` when known, and
+    extracted into that folder when ``extract``."""
+
+    urls: tuple[str, ...]
+    filename: str
+    md5: str | None = None
+    extract: bool = False
 
 
 def check_split(split: str, allowed: Sequence[str] = SPLITS) -> str:
-    if split not in allowed:
-        raise ValueError(f"split must be one of {tuple(allowed)}, got {split!r}")
-    return split
+    return check_choice("split", split, allowed)
 
 
 def contiguous_labels(raw: Sequence) -> tuple[np.ndarray, list]:
@@ -79,6 +109,96 @@ class BaseDataset(torch.utils.data.Dataset):
     def load_image(self, index: int):
         raise NotImplementedError
 
+    # ------------------------------------------------------------- locate / download / raise
+    # File-backed data sets implement ``find`` (and ``resources`` where a download exists,
+    # ``download_folder``, ``expected_files``, ``missing_hint``) and call ``locate``.
+
+    #: human-readable name used in messages
+    title: str = ""
+
+    def find(self, root: Path) -> Any:
+        """Where the data set's files are under ``root`` (a subclass-specific value, e.g. the
+        folder holding them), or ``None`` when they are not there."""
+        raise NotImplementedError
+
+    def resources(self) -> list[Resource]:
+        """The files ``download=True`` fetches, in order; empty when no download is possible."""
+        return []
+
+    def download_folder(self, root: Path) -> Path:
+        """The folder the resources are downloaded (and extracted) into."""
+        return root / self.name
+
+    def expected_files(self, root: Path) -> str:
+        """What to put where, as a sentence without its full stop ("put ... under ...")."""
+        raise NotImplementedError
+
+    def missing_hint(self, root: Path, origin: str) -> str:
+        """Extra advice appended to the "not found" message (e.g. mirrors, other variants)."""
+        return ""
+
+    def locate(self, root: Path, origin: str, download: bool, progress: bool = True) -> Any:
+        """``find(root)``; if absent and ``download``, fetch :meth:`resources` into
+        :meth:`download_folder` and look again; else raise FileNotFoundError saying what to put
+        where and naming both the Python keywords and the CLI options. A failed download raises
+        and leaves no partial file and no folder it created behind."""
+        check_bool("download", download)
+        found = self.find(root)
+        if found is not None:
+            return found
+        resources = self.resources()
+        if download and resources:
+            folder = self.download_folder(root)
+            with new_dirs(folder):
+                for r in resources:
+                    path = download_first(r.urls, folder / r.filename, md5=r.md5, progress=progress)
+                    if r.extract:
+                        extract_archive(path, folder, progress=progress)
+            found = self.find(root)
+            if found is None:
+                raise FileNotFoundError(
+                    f"{self.title}: downloaded {', '.join(r.filename for r in resources)} into "
+                    f"{folder}, but the expected files are still missing there: "
+                    f"{self.expected_files(root)}"
+                )
+            return found
+        raise FileNotFoundError(self.missing_message(root, origin))
+
+    def missing_message(self, root: Path, origin: str) -> str:
+        """The FileNotFoundError text of :meth:`locate` (shown to Python and CLI users alike)."""
+        expected = self.expected_files(root)
+        lines = [
+            f"{self.title} not found under {root} ({ROOT_ORIGINS.get(origin, origin)}).",
+            f"{expected[:1].upper()}{expected[1:]}.",
+            f"If it is elsewhere, point to its data root: root=DIR in Python, --root DIR on the "
+            f"CLI, or the environment variable ${ENV_ROOT}=DIR.",
+        ]
+        resources = self.resources()
+        present = [
+            self.download_folder(root) / r.filename
+            for r in resources
+            if (self.download_folder(root) / r.filename).is_file()
+        ]
+        if present:
+            lines.append(
+                f"Found {', '.join(map(str, present))}: download=True in Python / --download on "
+                "the CLI checks it (MD5 where known), extracts it where needed and downloads "
+                "only what is missing."
+            )
+        elif resources:
+            lines.append(
+                "Or let the package fetch it: download=True in Python, --download on the CLI."
+            )
+        else:
+            lines.append(
+                f"{self.title} cannot be downloaded automatically (download=True / --download "
+                "cannot fetch it)."
+            )
+        hint = self.missing_hint(root, origin)
+        if hint:
+            lines.append(hint)
+        return " ".join(lines)
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -119,13 +239,6 @@ class ImageFileDataset(BaseDataset):
 
     def load_image(self, index: int) -> Image.Image:
         return load_rgb(self.paths[index])
-
-
-def require_files(directory: Path, names: Sequence[str], what: str, hint: str) -> None:
-    """Raise FileNotFoundError naming the missing files and how to provide them."""
-    missing = [n for n in names if not (directory / n).exists()]
-    if missing:
-        raise FileNotFoundError(f"{what}: missing {', '.join(missing)} in {directory}. {hint}")
 
 
 def find_dir(candidates: Sequence[Path], markers: Sequence[str]) -> Path | None:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ImageFileDataset, check_split, contiguous_labels, default_root, find_dir
-from .download import download_and_extract, download_first
+from .base import ImageFileDataset, Resource, check_split, contiguous_labels, find_dir, resolve_root
 
 CARS_IMAGES_URLS = [
     "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz",
@@ -96,6 +95,7 @@ class Cars196(ImageFileDataset):
     """
 
     name = "cars196"
+    title = "Cars-196"
 
     def __init__(
         self,
@@ -105,22 +105,8 @@ class Cars196(ImageFileDataset):
         download: bool = False,
     ):
         check_split(split)
-        root = default_root(root)
-        directory, layout = self._locate(root)
-        if directory is None and download:
-            target = root / "cars196"
-            download_first(CARS_ANNOS_URLS, target / "cars_annos.mat")
-            download_and_extract(CARS_IMAGES_URLS, target / "car_ims.tgz", target)
-            directory, layout = self._locate(root)
-        if directory is None:
-            raise FileNotFoundError(
-                f"Cars-196 not found: put cars_annos.mat and the extracted car_ims/ folder under "
-                f"{root / 'cars196'} (or the devkit release: devkit/, cars_train/, cars_test/, "
-                "cars_test_annos_withlabels.mat), or pass download=True (the original "
-                "ai.stanford.edu files are often offline; use a mirror of car_ims.tgz + "
-                "cars_annos.mat then)"
-            )
-        self.directory, self.layout = directory, layout
+        root, origin = resolve_root(root)
+        self.directory, self.layout = directory, layout = self.locate(root, origin, download)
         reader = read_cars_annos if layout == "annos" else read_cars_devkit
         paths, class_ids, names = reader(directory)
         keep = (class_ids <= CARS_NUM_TRAIN_CLASSES) == (split == "train")
@@ -136,8 +122,8 @@ class Cars196(ImageFileDataset):
         #: original class ids (1..196) of ``classes``
         self.class_ids = np.asarray(kept_ids, dtype=np.int64)
 
-    @staticmethod
-    def _locate(root: Path) -> tuple[Path | None, str | None]:
+    def find(self, root: Path) -> tuple[Path, str] | None:
+        """``(folder, layout)`` with layout ``"annos"`` (all-in-one release) or ``"devkit"``."""
         candidates = cars_candidates(root)
         d = find_dir(candidates, CARS_FILES)
         if d is not None:
@@ -147,4 +133,27 @@ class Cars196(ImageFileDataset):
                 (d / t).exists() for t in CARS_DEVKIT_TEST_ANNOS
             ):
                 return d, "devkit"
-        return None, None
+        return None
+
+    def resources(self) -> list[Resource]:
+        return [
+            Resource(tuple(CARS_ANNOS_URLS), "cars_annos.mat"),
+            Resource(tuple(CARS_IMAGES_URLS), "car_ims.tgz", extract=True),
+        ]
+
+    def download_folder(self, root: Path) -> Path:
+        return root / "cars196"
+
+    def expected_files(self, root: Path) -> str:
+        return (
+            f"put cars_annos.mat and the extracted car_ims/ folder under {root / 'cars196'} (or "
+            "the devkit release: devkit/, cars_train/, cars_test/, "
+            "cars_test_annos_withlabels.mat)"
+        )
+
+    def missing_hint(self, root: Path, origin: str) -> str:
+        return (
+            "The original ai.stanford.edu files are often offline: then get car_ims.tgz and "
+            f"cars_annos.mat from a mirror and put them under {root / 'cars196'} (the archive "
+            "is extracted by download=True / --download)."
+        )

@@ -10,13 +10,13 @@ import numpy as np
 
 from .base import (
     ImageFileDataset,
+    Resource,
     check_split,
     contiguous_labels,
-    default_root,
     find_dir,
     read_table,
+    resolve_root,
 )
-from .download import download_and_extract
 
 CUB_URLS = ["https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"]
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -53,6 +53,7 @@ class CUB200(ImageFileDataset):
     """
 
     name = "cub200"
+    title = "CUB-200-2011"
 
     def __init__(
         self,
@@ -62,19 +63,8 @@ class CUB200(ImageFileDataset):
         download: bool = False,
     ):
         check_split(split)
-        root = default_root(root)
-        directory = find_dir(cub_candidates(root), CUB_FILES)
-        if directory is None and download:
-            target = root / "cub2011"
-            download_and_extract(CUB_URLS, target / "CUB_200_2011.tgz", target, md5=CUB_MD5)
-            directory = find_dir(cub_candidates(root), CUB_FILES)
-        if directory is None:
-            raise FileNotFoundError(
-                "CUB-200-2011 not found: put the extracted CUB_200_2011/ folder (images.txt, "
-                f"image_class_labels.txt, classes.txt, images/) under {root / 'cub2011'}, "
-                "or pass download=True"
-            )
-        self.directory = directory
+        root, origin = resolve_root(root)
+        self.directory = directory = self.locate(root, origin, download)
         paths = dict(read_table(directory / "images.txt", maxsplit=1))
         class_of = {i: int(c) for i, c in read_table(directory / "image_class_labels.txt")}
         class_names = {
@@ -97,3 +87,18 @@ class CUB200(ImageFileDataset):
         )
         #: original CUB class ids (1..200) of ``classes``
         self.class_ids = np.asarray(class_ids, dtype=np.int64)
+
+    def find(self, root: Path) -> Path | None:
+        return find_dir(cub_candidates(root), CUB_FILES)
+
+    def resources(self) -> list[Resource]:
+        return [Resource(tuple(CUB_URLS), "CUB_200_2011.tgz", CUB_MD5, extract=True)]
+
+    def download_folder(self, root: Path) -> Path:
+        return root / "cub2011"
+
+    def expected_files(self, root: Path) -> str:
+        return (
+            "put the extracted CUB_200_2011/ folder (images.txt, image_class_labels.txt, "
+            f"classes.txt, images/) under {root / 'cub2011'}"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .base import BaseDataset
 from .transforms import (
@@ -58,12 +59,13 @@ def get_dataset(
 ) -> BaseDataset:
     """Data set ``name`` (one of ``DATASET_NAMES``), split ``"train"`` or ``"test"``
     (class-disjoint). ``root`` defaults to ``$PML_PROXIES_DATA``, else
-    ``~/.cache/pml-proxies/data``. ``transform=None`` uses the deterministic evaluation
+    ``~/.cache/pml-proxies/data`` (Omniglot without ``root``: then the bundled small set, see
+    :class:`~pml_proxies.datasets.omniglot.Omniglot`). ``transform=None`` uses the deterministic evaluation
     transforms ``get_transforms(name, train=False)``; pass ``get_transforms(name, train=True)``
     for training augmentation. ``download=True`` fetches missing files where that is possible.
     Extra keyword arguments go to the data set class (e.g. ``variant`` for Omniglot).
     """
-    cls = dataset_class(name)
+    cls: Any = dataset_class(name)  # the file-backed classes take root / download
     if transform is None:
         transform = get_transforms(name, train=False)
     if name == "digits":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ImageFileDataset, check_split, contiguous_labels, default_root, read_table
+from .base import ImageFileDataset, check_split, contiguous_labels, read_table, resolve_root
 
 INSHOP_SPLITS = ("train", "test", "query", "gallery")
 INSHOP_PAGE = "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
@@ -63,10 +63,11 @@ class InShop(ImageFileDataset):
         split: ``"train"``, ``"test"``, ``"query"`` or ``"gallery"``.
         root: data root (default ``$PML_PROXIES_DATA`` or ``~/.cache/pml-proxies/data``).
         transform: callable applied to the RGB PIL image.
-        download: not possible; raises FileNotFoundError with instructions if files are missing.
+        download: not possible; missing files raise FileNotFoundError with instructions.
     """
 
     name = "inshop"
+    title = "In-shop Clothes Retrieval"
 
     def __init__(
         self,
@@ -76,23 +77,8 @@ class InShop(ImageFileDataset):
         download: bool = False,
     ):
         check_split(split, INSHOP_SPLITS)
-        root = default_root(root)
-        found = find_inshop(root)
-        if found is None:
-            extra = (
-                " (In-Shop cannot be downloaded automatically: it is distributed only through "
-                "Google Drive)"
-                if download
-                else ""
-            )
-            raise FileNotFoundError(
-                f"In-shop Clothes Retrieval not found{extra}: from {INSHOP_PAGE} open the Google "
-                "Drive folder 'In-shop Clothes Retrieval Benchmark', download Img/img.zip and "
-                f"Eval/{INSHOP_PARTITION}, then unzip img.zip into {root / 'inshop'} (giving "
-                f"{root / 'inshop' / 'img'}/MEN, .../WOMEN) and put {INSHOP_PARTITION} into "
-                f"{root / 'inshop'}"
-            )
-        partition, self.image_root = found
+        root, origin = resolve_root(root)
+        partition, self.image_root = self.locate(root, origin, download)
         rows = read_partition(partition)
         wanted = {"train": ("train",), "test": ("query", "gallery")}.get(
             split, ("query", "gallery")
@@ -108,3 +94,17 @@ class InShop(ImageFileDataset):
         )
         #: True for query images, False for gallery (and train) images
         self.is_query = np.asarray([r[2] == "query" for r in rows], dtype=bool)
+
+    def find(self, root: Path) -> tuple[Path, Path] | None:
+        return find_inshop(root)
+
+    def expected_files(self, root: Path) -> str:
+        return (
+            f"from {INSHOP_PAGE} open the Google Drive folder 'In-shop Clothes Retrieval "
+            f"Benchmark', download Img/img.zip and Eval/{INSHOP_PARTITION}, unzip img.zip into "
+            f"{root / 'inshop'} (giving {root / 'inshop' / 'img'}/MEN, .../WOMEN) and put "
+            f"{INSHOP_PARTITION} into {root / 'inshop'}"
+        )
+
+    def missing_hint(self, root: Path, origin: str) -> str:
+        return "It is distributed only through Google Drive."

@@ -10,13 +10,13 @@ import numpy as np
 
 from .base import (
     ImageFileDataset,
+    Resource,
     check_split,
     contiguous_labels,
-    default_root,
     find_dir,
     read_table,
+    resolve_root,
 )
-from .download import download_and_extract
 
 SOP_URLS = [
     "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
@@ -50,6 +50,7 @@ class StanfordOnlineProducts(ImageFileDataset):
     """
 
     name = "sop"
+    title = "Stanford Online Products"
 
     def __init__(
         self,
@@ -59,27 +60,17 @@ class StanfordOnlineProducts(ImageFileDataset):
         download: bool = False,
     ):
         check_split(split)
-        root = default_root(root)
-        directory = find_dir(sop_candidates(root), SOP_FILES)
-        if directory is None and download:
-            download_and_extract(SOP_URLS, root / "Stanford_Online_Products.zip", root, md5=SOP_MD5)
-            directory = find_dir(sop_candidates(root), SOP_FILES)
-        if directory is None:
-            raise FileNotFoundError(
-                "Stanford Online Products not found: put the extracted Stanford_Online_Products/ "
-                f"folder (Ebay_train.txt, Ebay_test.txt, <class>_final/ image folders) under "
-                f"{root}, or pass download=True"
-            )
-        self.directory = directory
+        root, origin = resolve_root(root)
+        self.directory = directory = self.locate(root, origin, download)
         rows = read_table(directory / f"Ebay_{split}.txt", skip=1)
         class_ids = [int(r[1]) for r in rows]
         super_ids = np.asarray([int(r[2]) for r in rows], dtype=np.int64)
         rel_paths = [r[3] for r in rows]
         labels, kept_ids = contiguous_labels(class_ids)
-        super_name = {}
+        super_name: dict[int, str] = {}
         for s, p in zip(super_ids.tolist(), rel_paths):
             super_name.setdefault(s, p.split("/", 1)[0].removesuffix("_final"))
-        first = {}
+        first: dict[int, int] = {}
         for c, s in zip(class_ids, super_ids.tolist()):
             first.setdefault(c, s)
         super().__init__(
@@ -97,3 +88,18 @@ class StanfordOnlineProducts(ImageFileDataset):
         #: names of the super-classes (index = super label), from the image folders
         n_super = int(super_ids.max()) if len(super_ids) else 0
         self.super_classes = [super_name.get(s + 1, str(s + 1)) for s in range(n_super)]
+
+    def find(self, root: Path) -> Path | None:
+        return find_dir(sop_candidates(root), SOP_FILES)
+
+    def resources(self) -> list[Resource]:
+        return [Resource(tuple(SOP_URLS), "Stanford_Online_Products.zip", SOP_MD5, extract=True)]
+
+    def download_folder(self, root: Path) -> Path:
+        return root
+
+    def expected_files(self, root: Path) -> str:
+        return (
+            "put the extracted Stanford_Online_Products/ folder (Ebay_train.txt, Ebay_test.txt, "
+            f"<class>_final/ image folders) under {root}"
+        )

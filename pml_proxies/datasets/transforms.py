@@ -64,7 +64,7 @@ def _resize(img, height: int, width: int):
     if _size(img) == (height, width):
         return img
     if isinstance(img, Image.Image):
-        return img.resize((width, height), Image.BILINEAR)
+        return img.resize((width, height), Image.Resampling.BILINEAR)
     squeeze = img.dim() == 2
     x = img[None, None] if squeeze else img[None]
     x = F.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True)
