@@ -956,7 +956,7 @@ def omniglot_root(explicit: str | None, workdir: Path) -> str | None:
     try:
         get_dataset("omniglot", "test")
         return None
-    except (FileNotFoundError, OSError, ValueError):
+    except Exception:  # missing data: FileNotFoundError; anything else: try the fallback
         pass
     if explicit:
         return explicit
@@ -1177,16 +1177,15 @@ def main(argv: list[str] | None = None) -> int:
         "speed": part_speed,
         "evaluation": part_evaluation,
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in PARTS:
         if name not in parts:
             continue
         part = Part(name, BUDGETS[name] * scale)
         print(f"== part {PARTS.index(name) + 1}: {name} (budget {part.budget_s:.0f} s)", flush=True)
-        extra = None
-        if name == "main_job":
-            extra = part_main_job(part, device, sizes, args)
-        else:
-            functions[name](part, device, sizes)
+        part.guarded(f"{name}: part", lambda name=name, part=part: _run_part(name, part, device,
+                     sizes, args, functions, report))  # fmt: skip
         for c in part.checks:
             print(f"  {c.status:4s} {c.name}: {c.measured} {c.reason}".rstrip(), flush=True)
         print(f"   part {name}: {part.elapsed:.1f} s", flush=True)
@@ -1195,22 +1194,32 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": part.budget_s,
             "checks": [asdict(c) for c in part.checks],
         }
-        if extra is not None:
-            report["main_job_results"] = extra
         all_checks += part.checks
-    counts = {s: sum(c.status == s for c in all_checks) for s in (PASS, FAIL, SKIP)}
-    report["summary"] = {**counts, "elapsed_s": time.perf_counter() - t_start}
+        _write_report(out, report, all_checks, t_start)  # after every part: a killed run keeps it
+    counts = _write_report(out, report, all_checks, t_start)
     print()
     print(format_table(all_checks))
     print(
         f"\n{counts[PASS]} PASS, {counts[FAIL]} FAIL, {counts[SKIP]} SKIP in "
         f"{report['summary']['elapsed_s']:.0f} s on {device}"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str))
     print(f"JSON: {out}")
     return 1 if counts[FAIL] else 0
+
+
+def _run_part(name, part, device, sizes, args, functions, report) -> None:
+    """One part; an exception outside its checks (e.g. a missing module) becomes a FAIL row."""
+    if name == "main_job":
+        report["main_job_results"] = part_main_job(part, device, sizes, args)
+    else:
+        functions[name](part, device, sizes)
+
+
+def _write_report(out: Path, report: dict, checks: list[Check], t_start: float) -> dict:
+    counts = {s: sum(c.status == s for c in checks) for s in (PASS, FAIL, SKIP)}
+    report["summary"] = {**counts, "elapsed_s": time.perf_counter() - t_start}
+    out.write_text(json.dumps(report, indent=1, default=str))
+    return counts
 
 
 if __name__ == "__main__":
