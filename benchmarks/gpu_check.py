@@ -974,20 +974,23 @@ def omniglot_root(explicit: str | None, workdir: Path) -> str | None:
 
 
 def part_main_job(part: Part, device: torch.device, sizes: Sizes, args) -> dict:
+    """The benchmark CLI once per trunk in a temporary folder (removed afterwards; each run's
+    ``summary.csv`` and ``summary.md`` go into the JSON)."""
     results: dict[str, dict] = {}
-    workdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    root = None
-    if sizes.bench_dataset == "omniglot":
-        root = omniglot_root(args.omniglot_root, workdir)
-    trunks = sizes.bench_trunks if args.trunks is None else tuple(args.trunks.split(","))
-    for i, trunk in enumerate(trunks):
-        name = f"benchmark --dataset {sizes.bench_dataset} --trunk {trunk} on {device.type}"
-        part.guarded(
-            name,
-            lambda n=name, t=trunk, i=i: _main_job_row(
-                part, n, t, device, sizes, root, workdir, results, len(trunks) - i
-            ),
-        )
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        workdir = Path(tmp)
+        root = None
+        if sizes.bench_dataset == "omniglot":
+            root = omniglot_root(args.omniglot_root, workdir)
+        trunks = sizes.bench_trunks if args.trunks is None else tuple(args.trunks.split(","))
+        for i, trunk in enumerate(trunks):
+            name = f"benchmark --dataset {sizes.bench_dataset} --trunk {trunk} on {device.type}"
+            part.guarded(
+                name,
+                lambda n=name, t=trunk, i=i: _main_job_row(
+                    part, n, t, device, sizes, root, workdir, results, len(trunks) - i
+                ),
+            )
     return results
 
 
@@ -1022,7 +1025,13 @@ def _main_job_row(part, name, trunk, device, sizes, root, workdir, results, runs
     if summary_path.exists():
         with open(summary_path, newline="") as f:
             summary = list(csv.DictReader(f))
-    results[trunk] = {"command": " ".join(cmd), "seconds": seconds, "summary": summary}
+    summary_md = out / "summary.md"
+    results[trunk] = {
+        "command": " ".join(cmd),
+        "seconds": seconds,
+        "summary": summary,
+        "summary_md": summary_md.read_text() if summary_md.exists() else None,
+    }
     expected = _expected_losses()
     got = {row["loss"] for row in summary}
     missing = sorted(set(expected) - got)
