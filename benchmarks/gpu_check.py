@@ -1016,8 +1016,16 @@ def _main_job_row(part, name, trunk, device, sizes, root, workdir, results, runs
             cmd, capture_output=True, text=True, timeout=timeout, cwd=str(workdir), env=env
         )
     except subprocess.TimeoutExpired:
-        part.add(name, FAIL, measured=f"> {timeout:.0f} s", target=f"completes in {timeout:.0f} s",
-                 reason="timed out", command=" ".join(cmd))  # fmt: skip
+        finished = _finished_runs(out)
+        part.add(
+            name,
+            FAIL,
+            measured=f"> {timeout:.0f} s; {len(finished)} loss(es) finished: {', '.join(finished)}",
+            target=f"completes in {timeout:.0f} s",
+            reason="timed out",
+            command=" ".join(cmd),
+            finished_test_metrics=finished,
+        )
         return
     seconds = time.perf_counter() - t0
     summary_path = out / "summary.csv"
@@ -1049,6 +1057,17 @@ def _main_job_row(part, name, trunk, device, sizes, root, workdir, results, runs
         stderr_tail=proc.stderr[-2000:],
         summary=summary,
     )
+
+
+def _finished_runs(out: Path) -> dict[str, dict]:
+    """Test metrics of the runs a benchmark finished (``runs/<loss>/seed_0/result.json``)."""
+    finished = {}
+    for path in sorted(out.glob("runs/*/seed_0/result.json")):
+        try:
+            finished[path.parent.parent.name] = json.loads(path.read_text()).get("test")
+        except (OSError, ValueError):
+            continue
+    return finished
 
 
 def _expected_losses() -> list[str]:

@@ -162,6 +162,14 @@ def test_omniglot_root_falls_back_to_the_bundled_zips(tmp_path, monkeypatch):
     assert gpu_check.omniglot_root("/explicit", tmp_path / "other") in ("/explicit", None)
 
 
+def test_finished_runs_reads_the_runs_a_timed_out_benchmark_left(tmp_path):
+    run = tmp_path / "runs" / "mpa" / "seed_0"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"test": {"precision_at_1": 0.5}}))
+    (tmp_path / "runs" / "vcpa" / "seed_0").mkdir(parents=True)  # interrupted: no result.json
+    assert gpu_check._finished_runs(tmp_path) == {"mpa": {"precision_at_1": 0.5}}
+
+
 @pytest.mark.slow
 def test_cpu_mode_main_job_subprocess(tmp_path):
     """The script as CI runs it (a subprocess, exit code), with part 5: the benchmark CLI on
