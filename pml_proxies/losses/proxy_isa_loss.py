@@ -280,7 +280,8 @@ class ProxyISALoss(BaseProxyLoss):
             fail(f"memory_write_position must lie in [0, {T}), got {position}")
         if count < T and (position != count or not bool(filled[:count].all())):
             fail(
-                "a memory that is not full holds slots 0 .. memory_count - 1 and writes next at slot memory_count"
+                "a memory that is not full holds slots 0 .. memory_count - 1 and writes next "
+                "at slot memory_count"
             )
         if not torch.equal(
             get("memory_class_counts").long(), torch.bincount(labels[filled], minlength=C)

@@ -32,8 +32,8 @@ class IntraClassCenterRegularizer(BaseRegularizer):
 
     ``R = sum_c sum_{t<s} sqrt(2 - 2 <w_ct, w_cs>) / (C K (K - 1))`` on L2-normalised centers:
     half the mean distance between two centers of the same class (PML's
-    ``SparseCentersRegularizer`` computes the same value, up to ``eps``). The MPA losses add ``tau R`` with ``tau = 0.2``
-    (``weight_reg_weight``), which lets redundant centers merge.
+    ``SparseCentersRegularizer`` computes the same value, up to ``eps``). The MPA losses add
+    ``tau R`` with ``tau = 0.2`` (``weight_reg_weight``), which lets redundant centers merge.
 
     Unlike PML's ``SparseCentersRegularizer``, which builds ``(C K)^2`` matrices, this works class by
     class with a batched ``(C, K, K)`` Gram matrix: ``O(C K^2 D)`` time and ``O(C K^2)`` memory, so
