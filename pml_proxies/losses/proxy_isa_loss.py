@@ -466,10 +466,11 @@ class ProxyISALoss(BaseProxyLoss):
             self._write_push(push)
             self._update_learned_similarities(labels, proxies)
 
-    def _quantise(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` in int64 fixed point: scaling by a power of two is exact and the conversion
-        truncates, so a memory row always gives the same integers."""
-        return (rows * 2.0**self.fixed_point_bits).long()
+    def _quantise(self, rows: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """``sign * rows`` in int64 fixed point: scaling by a power of two is exact and the
+        conversion truncates toward zero, so a memory row always gives the same integers (and
+        ``sign = -1`` exactly their negatives, without an int64 pass)."""
+        return (rows * (sign * 2.0**self.fixed_point_bits)).long()
 
     def _stage_push(self, entries, labels, keep) -> dict | None:
         """The memory update that pushes the kept rows (in batch order) into the ring buffer, as
@@ -508,7 +509,7 @@ class ProxyISALoss(BaseProxyLoss):
             "slots": slots,
             "rows": rows,
             "labels": labels,
-            "removed": (old_index, self._quantise(old_rows).neg_()),
+            "removed": (old_index, self._quantise(old_rows, -1.0)),
             "added": (new_index, self._quantise(rows)),
             "class_counts": class_counts,
         }
