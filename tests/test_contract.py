@@ -278,10 +278,12 @@ def test_partial_load_is_checked_against_the_current_buffers():
     assert_unchanged(target, before)
 
 
-def test_a_consistent_partly_filled_state_loads():
-    source = trained_isa(T=40)
-    assert 0 < int(source.memory_count) < 40
-    target = trained_isa(T=40, seed=1)
+@pytest.mark.parametrize("T", [40, 6], ids=["partly_filled", "full"])
+def test_a_consistent_state_loads(T, dtype):
+    source = trained_isa(T=T).to(dtype)
+    assert 0 < int(source.memory_count) <= T
+    source(torch.randn(4, 3, dtype=dtype), torch.tensor([0, 1, 2, 2]))  # a step in this dtype
+    target = trained_isa(T=T, seed=1).to(dtype)
     target.load_state_dict(source.state_dict())
     assert_unchanged(target, snapshot(source))
 
