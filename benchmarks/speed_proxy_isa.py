@@ -4,14 +4,17 @@ Forward + backward + state update of Proxy-ISA in its steady state (memory and f
 memory of ``T`` entries full, per-class state as after a long run), next to PML's
 ``ProxyAnchorLoss`` measured in the same run, as a ratio, at each number of classes in
 ``--sizes``. Measurements are interleaved (one step of every loss per round, median over
-``--repeats`` rounds) so that load from other processes hits every loss alike.
+``--repeats`` rounds) so that load from other processes hits every loss alike; ``--runs``
+repeats the whole measurement and prints the median ratio with its range over the runs.
 
     python benchmarks/speed_proxy_isa.py --repeats 15 --device cpu --sizes 100,11318
+    python benchmarks/speed_proxy_isa.py --sizes 100 --threads 1 --clock cpu --repeats 41 --runs 5
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -62,6 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--memory-size", type=int, default=55_000)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--runs", type=int, default=1, help="whole measurements (ratio range)")
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -98,20 +102,25 @@ def main(argv=None) -> None:
                 isa_unchecked, embeddings, labels
             ),
         }
-        times = interleaved_times(steps, device, args.repeats, f"C={num_classes}", args.clock)
+        runs = [
+            interleaved_times(steps, device, args.repeats, f"C={num_classes}", args.clock)
+            for _ in range(args.runs)
+        ]
         assert int(isa.memory_count) == args.memory_size and bool(isa.filter_enabled)
-        base = times["PML ProxyAnchorLoss"]
-        for name, seconds in times.items():
+        for name in steps:
+            ratios = [run[name] / run["PML ProxyAnchorLoss"] for run in runs]
+            seconds = statistics.median(run[name] for run in runs)
             rows.append(
                 {
                     "C": num_classes,
                     "loss": name,
                     "ms": f"{seconds * 1e3:.2f}",
-                    "vs ProxyAnchor": f"{seconds / base:.2f}",
+                    "vs ProxyAnchor": f"{statistics.median(ratios):.2f}",
+                    "range": f"{min(ratios):.2f}-{max(ratios):.2f}",
                 }
             )
         del pa, isa, isa_unchecked, steps
-    print(format_table(rows, ["C", "loss", "ms", "vs ProxyAnchor"]))
+    print(format_table(rows, ["C", "loss", "ms", "vs ProxyAnchor", "range"]))
 
 
 if __name__ == "__main__":

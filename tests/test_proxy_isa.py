@@ -1,4 +1,4 @@
-"""Tests of ProxyISALoss against an independent loop reference (SPEC section 3), PML's
+"""Tests of ProxyISALoss against an independent loop reference (docs/methods.md), PML's
 ProxyAnchorLoss, and of its state handling (resume, eval mode, failed steps, distributed)."""
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ STATE = (
 
 # --------------------------------------------------------------------------- reference
 class Reference:
-    """SPEC section 3 step by step with plain Python loops (state in Python floats)."""
+    """The method of docs/methods.md step by step with plain Python loops (state in Python
+    floats)."""
 
     def __init__(self, C, T, margin, alpha, volume_bound, hardness_scale, sensitivity,
                  search_margin, decay_timing, memory_size=None, memory_start_epoch=3,
@@ -595,6 +596,7 @@ def _distributed_worker(rank, world, init_file, out_dir, steps, layout):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes
 def test_distributed_ranks_hold_identical_state(tmp_path, layout="pml"):
     steps, world = 6, 2
     # fork: no re-import of torch in the workers (spawn costs ~15 s on a small machine)

@@ -21,6 +21,8 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pml_proxies.hooks import SetEpochHook  # noqa: E402
 from pml_proxies.losses import ProxyISALoss  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end PML trainer runs
+
 logging.getLogger("PML").setLevel(logging.WARNING)
 STATS = (
     "mean_effective_number",

@@ -11,7 +11,6 @@ Everything here is vectorised, differentiable and free of host syncs. The losses
   ``log(1 + sum exp)`` term), 0 where the mask is empty;
 * :func:`proxy_anchor_terms` -- the per-class positive and negative Proxy-Anchor terms, with
   optional per-pair exponent scales (Proxy-ISA) and PML miner weights;
-* :func:`proxy_anchor_loss` -- the reduced Proxy-Anchor loss with PML's normalisation;
 * :func:`softmax_with_zero_logit` -- ``exp(z) / (1 + sum exp(z))``, the derivative of
   :func:`log1p_sum_exp` (the Proxy-Anchor weights ``h / (1 + sum h)``), stably.
 """
@@ -190,23 +189,6 @@ def proxy_anchor_terms(
     pos_term = log1p_sum_exp(pos_logits, pos_mask, dim=0)
     neg_term = log1p_sum_exp(neg_logits, ~pos_mask, dim=0)
     return pos_term, neg_term
-
-
-def proxy_anchor_loss(
-    class_similarities: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float = 32.0,
-    margin: float = 0.1,
-) -> torch.Tensor:
-    """The Proxy-Anchor loss of ``(B, C)`` class similarities, PML's normalisation.
-
-    ``sum_c pos[c] / |C+| + sum_c neg[c] / C`` with ``C+`` the classes present in the batch.
-    """
-    num_classes = class_similarities.shape[1]
-    pos_mask, _ = class_masks(labels, num_classes)
-    pos_term, neg_term = proxy_anchor_terms(class_similarities, pos_mask, alpha, margin)
-    num_present = pos_mask.any(dim=0).sum().clamp(min=1)
-    return pos_term.sum() / num_present + neg_term.sum() / num_classes
 
 
 def softmax_with_zero_logit(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:

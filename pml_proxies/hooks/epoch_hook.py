@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..functional.validation import check_int
+
 
 def stateful_losses(obj) -> list:
     """Every object with a callable ``set_epoch`` found in ``obj``: a loss, a module wrapping one
@@ -37,7 +39,9 @@ def stateful_losses(obj) -> list:
 
 
 def set_epoch(obj, epoch: int) -> int:
-    """Call ``set_epoch(epoch)`` on every stateful loss in ``obj``; returns how many there were."""
+    """Call ``set_epoch(epoch)`` on every stateful loss in ``obj``; returns how many there were.
+    ``epoch`` must be an integer >= 0 (checked before any loss is touched)."""
+    epoch = check_int("epoch", epoch, low=0)
     losses = stateful_losses(obj)
     for loss in losses:
         loss.set_epoch(epoch)

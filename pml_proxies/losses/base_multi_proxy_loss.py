@@ -6,6 +6,7 @@ import torch
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..functional import proxy_math
+from ..functional.validation import check_choice, check_int, check_real
 from ..regularizers import IntraClassCenterRegularizer
 from .base_proxy_loss import BaseProxyLoss
 
@@ -19,14 +20,14 @@ class BaseMultiProxyLoss(BaseProxyLoss):
         num_classes: number of classes ``C``.
         embedding_size: embedding dimension ``D``.
         centers_per_class: ``K``, centers per class (paper: 10; 2 for SOP).
-        alpha: scale ``alpha`` (paper silent; 32 as in Proxy-Anchor).
-        margin: margin ``delta`` (0.1).
-        gamma: softmax pooling temperature ``gamma`` of eq. 1 (0.1).
+        alpha: scale ``alpha`` (paper silent; 32 as in Proxy-Anchor), finite and > 0.
+        margin: margin ``delta`` (0.1), finite.
+        gamma: softmax pooling temperature ``gamma`` of eq. 1 (0.1), finite and > 0.
         pooling: ``"softmax"`` (eq. 1), ``"max"`` or ``"mean"`` pooling of the K similarities.
         weight_regularizer: PML regulariser on the centers; by default the paper's center
             regulariser (eq. 3) :class:`~pml_proxies.regularizers.IntraClassCenterRegularizer`;
             ``None`` turns it off.
-        weight_reg_weight: its weight ``tau`` (0.2).
+        weight_reg_weight: its weight ``tau`` (0.2), finite and >= 0.
         **kwargs: PML keyword arguments (``reducer``, ``weight_init_func``, ``collect_stats``, ...).
 
     Attributes:
@@ -47,12 +48,12 @@ class BaseMultiProxyLoss(BaseProxyLoss):
         weight_reg_weight: float = 0.2,
         **kwargs,
     ) -> None:
-        if int(centers_per_class) < 1:
-            raise ValueError(f"centers_per_class must be >= 1, got {centers_per_class}")
-        if pooling not in proxy_math.POOLINGS:
-            raise ValueError(f"pooling must be one of {proxy_math.POOLINGS}, got {pooling!r}")
-        if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
+        centers_per_class = check_int("centers_per_class", centers_per_class, low=1)
+        alpha = check_real("alpha", alpha, low=0, low_inclusive=False)
+        margin = check_real("margin", margin)
+        gamma = check_real("gamma", gamma, low=0, low_inclusive=False)
+        pooling = check_choice("pooling", pooling, proxy_math.POOLINGS)
+        weight_reg_weight = check_real("weight_reg_weight", weight_reg_weight, low=0)
         if isinstance(weight_regularizer, str) and weight_regularizer == DEFAULT:
             weight_regularizer = IntraClassCenterRegularizer(centers_per_class)
         super().__init__(
@@ -62,10 +63,10 @@ class BaseMultiProxyLoss(BaseProxyLoss):
             weight_reg_weight=weight_reg_weight,
             **kwargs,
         )
-        self.centers_per_class = int(centers_per_class)
-        self.alpha = float(alpha)
-        self.margin = float(margin)
-        self.gamma = float(gamma)
+        self.centers_per_class = centers_per_class
+        self.alpha = alpha
+        self.margin = margin
+        self.gamma = gamma
         self.pooling = pooling
         self.proxies = torch.nn.Parameter(
             torch.empty(self.num_classes * self.centers_per_class, self.embedding_size)

@@ -10,10 +10,30 @@ from pytorch_metric_learning.reducers import DivisorReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ..functional import proxy_math
+from ..functional.validation import check_bool, check_int
+
+_COSINE_SETTINGS = ("normalize_embeddings", "p", "power", "is_inverted")
+
+
+def check_cosine_distance(distance) -> None:
+    """Reject any ``distance=`` but PML's ``CosineSimilarity()`` with its default settings: the
+    papers define these losses on the cosine similarity, which the losses compute themselves."""
+    if distance is None:
+        return
+    default = CosineSimilarity()
+    same = type(distance) is CosineSimilarity and all(
+        getattr(distance, name, None) == getattr(default, name) for name in _COSINE_SETTINGS
+    )
+    if not same:
+        raise ValueError(
+            "distance must be PML's CosineSimilarity() with its default settings (the default): "
+            "the losses of pml-proxies are defined on the cosine similarity (docs/methods.md, "
+            f"'Shared rules'); got {distance!r}"
+        )
 
 
 class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
-    """Common behaviour of the proxy losses of this package (SPEC section 5).
+    """Common behaviour of the proxy losses of this package (docs/methods.md, "Shared rules").
 
     * checks its input and raises ``ValueError`` naming the problem *before* any state changes
       (labels outside ``[0, num_classes)``, wrong shapes, embedding size mismatch, non-finite
@@ -24,7 +44,13 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
       for good after one float16 call; this does not);
     * moves itself (parameters and buffers) to the embeddings' device on first use, as PML's proxy
       losses do, since PML trainers never move loss functions;
-    * rejects ``ref_emb`` as PML's proxy losses do.
+    * rejects ``ref_emb`` as PML's proxy losses do;
+    * labels must be a tensor (a Python list raises ``TypeError``); labels on another device than
+      the embeddings are moved to the embeddings' device before any check;
+    * ``distance=`` accepts only PML's ``CosineSimilarity()`` with its default settings (the
+      default); any other distance raises ``ValueError`` at construction;
+    * every constructor argument is checked once, at construction
+      (:mod:`pml_proxies.functional.validation`).
 
     Subclasses implement :meth:`compute_proxy_loss`, called with float32/float64 embeddings.
 
@@ -33,19 +59,20 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         embedding_size: embedding dimension ``D``.
         check_inputs: validate label range and finiteness of the embeddings (one host sync).
         **kwargs: PML's usual keyword arguments (``weight_regularizer``, ``weight_reg_weight``,
-            ``weight_init_func``, ``reducer``, ``distance``, ``collect_stats``, ...).
+            ``weight_init_func``, ``reducer``, ``collect_stats``, ...); ``distance`` only as
+            ``CosineSimilarity()``.
     """
 
     def __init__(
         self, num_classes: int, embedding_size: int, check_inputs: bool = True, **kwargs
     ) -> None:
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if int(embedding_size) < 1:
-            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        num_classes = check_int("num_classes", num_classes, low=1)
+        embedding_size = check_int("embedding_size", embedding_size, low=1)
+        check_inputs = check_bool("check_inputs", check_inputs)
+        check_cosine_distance(kwargs.get("distance"))
         super().__init__(**kwargs)
-        self.num_classes = int(num_classes)
-        self.embedding_size = int(embedding_size)
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
         self.check_inputs = check_inputs
         self._staged_state: dict | None = None
         self.add_to_recordable_attributes(
@@ -87,8 +114,15 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         c_f.labels_required(labels)
         if ref_emb is not None or ref_labels is not None:
             raise ValueError(f"ref_emb is not supported for {type(self).__name__}")
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(
+                "labels must be a torch.Tensor of integer class indices, got "
+                f"{type(labels).__name__} (convert it with torch.as_tensor(labels))"
+            )
+        if isinstance(embeddings, torch.Tensor) and labels.device != embeddings.device:
+            labels = labels.to(embeddings.device)
         self.validate_inputs(embeddings, labels)
-        labels = c_f.to_device(labels, embeddings).long()
+        labels = labels.long()
         self.move_to(embeddings.device)
         dtype = proxy_math.compute_dtype(embeddings.dtype)
         with proxy_math.autocast_disabled(embeddings.device.type):

@@ -16,8 +16,9 @@ class MultiProxyAnchorLoss(BaseMultiProxyLoss):
           + 1/C    sum_{c}       log(1 + sum_{x in X_c-} exp( alpha (S(x,c) + delta)))
           + tau R
 
-    ``X_c-`` is taken over all classes (SPEC decision), so that ``K = 1`` is exactly PML's
-    ``ProxyAnchorLoss``. PML miners' ``indices_tuple`` weight samples as in ``ProxyAnchorLoss``.
+    ``X_c-`` is taken over all classes (docs/methods.md, "MPA family"), so that ``K = 1`` is
+    exactly PML's ``ProxyAnchorLoss``. PML miners' ``indices_tuple`` weight samples as in
+    ``ProxyAnchorLoss``.
 
     Args:
         num_classes: number of classes ``C``.

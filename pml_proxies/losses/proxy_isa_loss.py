@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..functional import distributed, proxy_math
+from ..functional.validation import check_choice, check_int, check_real
 from .base_proxy_loss import BaseProxyLoss
 
 POSITIVE_WEIGHTINGS = ("none", "inverse_effective_number", "lower_bound", "decay")
@@ -25,6 +25,30 @@ STATS = (
 )
 
 
+# the per-class weights compute in float32: 1 + e^-tau (eq. 17) must stay finite there
+_MIN_DECAY_TIMING = -math.log(torch.finfo(torch.float32).max)
+
+
+def _check_volume_bound(value) -> float:
+    volume_bound = check_real("volume_bound", value, low=1)
+    if (volume_bound - 1.0) / volume_bound == 1.0:
+        raise ValueError(
+            f"volume_bound={value!r} is too large: beta = (V - 1) / V rounds to 1 in float64, so "
+            "the effective number (1 - beta^n) / (1 - beta) (eq. 8) would be 0 / 0"
+        )
+    return volume_bound
+
+
+def _check_decay_timing(value) -> float:
+    decay_timing = check_real("decay_timing", value)
+    if decay_timing < _MIN_DECAY_TIMING:
+        raise ValueError(
+            f"decay_timing={value!r} is too small: 1 + e^-tau in the decay function (eq. 17) "
+            f"overflows float32; use decay_timing >= {_MIN_DECAY_TIMING:.2f}"
+        )
+    return decay_timing
+
+
 def _fixed_point_bits(memory_size: int) -> int:
     """Fraction bits of the int64 per-class sums of the memory: room for ``memory_size`` unit
     vectors without overflow, at most 40 bits (quantisation step 2^-40 per coordinate)."""
@@ -33,7 +57,7 @@ def _fixed_point_bits(memory_size: int) -> int:
 
 class ProxyISALoss(BaseProxyLoss):
     """Informative Sample-Aware Proxy loss (Li et al., "Informative Sample-Aware Proxy for Deep
-    Metric Learning", MMAsia 2022, eq. 12-17 and Algorithm 1; SPEC section 3).
+    Metric Learning", MMAsia 2022, eq. 12-17 and Algorithm 1; docs/methods.md, "Proxy-ISA").
 
     Proxy-Anchor whose exponents are scaled by per-pair weights ``w+`` / ``w-`` that depend on a
     per-class state: the number of clean samples seen ``n_c``, the effective number
@@ -64,20 +88,25 @@ class ProxyISALoss(BaseProxyLoss):
     registered buffers (``state_dict`` resumes exactly, ``.to(device)`` moves it); a step that
     raises changes nothing; eval mode changes nothing.
 
+    Every argument is checked at construction (``ValueError`` / ``TypeError`` naming it).
+
     Args:
         num_classes: number of classes ``C``.
         embedding_size: embedding dimension ``D``.
-        margin: ``delta`` (0.1).
-        alpha: scale ``alpha`` (32).
-        volume_bound: ``V``, the upper bound of the effective number (100).
-        hardness_scale: ``h``, scales the memory's mean similarity into ``s_c`` (0.15).
+        margin: ``delta`` (0.1), finite.
+        alpha: scale ``alpha`` (32), finite and > 0.
+        volume_bound: ``V``, the upper bound of the effective number (100), finite, >= 1 and
+            small enough that ``beta = (V - 1) / V < 1`` in float64 (about ``V < 9e15``).
+        hardness_scale: ``h``, scales the memory's mean similarity into ``s_c`` (0.15), >= 0.
         sensitivity: ``k``, sensitivity of the search length to class hardness (0.9; the authors
-            use 0.4 for Cars-196 and 0.1 for In-Shop).
-        search_margin: ``lambda``, the margin of the search length (0.1).
-        decay_timing: ``tau``, timing of the decay function sigma (1.5).
-        memory_size: ``T``, capacity of the memory ring buffer (55,000).
-        memory_start_epoch: first epoch (from 1) with the memory on (3).
-        filter_start_epoch: first epoch (from 1) with the filter / positive weights on (4).
+            use 0.4 for Cars-196 and 0.1 for In-Shop), >= 0.
+        search_margin: ``lambda``, the margin of the search length (0.1), finite.
+        decay_timing: ``tau``, timing of the decay function sigma (1.5), finite and >= -88.72
+            (below, ``1 + e^-tau`` overflows float32).
+        memory_size: ``T``, capacity of the memory ring buffer (55,000), an integer >= 1.
+        memory_start_epoch: first epoch (from 1) with the memory on (3), an integer >= 1.
+        filter_start_epoch: first epoch (from 1) with the filter / positive weights on (4), an
+            integer >= 1.
         positive_weighting: ``P_c`` of the positive rule (paper Table 3): ``"decay"`` (sigma_c,
             default), ``"lower_bound"`` (nu_c), ``"inverse_effective_number"``
             (``1 / max(1, E_c)``) or ``"none"`` (``w+ = 1``).
@@ -128,48 +157,38 @@ class ProxyISALoss(BaseProxyLoss):
         distributed_batch_layout: str = "pml",
         **kwargs,
     ) -> None:
-        if positive_weighting not in POSITIVE_WEIGHTINGS:
-            raise ValueError(
-                f"positive_weighting must be one of {POSITIVE_WEIGHTINGS}, got {positive_weighting!r}"
-            )
-        if negative_weighting not in NEGATIVE_WEIGHTINGS:
-            raise ValueError(
-                f"negative_weighting must be one of {NEGATIVE_WEIGHTINGS}, got {negative_weighting!r}"
-            )
-        if distributed_batch_layout not in BATCH_LAYOUTS:
-            raise ValueError(
-                f"distributed_batch_layout must be one of {BATCH_LAYOUTS}, "
-                f"got {distributed_batch_layout!r}"
-            )
-        if not volume_bound >= 1:
-            raise ValueError(f"volume_bound must be >= 1, got {volume_bound}")
-        if int(memory_size) < 1:
-            raise ValueError(f"memory_size must be >= 1, got {memory_size}")
-        for name, value in (
-            ("memory_start_epoch", memory_start_epoch),
-            ("filter_start_epoch", filter_start_epoch),
-        ):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1 (epochs count from 1), got {value}")
+        margin = check_real("margin", margin)
+        alpha = check_real("alpha", alpha, low=0, low_inclusive=False)
+        volume_bound = _check_volume_bound(volume_bound)
+        hardness_scale = check_real("hardness_scale", hardness_scale, low=0)
+        sensitivity = check_real("sensitivity", sensitivity, low=0)
+        search_margin = check_real("search_margin", search_margin)
+        decay_timing = _check_decay_timing(decay_timing)
+        T = check_int("memory_size", memory_size, low=1)
+        memory_start_epoch = check_int("memory_start_epoch", memory_start_epoch, low=1)
+        filter_start_epoch = check_int("filter_start_epoch", filter_start_epoch, low=1)
+        check_choice("positive_weighting", positive_weighting, POSITIVE_WEIGHTINGS)
+        check_choice("negative_weighting", negative_weighting, NEGATIVE_WEIGHTINGS)
+        check_choice("distributed_batch_layout", distributed_batch_layout, BATCH_LAYOUTS)
         super().__init__(num_classes, embedding_size, **kwargs)
-        C, D, T = self.num_classes, self.embedding_size, int(memory_size)
-        self.margin = float(margin)
-        self.alpha = float(alpha)
-        self.volume_bound = float(volume_bound)
-        self.hardness_scale = float(hardness_scale)
-        self.sensitivity = float(sensitivity)
-        self.search_margin = float(search_margin)
-        self.decay_timing = float(decay_timing)
+        C, D = self.num_classes, self.embedding_size
+        self.margin = margin
+        self.alpha = alpha
+        self.volume_bound = volume_bound
+        self.hardness_scale = hardness_scale
+        self.sensitivity = sensitivity
+        self.search_margin = search_margin
+        self.decay_timing = decay_timing
         self.memory_size = T
-        self.memory_start_epoch = int(memory_start_epoch)
-        self.filter_start_epoch = int(filter_start_epoch)
+        self.memory_start_epoch = memory_start_epoch
+        self.filter_start_epoch = filter_start_epoch
         self.positive_weighting = positive_weighting
         self.negative_weighting = negative_weighting
         self.distributed_batch_layout = distributed_batch_layout
         self.fixed_point_bits = _fixed_point_bits(T)
         # None: host-side sizes on CPU, fixed-shape (sync-free) updates elsewhere; True/False
         # force one of the two (tests run both)
-        self.sync_free_memory_updates = None
+        self.sync_free_memory_updates: bool | None = None
 
         self.proxies = torch.nn.Parameter(torch.empty(C, D))
         self.weight_init_func(self.proxies)
@@ -205,9 +224,7 @@ class ProxyISALoss(BaseProxyLoss):
         Turns the memory on from ``memory_start_epoch`` and the filter from
         ``filter_start_epoch`` (the idiom of ``DistributedSampler.set_epoch``).
         """
-        epoch = operator.index(epoch)
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        epoch = check_int("epoch", epoch, low=0)
         memory_on = epoch >= self.memory_start_epoch
         filter_on = epoch >= self.filter_start_epoch
         if (epoch, memory_on, filter_on) == (self._epoch, self._memory_on, self._filter_on):
@@ -218,10 +235,73 @@ class ProxyISALoss(BaseProxyLoss):
         self._epoch, self._memory_on, self._filter_on = epoch, memory_on, filter_on
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # check the state as it will be after the load (loaded tensors, the current buffers for
+        # keys a partial load leaves out) before anything is written
+        state = {
+            name: state_dict.get(prefix + name, buffer) for name, buffer in self._buffers.items()
+        }
+        self._check_state(state)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._epoch = int(self.epoch)
         self._memory_on = bool(self.memory_enabled)
         self._filter_on = bool(self.filter_enabled)
+
+    def _check_state(self, state: dict) -> None:
+        """Raise ``ValueError`` unless ``state`` (buffer name -> tensor) is a consistent state of
+        this loss: shapes, label range, and the memory's bookkeeping (count, write position,
+        per-class counts and fixed-point sums) matching its entries."""
+        C, D, T = self.num_classes, self.embedding_size, self.memory_size
+
+        def fail(message: str):
+            raise ValueError(
+                f"invalid {type(self).__name__} state for num_classes={C}, embedding_size={D}, "
+                f"memory_size={T}: {message}"
+            )
+
+        for name, buffer in self._buffers.items():
+            value = state[name]
+            if buffer is not None and tuple(value.shape) != tuple(buffer.shape):
+                fail(f"{name} has shape {tuple(value.shape)}, expected {tuple(buffer.shape)}")
+
+        def get(name: str) -> torch.Tensor:
+            return state[name].detach().to("cpu")
+
+        labels = get("memory_labels").long()
+        if T and (int(labels.min()) < -1 or int(labels.max()) >= C):
+            fail(
+                f"memory_labels must lie in [-1, {C}) (-1: empty slot), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        filled = labels >= 0
+        count, position = int(get("memory_count")), int(get("memory_write_position"))
+        if count != int(filled.sum()):
+            fail(f"memory_count={count} but {int(filled.sum())} slots hold an entry")
+        if not 0 <= position < T:
+            fail(f"memory_write_position must lie in [0, {T}), got {position}")
+        if count < T and (position != count or not bool(filled[:count].all())):
+            fail(
+                "a memory that is not full holds slots 0 .. memory_count - 1 and writes next "
+                "at slot memory_count"
+            )
+        if not torch.equal(
+            get("memory_class_counts").long(), torch.bincount(labels[filled], minlength=C)
+        ):
+            fail("memory_class_counts do not count the entries of memory_labels")
+        if bool((get("sample_counts") < 0).any()) or int(get("epoch")) < 0:
+            fail("sample_counts and epoch must be >= 0")
+        for name in ("effective_numbers", "learned_similarities", "memory_embeddings"):
+            if not bool(torch.isfinite(get(name)).all()):
+                fail(f"{name} holds NaN or infinite values")
+        rows = get("memory_embeddings").to(self.memory_embeddings.dtype)
+        if bool((rows[~filled] != 0).any()):
+            fail("empty memory slots (label -1) must hold zero rows")
+        sums = torch.zeros(C, D, dtype=torch.long)
+        for start in range(0, T, 4096):  # chunks: no (T, D) int64 temporary
+            chunk = slice(start, start + 4096)
+            index = (labels[chunk].clamp(min=0),)
+            sums.index_put_(index, self._quantise(rows[chunk]), accumulate=True)
+        if not torch.equal(get("memory_class_sums").long(), sums):
+            fail("memory_class_sums are not the fixed-point sums of the memory's entries per class")
 
     # ----------------------------------------------------------------- forward
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -232,6 +312,18 @@ class ProxyISALoss(BaseProxyLoss):
 
     def commit_state(self, update: dict) -> None:
         self._commit(**update)
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` cosine similarities of ``embeddings`` to the proxies (as PML's
+        ``ProxyAnchorLoss.get_logits``), in float32 (float64 stays float64)."""
+        dtype = proxy_math.compute_dtype(embeddings.dtype)
+        return self._similarities(embeddings.to(dtype))[2]
+
+    def _similarities(self, embeddings: torch.Tensor):
+        """Unit embeddings, unit proxies (in the embeddings' dtype) and their cosines ``s_ic``."""
+        x = F.normalize(embeddings, p=2, dim=1)
+        p = F.normalize(self.parameter_in(self.proxies, embeddings.dtype), p=2, dim=1)
+        return x, p, x @ p.t()
 
     def class_weights(self, dtype: torch.dtype, names=None) -> dict:
         """Per-class quantities of the current state (``(C,)`` each, detached): ``nu``,
@@ -266,9 +358,7 @@ class ProxyISALoss(BaseProxyLoss):
                 if miner_weights is not None:
                     miner_weights = miner_weights[order]
 
-        x = F.normalize(embeddings, p=2, dim=1)
-        p = F.normalize(self.parameter_in(self.proxies, dtype), p=2, dim=1)
-        sims = x @ p.t()
+        x, p, sims = self._similarities(embeddings)
         pos_mask, _ = proxy_math.class_masks(labels, C)
         detached = sims.detach()
         penalty = None
@@ -356,60 +446,101 @@ class ProxyISALoss(BaseProxyLoss):
     # ----------------------------------------------------------------- state update
     @torch.no_grad()
     def _commit(self, entries, labels, outliers, proxies) -> None:
-        """Apply the step's state update (called once the loss has been computed)."""
+        """Apply the step's state update (called once the whole forward succeeded).
+
+        Everything that can fail is done first, out of place: the new counters, the new memory
+        rows and the new per-class memory counts (which also checks every class index used
+        below). Only then are the buffers written, so a commit that raises changes nothing."""
         keep = None if outliers is None else ~outliers
         kept = torch.ones_like(labels) if keep is None else keep.long()
-        self.sample_counts.index_add_(0, labels, kept)
+        sample_counts = self.sample_counts.index_add(0, labels, kept)
         beta = (self.volume_bound - 1.0) / self.volume_bound
         # E = (1 - beta^n) / (1 - beta), in float64
-        power = torch.pow(beta, self.sample_counts.double())
-        self.effective_numbers.copy_(power.neg_().add_(1.0).div_(1.0 - beta))
-        if self._memory_on:
-            self._push_to_memory(entries, labels, keep)
+        power = torch.pow(beta, sample_counts.double())
+        effective_numbers = power.neg_().add_(1.0).div_(1.0 - beta)
+        push = self._stage_push(entries, labels, keep) if self._memory_on else None
+        # ---- writes only from here on
+        self.sample_counts.copy_(sample_counts)
+        self.effective_numbers.copy_(effective_numbers)
+        if push is not None:
+            self._write_push(push)
             self._update_learned_similarities(labels, proxies)
 
     def _quantise(self, rows: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
         """``sign * rows`` in int64 fixed point: scaling by a power of two is exact and the
-        conversion truncates, so a memory row always gives the same integers."""
+        conversion truncates toward zero, so a memory row always gives the same integers (and
+        ``sign = -1`` exactly their negatives, without an int64 pass)."""
         return (rows * (sign * 2.0**self.fixed_point_bits)).long()
 
-    def _push_to_memory(self, entries, labels, keep) -> None:
-        """Push the kept rows (in batch order) into the ring buffer, as a sequential FIFO
-        would (wrap-around and batches larger than T included), and update the per-class sums
-        and counts. On CPU, sizes are read on the host (no device to wait for) and the rows are
-        copied as at most two contiguous slices; elsewhere fixed-shape index ops avoid any
-        host sync."""
+    def _stage_push(self, entries, labels, keep) -> dict | None:
+        """The memory update that pushes the kept rows (in batch order) into the ring buffer, as
+        a sequential FIFO would (wrap-around and batches larger than T included), computed
+        without writing anything (``None``: nothing to push).
+
+        Two ways of choosing the slots, one bookkeeping: on CPU the sizes are read on the host
+        (free there) and the rows go to at most two contiguous slices (:meth:`_stage_host_sizes`);
+        on other devices a host read is a sync, so fixed-shape index operations choose the slots
+        on the device (:meth:`_stage_fixed_shape`). ``sync_free_memory_updates`` forces one
+        (tests run both against the same reference). Either way :meth:`_stage_slots` computes
+        what the chosen slots lose and gain."""
         sync_free = self.sync_free_memory_updates
         if sync_free is None:
             sync_free = entries.device.type != "cpu"
         if sync_free:
-            self._push_fixed_shape(entries, labels, keep)
+            return self._stage_fixed_shape(entries, labels, keep)
+        return self._stage_host_sizes(entries, labels, keep)
+
+    def _stage_slots(self, slots, rows, labels, class_counts) -> dict:
+        """What overwriting ``slots`` (a slice or an index tensor) with ``rows`` / ``labels``
+        changes: the fixed-point rows leaving and entering the per-class sums, and
+        ``class_counts`` updated out of place (label -1 marks a slot that stays empty; its
+        row is zero)."""
+        if isinstance(slots, slice):
+            old_rows, old_labels = self.memory_embeddings[slots], self.memory_labels[slots]
         else:
-            self._push_host_sizes(entries, labels, keep)
-
-    def _replace_slots(self, start, rows, labels) -> None:
-        """Overwrite the contiguous slots ``start .. start + len(rows) - 1`` (no wrap)."""
-        stop = start + rows.shape[0]
-        old_rows = self.memory_embeddings[start:stop]
-        old_labels = self.memory_labels[start:stop]
-        sums, counts = self.memory_class_sums, self.memory_class_counts
-        index = (old_labels.clamp(min=0),)
-        sums.index_put_(index, self._quantise(old_rows, -1.0), accumulate=True)
-        counts.index_put_(index, -(old_labels >= 0).long(), accumulate=True)
+            old_rows = self.memory_embeddings.index_select(0, slots)
+            old_labels = self.memory_labels.index_select(0, slots)
         rows = rows.to(old_rows.dtype)
-        sums.index_put_((labels,), self._quantise(rows), accumulate=True)
-        counts.index_put_((labels,), torch.ones_like(labels), accumulate=True)
-        old_rows.copy_(rows)
-        old_labels.copy_(labels)
+        old_index, new_index = old_labels.clamp(min=0), labels.clamp(min=0)
+        class_counts = class_counts.index_put(
+            (old_index,), -(old_labels >= 0).long(), accumulate=True
+        ).index_put_((new_index,), (labels >= 0).long(), accumulate=True)
+        return {
+            "slots": slots,
+            "rows": rows,
+            "labels": labels,
+            "removed": (old_index, self._quantise(old_rows, -1.0)),
+            "added": (new_index, self._quantise(rows)),
+            "class_counts": class_counts,
+        }
 
-    def _push_host_sizes(self, entries, labels, keep) -> None:
+    def _write_push(self, push: dict) -> None:
+        """Write a staged memory update (nothing here can fail on an index: all were used in
+        :meth:`_stage_slots`)."""
+        sums = self.memory_class_sums
+        for piece in push["pieces"]:
+            sums.index_put_((piece["removed"][0],), piece["removed"][1], accumulate=True)
+            sums.index_put_((piece["added"][0],), piece["added"][1], accumulate=True)
+            slots = piece["slots"]
+            if isinstance(slots, slice):
+                self.memory_embeddings[slots].copy_(piece["rows"])
+                self.memory_labels[slots].copy_(piece["labels"])
+            else:
+                self.memory_embeddings.index_copy_(0, slots, piece["rows"])
+                self.memory_labels.index_copy_(0, slots, piece["labels"])
+        self.memory_class_counts.copy_(push["class_counts"])
+        self.memory_write_position.copy_(push["write_position"])
+        self.memory_count.copy_(push["count"])
+
+    def _stage_host_sizes(self, entries, labels, keep) -> dict | None:
         T = self.memory_size
         if keep is not None:
             kept = keep.nonzero().squeeze(1)
-            entries, labels = entries.index_select(0, kept), labels.index_select(0, kept)
+            if kept.shape[0] < labels.shape[0]:
+                entries, labels = entries.index_select(0, kept), labels.index_select(0, kept)
         pushed = entries.shape[0]
         if pushed == 0:
-            return
+            return None
         position = int(self.memory_write_position)
         start = position
         if pushed > T:  # only the last T rows survive, from slot position + pushed - T on
@@ -417,13 +548,25 @@ class ProxyISALoss(BaseProxyLoss):
             start = (position + pushed - T) % T
         n = entries.shape[0]
         first = min(n, T - start)
-        self._replace_slots(start, entries[:first], labels[:first])
+        pieces = [self._stage_slots(slice(start, start + first), entries[:first], labels[:first],
+                                    self.memory_class_counts)]  # fmt: skip
         if first < n:
-            self._replace_slots(0, entries[first:], labels[first:])
-        self.memory_write_position.fill_((position + pushed) % T)
-        self.memory_count.fill_(min(int(self.memory_count) + pushed, T))
+            rest = slice(0, n - first)
+            pieces.append(
+                self._stage_slots(rest, entries[first:], labels[first:], pieces[0]["class_counts"])
+            )
+        return {
+            "pieces": pieces,
+            "class_counts": pieces[-1]["class_counts"],
+            "write_position": torch.full_like(self.memory_write_position, (position + pushed) % T),
+            "count": torch.full_like(self.memory_count, min(int(self.memory_count) + pushed, T)),
+        }
 
-    def _push_fixed_shape(self, entries, labels, keep) -> None:
+    def _stage_fixed_shape(self, entries, labels, keep) -> dict:
+        """The slots of :meth:`_stage_push` chosen with fixed-shape device operations (no host
+        sync): ``L = min(B, T)`` slots from the write position on are rewritten, each with the
+        last kept row that a sequential FIFO would leave there, or with its own old content when
+        fewer than ``L`` rows were kept (unchanged slots cancel exactly in the per-class sums)."""
         T, B = self.memory_size, entries.shape[0]
         L = min(B, T)
         device = entries.device
@@ -446,17 +589,13 @@ class ProxyISALoss(BaseProxyLoss):
         new_rows = entries.index_select(0, src).to(old_rows.dtype)
         rows = torch.where(valid.unsqueeze(1), new_rows, old_rows)
         new_labels = torch.where(valid, labels.index_select(0, src), old_labels)
-        # Per-class sums and counts: remove what the slots held, add what they hold now. Slots
-        # left unchanged cancel exactly; empty slots hold zeros (label -1, counted as none).
-        sums, counts = self.memory_class_sums, self.memory_class_counts
-        sums.index_put_((old_labels.clamp(min=0),), self._quantise(old_rows, -1.0), accumulate=True)
-        sums.index_put_((new_labels.clamp(min=0),), self._quantise(rows), accumulate=True)
-        counts.index_put_((old_labels.clamp(min=0),), -(old_labels >= 0).long(), accumulate=True)
-        counts.index_put_((new_labels.clamp(min=0),), (new_labels >= 0).long(), accumulate=True)
-        self.memory_embeddings.index_copy_(0, slots, rows)
-        self.memory_labels.index_copy_(0, slots, new_labels)
-        self.memory_write_position.copy_((self.memory_write_position + n_keep) % T)
-        self.memory_count.copy_((self.memory_count + n_keep).clamp(max=T))
+        piece = self._stage_slots(slots, rows, new_labels, self.memory_class_counts)
+        return {
+            "pieces": [piece],
+            "class_counts": piece["class_counts"],
+            "write_position": (self.memory_write_position + n_keep) % T,
+            "count": (self.memory_count + n_keep).clamp(max=T),
+        }
 
     def _update_learned_similarities(self, labels, proxies) -> None:
         """``s_c = h * mean_{memory entries of c} cos(entry, p_c)`` for the batch's classes."""

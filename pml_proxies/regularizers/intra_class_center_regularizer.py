@@ -6,6 +6,7 @@ import torch
 from pytorch_metric_learning.regularizers import BaseRegularizer
 
 from ..functional import proxy_math
+from ..functional.validation import check_int, check_real
 
 
 class _ClassGram(torch.autograd.Function):
@@ -31,8 +32,8 @@ class IntraClassCenterRegularizer(BaseRegularizer):
 
     ``R = sum_c sum_{t<s} sqrt(2 - 2 <w_ct, w_cs>) / (C K (K - 1))`` on L2-normalised centers:
     half the mean distance between two centers of the same class (PML's
-    ``SparseCentersRegularizer`` computes the same value, up to ``eps``). The MPA losses add ``tau R`` with ``tau = 0.2``
-    (``weight_reg_weight``), which lets redundant centers merge.
+    ``SparseCentersRegularizer`` computes the same value, up to ``eps``). The MPA losses add
+    ``tau R`` with ``tau = 0.2`` (``weight_reg_weight``), which lets redundant centers merge.
 
     Unlike PML's ``SparseCentersRegularizer``, which builds ``(C K)^2`` matrices, this works class by
     class with a batched ``(C, K, K)`` Gram matrix: ``O(C K^2 D)`` time and ``O(C K^2)`` memory, so
@@ -45,17 +46,17 @@ class IntraClassCenterRegularizer(BaseRegularizer):
     ``c`` (the layout of this package's losses and of PML's ``SoftTripleLoss.fc.t()``).
 
     Args:
-        centers_per_class: ``K``.
+        centers_per_class: ``K``, an integer >= 1.
         eps: added inside the square root, whose gradient is infinite at identical centers
-            (SPEC decision).
+            (docs/methods.md, "MPA family"); finite and >= 0 (0: the exact value, as PML).
         **kwargs: PML ``BaseRegularizer`` keyword arguments.
     """
 
     def __init__(self, centers_per_class: int, eps: float = 1e-8, **kwargs) -> None:
+        centers_per_class = check_int("centers_per_class", centers_per_class, low=1)
+        eps = check_real("eps", eps, low=0)
         super().__init__(**kwargs)
-        if int(centers_per_class) < 1:
-            raise ValueError(f"centers_per_class must be >= 1, got {centers_per_class}")
-        self.centers_per_class = int(centers_per_class)
+        self.centers_per_class = centers_per_class
         self.eps = eps
         self.add_to_recordable_attributes(list_of_names=["centers_per_class"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=["same_class_center_sim"], is_stat=True)
