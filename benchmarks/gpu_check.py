@@ -500,29 +500,8 @@ def sync_cases(sizes: Sizes) -> dict[str, Callable[..., torch.nn.Module]]:
     }
 
 
-def sync_free_divisor_reducer():
-    """PML's ``DivisorReducer`` without its two host syncs (``if divisor != 0`` on a tensor
-    divisor and ``if torch.isnan(output)``, a float16 retry the float32 losses never need), so
-    that part 2 can check this package's own code even where PML's reducer syncs."""
-    from pytorch_metric_learning.reducers import DivisorReducer
-
-    class SyncFreeDivisorReducer(DivisorReducer):
-        def sum_and_divide(self, losses, embeddings, divisor):
-            total = torch.sum(losses)
-            if not torch.is_tensor(divisor):
-                return total / divisor if divisor != 0 else total * 0
-            nonzero = divisor != 0
-            safe = torch.where(nonzero, divisor, torch.ones_like(divisor))
-            return torch.where(nonzero, total / safe, total * 0)
-
-    return SyncFreeDivisorReducer()
-
-
-#: the reducers of part 2: the losses' default (PML's DivisorReducer) and the sync-free one
-SYNC_REDUCERS: dict[str, Callable[[], object] | None] = {
-    "default reducer": None,
-    "sync-free reducer": sync_free_divisor_reducer,
-}
+#: the reducers of part 2: the losses' default (pml_proxies.reducers.SyncFreeDivisorReducer)
+SYNC_REDUCERS: dict[str, Callable[[], object] | None] = {"default reducer": None}
 
 
 #: Python-level host reads the CPU preview watches (each is a device-to-host sync on CUDA)
@@ -631,15 +610,14 @@ def _sync_row(part: Part, name: str, make, reducer, device: torch.device, sizes:
     external = sorted({s for s in sites if "pml_proxies" not in s})
     data = {"python_level_sites_pml_proxies": own, "python_level_sites_external": external}
     if device.type != "cuda":
-        # with PML's reducer, its known syncs are listed (the CUDA check flags them); with the
-        # sync-free reducer no site may remain anywhere
-        bad = own if reducer is None else own + external
+        # the default reducer is sync-free: no site may remain anywhere
+        bad = own + external
         part.add(
             f"no host reads (CPU preview): {name}",
             PASS if not bad else FAIL,
             measured=f"{len(own)} site(s) in pml_proxies, {len(external)} elsewhere"
             + (f": {'; '.join(external)}" if external else ""),
-            target="0 in pml_proxies" if reducer is None else "0",
+            target="0",
             reason="set_sync_debug_mode needs CUDA: Python-level preview only"
             + ("; sites elsewhere (PML) fail the CUDA check" if external else ""),
             **data,

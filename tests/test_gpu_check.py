@@ -102,21 +102,6 @@ def test_compare_state_integer_buffers_must_match_exactly():
     assert gpu_check.compare_state(a, b)["memory_labels"] == float("inf")
 
 
-@pytest.mark.parametrize("name", ["MPA K=10", "MPA-DW K=10", "Proxy-ISA (memory + filter on)"])
-def test_sync_free_reducer_computes_what_pml_divisor_reducer_does(name):
-    make = gpu_check.sync_cases(gpu_check.SIZES["tiny"])[name]
-    x = torch.randn(12, 64, dtype=torch.float64, requires_grad=True)
-    labels = torch.arange(12) % 4
-    results = []
-    for kwargs in ({}, {"reducer": gpu_check.sync_free_divisor_reducer()}):
-        torch.manual_seed(0)
-        loss_fn = make(**kwargs).double()
-        loss = loss_fn(x, labels)
-        (grad,) = torch.autograd.grad(loss, x)
-        results.append((loss.detach(), grad))
-    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
-
-
 def test_noise_tape_replays_the_recorded_draws_and_restores_torch():
     normal, randn = torch.Tensor.normal_, torch.randn
     tape: list[torch.Tensor] = []

@@ -6,11 +6,11 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.reducers import DivisorReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ..functional import proxy_math
 from ..functional.validation import check_bool, check_int
+from ..reducers import SyncFreeDivisorReducer
 
 _COSINE_SETTINGS = ("normalize_embeddings", "p", "power", "is_inverted")
 
@@ -81,7 +81,8 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     # ----------------------------------------------------------------- PML plumbing
     def get_default_reducer(self):
-        return DivisorReducer()
+        # PML's DivisorReducer, minus its two host syncs per sub-loss (same values)
+        return SyncFreeDivisorReducer()
 
     def get_default_distance(self):
         return CosineSimilarity()
