@@ -14,7 +14,8 @@ from . import report
 from .config import BenchmarkConfig
 from .data import load_benchmark_data
 from .losses import LOSSES, build_loss, effective_kwargs
-from .train import load_result, run_dir, train_one
+from .spec import build_run_spec
+from .train import load_result, run_dir, train_and_evaluate
 
 
 def _check_losses(config: BenchmarkConfig) -> None:
@@ -34,7 +35,6 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
         ``{"runs": DataFrame, "summary": DataFrame, "files": {name: path}, "skipped": n}``
         (``skipped``: finished runs reused).
     """
-    config.validate()
     _check_losses(config)
     threads = torch.get_num_threads()
     if config.threads_or_default is not None:
@@ -89,7 +89,8 @@ def _run(config: BenchmarkConfig) -> dict:
             results.append(previous)
             skipped += 1
             continue
-        results.append(train_one(config, data, loss, seed, output, position=1))
+        spec = build_run_spec(config, loss, seed)
+        results.append(train_and_evaluate(spec, data, run_dir(output, loss, seed), position=1))
     files = write_report(config, data, results, output)
     summary = files.pop("_summary")
     runs = files.pop("_runs")
