@@ -95,7 +95,8 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "proxy_isa",
             "pml_proxies.losses:ProxyISALoss",
-            {},
+            # its statistics (effective numbers, memory fill, weights) go to record-keeper
+            {"collect_stats": True},
             "Proxy-ISA paper / authors' code (alpha=32, delta=0.1, V=100, h=0.15, k=0.9, "
             "lambda=0.1, tau=1.5, T=55000; memory from epoch 3, filter from epoch 4)",
         ),

@@ -127,16 +127,47 @@ def run_dir(output: Path, loss_name: str, seed: int) -> Path:
     return Path(output) / "runs" / loss_name / f"seed_{seed}"
 
 
-def load_result(output: Path, loss_name: str, seed: int) -> dict | None:
-    """The finished run's results, or ``None`` if the run has not finished."""
-    path = run_dir(output, loss_name, seed) / RESULT_FILE
+#: keys a finished run's result.json must hold
+RESULT_KEYS = ("loss", "seed", "best_epoch", "test", "history", "config_fingerprint")
+
+
+def inspect_run(directory: Path) -> tuple[dict | None, str | None]:
+    """``(result, problem)`` of the run folder ``directory``: the finished run's result dict and
+    ``None``, or ``None`` and why the run is not finished (``None`` when the folder does not
+    exist): no ``result.json``, a ``result.json`` that is not a JSON object with the result keys
+    and test metrics, a ``map_data.npz`` that cannot be read."""
+    directory = Path(directory)
+    path = directory / RESULT_FILE
     if not path.is_file():
-        return None
+        if directory.exists():
+            return None, f"{directory} has no {RESULT_FILE} (an unfinished run)"
+        return None, None
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+            result = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path} is not valid JSON ({e})"
+    if not isinstance(result, dict):
+        return None, f"{path} holds a JSON {type(result).__name__}, not an object"
+    missing = [k for k in RESULT_KEYS if k not in result]
+    if missing:
+        return None, f"{path} lacks {', '.join(missing)}"
+    if not isinstance(result["test"], dict) or not isinstance(result["history"], list):
+        return None, f"{path} holds no test metrics or no history"
+    npz = directory / "map_data.npz"
+    try:
+        with np.load(npz) as z:
+            for key in z.files:
+                z[key]
+    except Exception as e:  # noqa: BLE001 - any unreadable archive is a damaged run
+        return None, f"{npz} cannot be read ({type(e).__name__}: {e})"
+    return result, None
+
+
+def load_result(output: Path, loss_name: str, seed: int) -> dict | None:
+    """The finished run's results, or ``None`` if the run has not finished or is damaged
+    (:func:`inspect_run`)."""
+    return inspect_run(run_dir(output, loss_name, seed))[0]
 
 
 def _set_trunk_trainable(model: EmbeddingNet, trainable: bool) -> None:
