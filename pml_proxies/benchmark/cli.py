@@ -197,11 +197,11 @@ def _usage_error(parser: argparse.ArgumentParser, e: ConfigError) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runner import FolderBusy, ProtocolMismatch, resolve_specs, run_benchmark
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .runner import FolderBusy, ProtocolMismatch, resolve_specs, run_benchmark
+
     if args.list_losses:
         print(list_losses(getattr(args, "dataset", field_default(_field("dataset")))))
         return 0

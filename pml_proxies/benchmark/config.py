@@ -13,8 +13,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from ..functional.validation import check_bool, check_choice, check_int, check_real
-from .models import POOLING_NAMES, TRUNK_DEFAULTS
+from .recipes import BENCHMARK_IMAGE_SIZES, POOLING_NAMES, TRUNK_DEFAULTS
 
 #: Fields that do not change results: they may differ between a run and its resumption.
 NON_PROTOCOL_FIELDS = (
@@ -76,7 +75,10 @@ class BenchmarkConfig:
     (:class:`ConfigError`); use :func:`dataclasses.replace` to derive a variant."""
 
     dataset: str = _opt(
-        "digits", "data set: digits, omniglot, cub200, cars196, sop, inshop", type=str
+        "omniglot",
+        "data set: omniglot (bundled small background sets, offline), digits, cub200, cars196, "
+        "sop, inshop",
+        type=str,
     )
     losses: list[str] = _opt(
         [], "comma-separated loss names, or 'all' (every available loss)", default_text="all"
@@ -108,7 +110,8 @@ class BenchmarkConfig:
     embedding_size: int = _opt(512, "embedding dimension (linear embedder)", "model", type=int)
     image_size: int | None = _opt(
         None, "image side in pixels", "model", type=int,
-        default_text="the data set's: 8 digits, 64 omniglot, 224 natural images",
+        default_text="32 omniglot with small_cnn, else the data set's: 8 digits, 64 omniglot, "
+        "224 natural images",
     )  # fmt: skip
     # data / sampling
     val_fraction: float = _opt(
@@ -128,9 +131,9 @@ class BenchmarkConfig:
     m_per_class: int = _opt(4, "images per class in a batch (MPerClassSampler m)",
                             "data and sampling", type=int)  # fmt: skip
     # schedule
-    epochs: int = _opt(10, "epochs", "schedule", type=int, default_text="10; --quick 2")
+    epochs: int = _opt(12, "epochs", "schedule", type=int, default_text="12; --quick 2")
     iterations_per_epoch: int = _opt(
-        30, "iterations (batches) per epoch", "schedule", type=int, default_text="30; --quick 4"
+        50, "iterations (batches) per epoch", "schedule", type=int, default_text="50; --quick 4"
     )
     eval_every: int = _opt(1, "validate every N epochs (and after the last)", "schedule", type=int)
     primary_metric: str = _opt(
@@ -244,6 +247,8 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         if self.device == "auto":
             object.__setattr__(self, "device", _device_default())
+        if self.image_size is None and (self.dataset, self.trunk) in BENCHMARK_IMAGE_SIZES:
+            object.__setattr__(self, "image_size", BENCHMARK_IMAGE_SIZES[self.dataset, self.trunk])
         if self.pretrained is None and self.trunk in TRUNK_DEFAULTS:
             object.__setattr__(self, "pretrained", TRUNK_DEFAULTS[self.trunk]["pretrained"])
         self.validate()
@@ -313,6 +318,31 @@ def field_default(f) -> Any:
 
 
 # ----------------------------------------------------------------- per-field checks
+# the package's shared checks, imported on use (importing them loads torch; --help does not)
+def check_int(name: str, value, **kw):
+    from ..functional.validation import check_int
+
+    return check_int(name, value, **kw)
+
+
+def check_real(name: str, value, **kw):
+    from ..functional.validation import check_real
+
+    return check_real(name, value, **kw)
+
+
+def check_choice(name: str, value, choices):
+    from ..functional.validation import check_choice
+
+    return check_choice(name, value, choices)
+
+
+def check_bool(name: str, value):
+    from ..functional.validation import check_bool
+
+    return check_bool(name, value)
+
+
 def _positive_int(low: int):
     return lambda name, v: check_int(name, v, low=low)
 
