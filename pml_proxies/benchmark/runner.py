@@ -26,7 +26,7 @@ from . import report
 from .config import NON_PROTOCOL_FIELDS, BenchmarkConfig, ConfigError
 from .data import BenchmarkData, load_benchmark_data
 from .losses import build_loss
-from .progress import progress_bar
+from .progress import is_terminal, progress_bar
 from .spec import RunSpec, build_run_spec
 from .train import inspect_run, run_dir, train_and_evaluate
 
@@ -218,7 +218,7 @@ def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_onl
         max_train_classes=config.max_train_classes,
         channels=specs[0].channels,
         dataset_kwargs=config.dataset_kwargs,
-        progress=config.progress,
+        progress=config.progress and is_terminal(),  # the data sets' own tqdm bars
     )
     _record_protocol(config, output)
     with open(output / CONFIG_FILE, "w") as f:
