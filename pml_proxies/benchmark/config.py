@@ -131,9 +131,9 @@ class BenchmarkConfig:
     m_per_class: int = _opt(4, "images per class in a batch (MPerClassSampler m)",
                             "data and sampling", type=int)  # fmt: skip
     # schedule
-    epochs: int = _opt(12, "epochs", "schedule", type=int, default_text="12; --quick 2")
+    epochs: int = _opt(10, "epochs", "schedule", type=int, default_text="10; --quick 2")
     iterations_per_epoch: int = _opt(
-        50, "iterations (batches) per epoch", "schedule", type=int, default_text="50; --quick 4"
+        40, "iterations (batches) per epoch", "schedule", type=int, default_text="40; --quick 4"
     )
     eval_every: int = _opt(1, "validate every N epochs (and after the last)", "schedule", type=int)
     primary_metric: str = _opt(
