@@ -170,8 +170,6 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchmarkConf
         values["dataset_kwargs"] = _parse_key_values(given["dataset_kwargs"], "--dataset-arg")
     if "loss_params" in given:
         values["loss_params"] = _parse_loss_params(given["loss_params"])
-    if "device" not in values:
-        values["device"] = "auto"
     values["progress"] = not getattr(args, "no_progress", False)
     values["command"] = "pml-proxies-benchmark " + " ".join(shlex.quote(a) for a in argv)
     return BenchmarkConfig(**values)

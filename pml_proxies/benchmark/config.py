@@ -181,7 +181,7 @@ class BenchmarkConfig:
                                 "evaluation and execution", type=int)  # fmt: skip
     # execution
     device: str = _opt(
-        "cpu", "cpu, cuda, cuda:1, ... or auto", "evaluation and execution", type=str,
+        "auto", "cpu, cuda, cuda:1, ... or auto", "evaluation and execution", type=str,
         default_text="auto: cuda if available, else cpu",
     )  # fmt: skip
     workers: int = _opt(0, "DataLoader worker processes", "evaluation and execution", type=int)
