@@ -137,6 +137,8 @@ def test_report_only_rebuilds_without_training(tmp_path, capsys):
     (out / "runs" / "normalized_softmax" / "seed_0" / "result.json").unlink()
     res = run_benchmark(_tiny(out, ["proxy_anchor", "normalized_softmax"]), report_only=True)
     assert (out / "report.md").is_file() and list(res["runs"]["loss"]) == ["proxy_anchor"]
+    text = (out / "report.md").read_text()
+    assert "Only 1 of the 2 runs are finished (missing: normalized_softmax seed 0)" in text
     assert "left out of the report" in capsys.readouterr().err
     for p, t in stamps.items():
         if p.exists():

@@ -222,6 +222,16 @@ def caveats(
 ) -> list[str]:
     """Warnings computed from the run (each a sentence)."""
     out = []
+    expected = len(config.losses) * len(config.seeds)
+    if len(results) < expected:
+        done = {(r["loss"], r["seed"]) for r in results}
+        missing = [
+            f"{n} seed {s}" for n in config.losses for s in config.seeds if (n, s) not in done
+        ]
+        out.append(
+            f"Only {len(results)} of the {expected} runs are finished (missing: "
+            f"{', '.join(missing)}): the tables cover the finished runs only."
+        )
     if 0 < data.val.num_classes < MIN_VAL_CLASSES:
         out.append(
             f"Only {data.val.num_classes} validation classes (fewer than {MIN_VAL_CLASSES}): "
@@ -329,6 +339,9 @@ def report_markdown(
         f"trained, {info.reused} finished run(s) reused); training time of all reported runs: "
         f"{train_s:.0f} s",
     ]
+    trained_by = sorted({r.get("command") for r in results if r.get("command")} - {command})
+    if trained_by:
+        env_lines.append("* the runs were trained by: " + "; ".join(f"`{c}`" for c in trained_by))
     if info.redone:
         env_lines.append(f"* damaged or unfinished runs trained again: {', '.join(info.redone)}")
     caveat_lines = [f"* {c}" for c in caveats(config, data, results, summary)] or [

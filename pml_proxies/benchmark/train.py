@@ -384,7 +384,8 @@ def train_and_evaluate(
         The result dict written to ``out / "result.json"``: ``loss``, ``seed``, ``best_epoch``,
         ``best_val_score``, ``train_time_s``, ``iterations``, ``batch_size``, ``m_per_class``,
         ``test`` (metrics or ``None``), ``history`` (per-epoch train loss and validation
-        metrics), ``loss_kwargs``, ``config_fingerprint``.
+        metrics), ``loss_kwargs``, ``config_fingerprint``, ``command`` (the command line that
+        trained it).
     """
     if val_classes is not None:
         data = data.with_validation_classes(val_classes)
@@ -441,6 +442,7 @@ def train_and_evaluate(
         "history": history,
         "loss_kwargs": {k: repr(v) for k, v in spec.loss_kwargs.items()},
         "config_fingerprint": spec.fingerprint,
+        "command": spec.config.command,
     }
     persist(out, result)
     return result
