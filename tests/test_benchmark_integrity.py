@@ -344,8 +344,7 @@ def test_help_entries_each_have_a_help_text_and_one_default():
         if action.dest == "help":
             continue
         assert action.help, action.dest
-        if action.dest != "list_losses":
-            assert action.help.count("(default:") == 1, (action.dest, action.help)
+        assert action.help.count("(default:") == 1, (action.dest, action.help)
     text = parser.format_help()
     assert "95%%" not in text and "95% CI" in text
     assert "default: None" not in text

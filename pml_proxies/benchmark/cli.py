@@ -26,9 +26,6 @@ QUICK: dict[str, Any] = dict(
     output="benchmark_results/quick",
 )
 
-#: config fields whose option is not a plain ``--name VALUE``
-_SPECIAL = {"losses", "dataset_kwargs", "loss_params", "download", "pretrained", "freeze_bn"}
-
 
 def _literal(value: str):
     try:
@@ -142,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in --output (default: no)",
     )
     p.add_argument(
-        "--list-losses", action="store_true", help="list the losses and their defaults, then exit"
+        "--list-losses", action="store_true", help="list the losses and their defaults, then exit (default: no)"
     )
     p.add_argument(
         "--no-progress",
