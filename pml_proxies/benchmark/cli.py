@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "in --output (default: no)",
     )
     p.add_argument(
-        "--list-losses", action="store_true", help="list the losses and their defaults, then exit (default: no)"
+        "--list-losses",
+        action="store_true",
+        help="list the losses and their defaults, then exit (default: no)",
     )
     p.add_argument(
         "--no-progress",
