@@ -402,30 +402,33 @@ def train_and_evaluate(
         freeze_batchnorm(run.model.trunk)
     start = time.time()
     epochs = spec.config.epochs
-    for epoch in range(1, epochs + 1):
-        train_loss = fit_one_epoch(run, spec, epoch, position)
-        row = {"epoch": epoch, "iteration": run.iteration, "train_loss": train_loss}
-        val = None
-        if len(data.val) > 0 and (epoch % spec.config.eval_every == 0 or epoch == epochs):
-            val = evaluate(run.model, data.val, run.calculator, spec.config)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            run.record_keeper.update_records(val, epoch, parent_name="accuracies_val")
-            selection.offer(run, epoch, val[spec.primary_metric])
-        _save_records(run, row, epoch)
-        history.append(row)
-        if val is not None and epoch_callback is not None:
-            epoch_callback(epoch, dict(val))
-    train_time = time.time() - start
-    select(run, selection, epochs)
     test = None
-    if evaluate_test:
-        test, test_emb, test_labels = evaluate(
-            run.model, data.test, run.calculator, spec.config, return_embeddings=True
-        )
-        run.record_keeper.update_records(test, selection.epoch, parent_name="accuracies_test")
-        run.record_keeper.save_records()
-    if run.record_keeper.tensorboard_writer is not None:
-        run.record_keeper.tensorboard_writer.close()
+    try:
+        for epoch in range(1, epochs + 1):
+            train_loss = fit_one_epoch(run, spec, epoch, position)
+            row = {"epoch": epoch, "iteration": run.iteration, "train_loss": train_loss}
+            val = None
+            if len(data.val) > 0 and (epoch % spec.config.eval_every == 0 or epoch == epochs):
+                val = evaluate(run.model, data.val, run.calculator, spec.config)
+                row.update({f"val_{k}": v for k, v in val.items()})
+                run.record_keeper.update_records(val, epoch, parent_name="accuracies_val")
+                selection.offer(run, epoch, val[spec.primary_metric])
+            _save_records(run, row, epoch)
+            history.append(row)
+            if val is not None and epoch_callback is not None:
+                epoch_callback(epoch, dict(val))
+        train_time = time.time() - start
+        select(run, selection, epochs)
+        if evaluate_test:
+            test, test_emb, test_labels = evaluate(
+                run.model, data.test, run.calculator, spec.config, return_embeddings=True
+            )
+            rk = run.record_keeper
+            rk.update_records(test, selection.epoch, parent_name="accuracies_test")
+            rk.save_records()
+    finally:  # also when a callback stops the run
+        if run.record_keeper.tensorboard_writer is not None:
+            run.record_keeper.tensorboard_writer.close()
     if evaluate_test:
         _save_map_data(run.model, data, test_emb, test_labels, run.loss, spec.config, out,
                        run.num_classes)  # fmt: skip
