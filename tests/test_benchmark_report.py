@@ -119,12 +119,16 @@ def test_caveats_rules():
     text = " ".join(caveats(config, data, results, summary))
     assert "Only 2 validation classes" in text
     # proxy_anchor: 2/2 first-epoch bests, mpa 1/2 (not most), proxy_nca 0/2: 1 of 3 losses
-    assert "first validated one" not in text
+    assert "first validated one" not in text and "still improving" not in text
     results[3]["best_epoch"] = 1  # now mpa too: 2 of 3 losses
     text = " ".join(caveats(config, data, results, summary))
     assert "first validated one (epoch 1) for most losses (proxy_anchor, mpa)" in text
     assert "proxy_anchor (the highest mean) and of mpa overlap" in text
     assert "proxy_nca overlap" not in text and "Proxy-ISA" not in text
+    for r in results:
+        r["best_epoch"] = 4 if r["loss"] != "mpa" else 1
+    text = " ".join(caveats(config, data, results, summary))
+    assert "last one (epoch 4) for most losses (proxy_anchor, proxy_nca)" in text
     one_seed = summary.assign(seeds=1)
     assert "A single seed" in " ".join(caveats(config, data, results, one_seed))
 

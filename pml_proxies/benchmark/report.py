@@ -252,6 +252,13 @@ def caveats(
             f"for most losses ({', '.join(early)}): the budget overfits or the learning rate "
             "is too high; later epochs only got worse on the validation classes."
         )
+    late = [n for n, eps in by_loss.items() if sum(e == config.epochs for e in eps) * 2 > len(eps)]
+    if len(data.val) > 0 and config.epochs > 1 and len(late) * 2 > len(by_loss):
+        out.append(
+            f"The best validation epoch is the last one (epoch {config.epochs}) for most losses "
+            f"({', '.join(late)}): they were still improving, a longer budget would likely score "
+            "higher and could rank them differently."
+        )
     seeds = summary["seeds"].min() if len(summary) else 0
     if seeds <= 1:
         out.append(
