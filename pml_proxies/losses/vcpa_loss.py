@@ -189,6 +189,7 @@ def newton_update(
     hess_p: torch.Tensor,
     sigma_min: float,
     first_step: bool = False,
+    damping: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One diagonal Newton step (eq. 13 with eq. 21-29): ``mu - g_mu / H_mu`` and
     ``max(sigma - g_sigma / H_sigma, sigma_min)``; returns ``(mean, std, mean_step)``.
@@ -204,11 +205,13 @@ def newton_update(
         g_sigma = torch.mul(std, inv_var_prev).sub_(inv_std).addcmul_(eps, grad_p)
         del inv_std
         h_sigma.addcmul_(eps.mul_(eps), hess_p)
-        std = torch.sub(std, g_sigma.div_(h_sigma)).clamp_min_(sigma_min)
+        std = torch.sub(std, g_sigma.div_(h_sigma), alpha=damping).clamp_min_(sigma_min)
         del g_sigma, h_sigma
     h_mu = hess_p.add_(inv_var_prev)
     g_mu = grad_p if first_step else grad_p.addcmul_(mean - mean_prev, inv_var_prev)
     step = g_mu.div_(h_mu)
+    if damping != 1.0:
+        step.mul_(damping)
     return mean - step, std, step
 
 
@@ -297,6 +300,7 @@ class VCPALoss(BaseProxyLoss):
         sigma_min: float = 1e-5,
         stochastic: bool = True,
         seed: int | None = None,
+        newton_damping: float = 1.0,
         **kwargs,
     ) -> None:
         if int(newton_steps) != newton_steps or newton_steps < 0:
@@ -320,6 +324,7 @@ class VCPALoss(BaseProxyLoss):
         self.sigma_min = float(sigma_min)
         self.stochastic = bool(stochastic)
         self.seed = seed
+        self.newton_damping = float(newton_damping)
 
         mean = torch.zeros(self.num_classes, self.embedding_size)
         if not self.stochastic:
@@ -471,7 +476,8 @@ class VCPALoss(BaseProxyLoss):
             )
             del proxies
             mean, std, step = newton_update(
-                mean, std, eps, mean_prev, inv_var_prev, grad, hess, self.sigma_min, m == 0
+                mean, std, eps, mean_prev, inv_var_prev, grad, hess, self.sigma_min, m == 0,
+                self.newton_damping,
             )
         return mean, std, step
 
