@@ -416,8 +416,8 @@ class VCPALoss(BaseProxyLoss):
             float32 (the KL's inverse variance).
         stochastic: sample ``p^ = mu + sigma * eps``; ``False`` is the paper's ablation I
             (``eps = 0``, ``p^ = mu``), with ``mu`` initialised as Proxy-Anchor's proxies
-            (``weight_init_func``, kaiming normal) instead of 0; ``sigma`` then never changes
-            (its Newton subproblem is solved by ``sigma = sigma_prev``).
+            (``weight_init_func``, kaiming normal, seeded from ``seed``) instead of 0; ``sigma``
+            then never changes (its Newton subproblem is solved by ``sigma = sigma_prev``).
         seed: seed of the loss's generator; ``None`` draws one from torch's global generator
             (so ``torch.manual_seed`` makes runs reproducible).
         newton_damping: step size ``eta`` in ``(0, 1]`` of every Newton step,
@@ -521,9 +521,18 @@ class VCPALoss(BaseProxyLoss):
         self.objective_samples = objective_samples
         self.line_search_backtracks = line_search_backtracks
 
+        if seed is None:
+            # drawn from torch's global generator, so torch.manual_seed makes runs reproducible
+            seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator().manual_seed(int(seed))
         mean = torch.zeros(self.num_classes, self.embedding_size)
         if not self.stochastic:
-            self.weight_init_func(mean)
+            # the initial means follow ``seed`` too: a seed of their own, drawn from the
+            # loss's generator, for torch's global generator that weight_init_func uses
+            init_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                self.weight_init_func(mean)
         std = torch.ones(self.num_classes, self.embedding_size)
         if self.newton_steps == 0:
             self.proxy_mean = torch.nn.Parameter(mean)
@@ -532,10 +541,6 @@ class VCPALoss(BaseProxyLoss):
         else:
             self.register_buffer("proxy_mean", mean)
             self.register_buffer("proxy_std", std)
-        if seed is None:
-            # drawn from torch's global generator, so torch.manual_seed makes runs reproducible
-            seed = int(torch.randint(0, 2**62, (1,)))
-        generator = torch.Generator().manual_seed(int(seed))
         self.register_buffer("rng_state", generator.get_state())
         self._generator: torch.Generator | None = None
         self._ranks_synced = False
@@ -742,8 +747,11 @@ class VCPALoss(BaseProxyLoss):
         info: dict[str, Any] = {"step": torch.zeros_like(mean)}
         if self.newton_line_search:
             info["eps"] = self._objective_draws(self.objective_samples, dtype, generator)
-            halvings = torch.arange(self.line_search_backtracks + 1, dtype=dtype)
-            fractions = torch.cat([halvings.new_zeros(1), 0.5**halvings]).to(mean.device)
+            # built on the device (a host-to-device copy would be a host sync on CUDA)
+            halvings = torch.arange(
+                self.line_search_backtracks + 1, dtype=dtype, device=mean.device
+            )
+            fractions = torch.cat([halvings.new_zeros(1), 0.5**halvings])
             info["fraction"] = mean.new_zeros(())
         # one noise buffer, refilled every step (newton_update overwrites it in place)
         eps = torch.empty_like(mean) if self.stochastic else None
