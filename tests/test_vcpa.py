@@ -338,8 +338,10 @@ def _objective_path(temperature, steps=6, **options):
 def test_newton_steps_lower_the_objective():
     """Where the diagonal quadratic model is accurate, successive Newton steps lower
     L_t = KL + L_PA / tau (here tau = 1, D = 256: the data term moves the means, the first step
-    lowers the objective by several percent)."""
-    path = _objective_path(temperature=1.0)
+    lowers the objective by several percent). Only the first 3 steps: the iteration then sits at
+    its fixed point, where the ||p^||-constant gradient vanishes, which is not exactly the true
+    objective's minimiser (changes of ~1e-4 either way)."""
+    path = _objective_path(temperature=1.0, steps=3)
     assert all(b < a for a, b in zip(path, path[1:])), path
     assert path[1] < 0.97 * path[0]
 

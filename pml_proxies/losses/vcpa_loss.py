@@ -200,6 +200,7 @@ def expected_objective(
     step_mean: torch.Tensor | None = None,
     step_std: torch.Tensor | None = None,
     fractions: torch.Tensor | None = None,
+    max_elements: int = 2**22,
 ) -> torch.Tensor:
     """Monte-Carlo estimate of ``tau L_t = tau KL(q_t || q_{t-1}) + E_eps L_PA(B; mu + sigma eps)``
     per class (the objective separates over classes), with the true ``||p^||``.
@@ -209,40 +210,42 @@ def expected_objective(
     ``step_mean``, ``step_std`` and ``fractions`` ``(T,)`` it is ``(T, C)`` at
     ``(mean + t step_mean, std + t step_std)`` for every ``t``: the similarities are linear in
     ``t`` and the squared norms quadratic, so each draw costs two ``(B, D) x (D, C)`` products
-    whatever ``T``. Memory: one ``(T, B, C)`` block per draw.
+    whatever ``T``. The draws are processed in chunks of at most ``max_elements`` values of the
+    ``(T, S, B, C)`` similarities (memory bound), vectorised within a chunk.
     """
     x = batch.embeddings
     num_classes = mean.shape[0]
     pos_mask = batch.labels.unsqueeze(1) == torch.arange(num_classes, device=x.device)
     if step_mean is None or step_std is None or fractions is None:
-        t = mean.new_zeros(1, 1)  # (T, 1)
+        t = mean.new_zeros(1, 1, 1)  # (T, 1, 1)
         mean_t, std_t = mean.unsqueeze(0), std.unsqueeze(0)
         step_mean = step_std = None
     else:
-        t = fractions.to(mean.dtype).view(-1, 1)
-        mean_t = mean + t.unsqueeze(2) * step_mean
-        std_t = std + t.unsqueeze(2) * step_std
+        t = fractions.to(mean.dtype).view(-1, 1, 1)
+        mean_t, std_t = mean + t * step_mean, std + t * step_std
     total = gaussian_kl(mean_t, std_t, mean_prev, std_prev).mul_(temperature)  # (T, C)
-    draws: list[torch.Tensor | None] = [None] if eps is None else list(eps.unbind(0))
+    draws = mean.new_zeros(1, *mean.shape) if eps is None else eps  # eps = 0: the means
     data = torch.zeros_like(total)
-    for e in draws:
-        p = mean if e is None else torch.addcmul(mean, std, e)
-        dot = (x @ p.t()).unsqueeze(0)  # (1, B, C)
-        sq = (p * p).sum(dim=1).unsqueeze(0)  # (1, C)
+    # draws in chunks, vectorised within a chunk: at most ~max_elements values per (T, S, B, C)
+    chunk = max(1, max_elements // (t.shape[0] * x.shape[0] * num_classes))
+    for e in draws.split(chunk):
+        p = torch.addcmul(mean, std, e)  # (S, C, D)
+        dot = torch.matmul(p, x.t()).transpose(1, 2).unsqueeze(0)  # (1, S, B, C)
+        sq = (p * p).sum(dim=2).unsqueeze(0)  # (1, S, C)
         if step_mean is not None and step_std is not None:
-            d = step_mean if e is None else torch.addcmul(step_mean, step_std, e)
-            dot = dot + t.unsqueeze(2) * (x @ d.t())  # (T, B, C)
-            sq = sq + t * (2 * (p * d).sum(dim=1) + t * (d * d).sum(dim=1))  # (T, C)
-        sims = dot / sq.sqrt().clamp_min(NORM_EPS).unsqueeze(1)
+            d = torch.addcmul(step_mean, step_std, e)
+            dot = dot + t.unsqueeze(3) * torch.matmul(d, x.t()).transpose(1, 2)  # (T, S, B, C)
+            sq = sq + t * (2 * (p * d).sum(dim=2) + t * (d * d).sum(dim=2))  # (T, S, C)
+        sims = dot / sq.sqrt().clamp_min(NORM_EPS).unsqueeze(2)
         pos_logits = (margin - sims).mul_(alpha)
-        neg_logits = (sims + margin).mul_(alpha)
+        neg_logits = sims.add_(margin).mul_(alpha)
         if batch.shift is not None:
             shift = batch.shift.unsqueeze(1)
             pos_logits, neg_logits = pos_logits.add_(shift), neg_logits.add_(shift)
-        pos = proxy_math.log1p_sum_exp(pos_logits, pos_mask, dim=1)  # (T, C)
-        neg = proxy_math.log1p_sum_exp(neg_logits, ~pos_mask, dim=1)
+        pos = proxy_math.log1p_sum_exp(pos_logits, pos_mask, dim=2).sum(dim=1)  # (T, C)
+        neg = proxy_math.log1p_sum_exp(neg_logits, ~pos_mask, dim=2).sum(dim=1)
         data.add_(pos * batch.a_sum).add_(neg, alpha=1.0 / num_classes)
-    return total.add_(data, alpha=1.0 / len(draws))
+    return total.add_(data, alpha=1.0 / draws.shape[0])
 
 
 def newton_update(
