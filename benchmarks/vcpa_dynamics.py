@@ -9,7 +9,8 @@
    steps (:meth:`VCPALoss.newton_path`, the draws training would use): the paper's steps
    (``eta = 1``), damped steps (``eta = --damping``) and the monotone mode
    (``newton_line_search=True``), each stochastic (the paper) and deterministic (``eps = 0``).
-   ``rises`` counts the Newton steps that raised the estimate.
+   ``rises`` counts the Newton steps that raised the estimate (at all), ``max rise`` is the
+   largest relative rise of one step.
 2. The largest eigenvalue of ``D^-1 H`` (``H`` the Hessian block of one proxy of the
    ``||p||``-constant surrogate at the deterministic start, ``D`` its diagonal), by
    ``torch.autograd.functional.hessian`` on a surrogate written here: a diagonal Newton step is a
@@ -80,13 +81,19 @@ def path_table(args, dim: int) -> list[list[str]]:
                 ).double()
                 loss.load_state_dict(trainer.state_dict())
                 path = loss.newton_path(emb, labels, args.steps, args.samples, seed=args.seed)
-                rises = int((path[1:] > path[:-1]).sum())
+                change = path[1:] / path[:-1] - 1
+                rises = int((change > 0).sum())
                 rows.append(
                     [str(dim), name, str(t)]
-                    + [f"{float(path[m]):.2f}" for m in shown]
-                    + [f"{rises}/{args.steps}", f"{float(path[-1] / path[0]):.3f}"]
+                    + [f"{float(path[m]):.3f}" for m in shown]
+                    + [
+                        f"{rises}/{args.steps}",
+                        f"{100 * max(float(change.max()), 0.0):.2g}%",
+                        f"{float(path[-1] / path[0]):.3f}",
+                    ]
                 )
-    header = ["D", "mode", "t"] + [f"m={m}" for m in shown] + ["rises", "end/start"]
+    header = ["D", "mode", "t"] + [f"m={m}" for m in shown]
+    header += ["rises", "max rise", "end/start"]
     return [header] + rows
 
 
