@@ -47,7 +47,7 @@ def assert_same_state(a, b):
 
 # ------------------------------------------------------------------ independent references
 def surrogate(proxies, x, labels, norms, alpha=ALPHA, delta=DELTA, weights=None):
-    """Proxy-Anchor (PML normalisation: 1/|C+|, 1/C) with s_ic = x_i . p_c / norms_c, loops over classes."""
+    """Proxy-Anchor (PML normalisation) with s_ic = x_i . p_c / norms_c, loops over classes."""
     num_classes = proxies.shape[0]
     batch = len(labels)
     w = [1.0] * batch if weights is None else [float(v) for v in weights]
@@ -68,7 +68,7 @@ def surrogate(proxies, x, labels, norms, alpha=ALPHA, delta=DELTA, weights=None)
 
 
 def naive_newton_step(x, labels, mu, sigma, eps, mu_prev, sigma_prev, tau, sigma_min):
-    """One Newton step from eq. 21-29 with plain loops (a+ = 1/|C+|, a- = 1/C, docs/methods.md "VCPA")."""
+    """One Newton step from eq. 21-29 with plain loops (a+ = 1/|C+|, a- = 1/C)."""
     num_classes, dim = mu.shape
     batch = len(labels)
     present = sorted(set(labels.tolist()))
