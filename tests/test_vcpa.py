@@ -110,7 +110,7 @@ def mean_derivatives(mean, mean_prev, inv_var_prev, grad_p, hess_p):
 
 
 def std_derivatives(std, eps, inv_var_prev, grad_p, hess_p):
-    """``g_sigma, H_sigma`` (supplement eq. 21-22, 26-29), ``grad_p`` / ``hess_p`` times ``1/tau``."""
+    """``g_sigma, H_sigma`` (supplement eq. 21-22, 26-29); ``grad_p``, ``hess_p`` times 1/tau."""
     g_sigma = std * inv_var_prev - 1 / std + eps * grad_p
     h_sigma = inv_var_prev + 1 / std**2 + eps**2 * hess_p
     return g_sigma, h_sigma

@@ -93,8 +93,8 @@ def proxy_anchor_newton_terms(
     ``(C, B) x (B, D)`` products. The positive terms have two algorithms with the same values
     (both tested against autograd), chosen by cost: :func:`_with_positives_dense` folds them into
     the dense products (cheapest when ``C < 2B``), :func:`_with_positives_by_sample` goes through
-    the ``(B, B)`` same-label weights, ``O(B^2 D)`` instead of a third ``O(C B D)`` product (cheapest
-    when ``C >= 2B``, e.g. SOP's 11,318 classes).
+    the ``(B, B)`` same-label weights, ``O(B^2 D)`` instead of a third ``O(C B D)`` product
+    (cheapest when ``C >= 2B``, e.g. SOP's 11,318 classes).
 
     Args:
         embeddings: ``(B, D)`` L2-normalised embeddings (constants).
