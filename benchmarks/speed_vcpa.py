@@ -2,7 +2,9 @@
 
 1. Loss only: forward + backward of ``VCPALoss`` (training mode, ``M`` Newton steps) and of PML's
    ``ProxyAnchorLoss`` on the same batch (B x D embeddings) at each number of classes in
-   ``--sizes``, as a ratio to Proxy-Anchor (target: at most ``M + 1``).
+   ``--sizes``, as a ratio to Proxy-Anchor (target: at most ``M + 1``), with the paper's steps,
+   damped steps (same cost) and the monotone mode (``newton_line_search=True``, ``S`` draws: its
+   cost relative to the plain step is the ratio of its row to the ``M=10`` row).
 2. A whole training step (forward, loss, backward, optimizer steps) of a small CNN trunk on random
    ``3 x 32 x 32`` images, batch ``--train-batch``, ``D``-dim embeddings, ``--train-classes``
    classes, with VCPA vs Proxy-Anchor (target: at most 1.3x).
@@ -47,7 +49,20 @@ def loss_only_table(args, device: torch.device) -> list[dict]:
                 num_classes, args.dim, newton_steps=args.newton_steps, seed=0
             ),
             "VCPALoss (M=0)": VCPALoss(num_classes, args.dim, newton_steps=0, seed=0),
+            f"VCPALoss (M={args.newton_steps}, eta=0.25)": VCPALoss(
+                num_classes, args.dim, newton_steps=args.newton_steps, seed=0, newton_damping=0.25
+            ),
+            f"VCPALoss (M={args.newton_steps}, line search S={args.objective_samples})": VCPALoss(
+                num_classes,
+                args.dim,
+                newton_steps=args.newton_steps,
+                seed=0,
+                newton_line_search=True,
+                objective_samples=args.objective_samples,
+            ),
         }
+        if args.skip_line_search:
+            losses = {k: v for k, v in losses.items() if "line search" not in k}
         embeddings, labels = make_batch(args.batch, args.dim, num_classes, device)
         steps = {
             name: forward_backward(fn.to(device), embeddings, labels) for name, fn in losses.items()
@@ -160,6 +175,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=180)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--newton-steps", type=int, default=10)
+    parser.add_argument(
+        "--objective-samples", type=int, default=8, help="S of the line-search rows (monotone mode)"
+    )
+    parser.add_argument("--skip-line-search", action="store_true", help="no line-search rows")
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument(
         "--train-classes-list",

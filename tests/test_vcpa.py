@@ -22,11 +22,7 @@ from pytorch_metric_learning.miners import MultiSimilarityMiner
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_proxies.losses import VCPALoss
-from pml_proxies.losses.vcpa_loss import (
-    mean_derivatives,
-    proxy_anchor_newton_terms,
-    std_derivatives,
-)
+from pml_proxies.losses.vcpa_loss import proxy_anchor_newton_terms
 
 ALPHA, DELTA = 32.0, 0.1
 
@@ -51,7 +47,7 @@ def assert_same_state(a, b):
 
 # ------------------------------------------------------------------ independent references
 def surrogate(proxies, x, labels, norms, alpha=ALPHA, delta=DELTA, weights=None):
-    """Proxy-Anchor (SPEC normalisation) with s_ic = x_i . p_c / norms_c, loops over classes."""
+    """Proxy-Anchor (PML normalisation) with s_ic = x_i . p_c / norms_c, loops over classes."""
     num_classes = proxies.shape[0]
     batch = len(labels)
     w = [1.0] * batch if weights is None else [float(v) for v in weights]
@@ -72,7 +68,7 @@ def surrogate(proxies, x, labels, norms, alpha=ALPHA, delta=DELTA, weights=None)
 
 
 def naive_newton_step(x, labels, mu, sigma, eps, mu_prev, sigma_prev, tau, sigma_min):
-    """One Newton step from eq. 21-29 with plain loops (a+ = 1/|C+|, a- = 1/C, SPEC)."""
+    """One Newton step from eq. 21-29 with plain loops (a+ = 1/|C+|, a- = 1/C)."""
     num_classes, dim = mu.shape
     batch = len(labels)
     present = sorted(set(labels.tolist()))
@@ -105,6 +101,19 @@ def naive_newton_step(x, labels, mu, sigma, eps, mu_prev, sigma_prev, tau, sigma
             new_mu[j, d] = m - g_mu / h_mu
             new_sigma[j, d] = max(sg - g_sig / h_sig, sigma_min)
     return new_mu, new_sigma
+
+
+def mean_derivatives(mean, mean_prev, inv_var_prev, grad_p, hess_p):
+    """``g_mu, H_mu`` of ``KL(q_t || q_{t-1}) + (1/tau) L_PA`` (supplement eq. 21-22, 26-29), from
+    the Proxy-Anchor derivatives ``grad_p``, ``hess_p`` already times ``1/tau``."""
+    return grad_p + (mean - mean_prev) * inv_var_prev, inv_var_prev + hess_p
+
+
+def std_derivatives(std, eps, inv_var_prev, grad_p, hess_p):
+    """``g_sigma, H_sigma`` (supplement eq. 21-22, 26-29); ``grad_p``, ``hess_p`` times 1/tau."""
+    g_sigma = std * inv_var_prev - 1 / std + eps * grad_p
+    h_sigma = inv_var_prev + 1 / std**2 + eps**2 * hess_p
+    return g_sigma, h_sigma
 
 
 # --------------------------------------------------------------------- closed form vs autograd
@@ -298,7 +307,7 @@ def test_large_temperature_keeps_state():
     assert (loss.proxy_std - sigma0).abs().max() < 1e-3
 
 
-def _objective_path(temperature, steps=6):
+def _objective_path(temperature, steps=6, **options):
     """``tau * L_t`` (true Proxy-Anchor at the means + tau KL) after 0..steps deterministic Newton
     steps of one training step (stochastic=False, so newton_steps=m is the first m steps)."""
     num_classes, dim, batch = 20, 256, 60
@@ -310,7 +319,12 @@ def _objective_path(temperature, steps=6):
     path = []
     for m in range(steps + 1):
         loss = VCPALoss(
-            num_classes, dim, temperature=temperature, newton_steps=max(m, 1), stochastic=False
+            num_classes,
+            dim,
+            temperature=temperature,
+            newton_steps=max(m, 1),
+            stochastic=False,
+            **options,
         ).double()
         loss.load_state_dict(start)
         if m > 0:
@@ -324,20 +338,36 @@ def _objective_path(temperature, steps=6):
 def test_newton_steps_lower_the_objective():
     """Where the diagonal quadratic model is accurate, successive Newton steps lower
     L_t = KL + L_PA / tau (here tau = 1, D = 256: the data term moves the means, the first step
-    lowers the objective by several percent)."""
-    path = _objective_path(temperature=1.0)
+    lowers the objective by several percent). Only the first 3 steps: the iteration then sits at
+    its fixed point, where the ||p^||-constant gradient vanishes, which is not exactly the true
+    objective's minimiser (changes of ~1e-4 either way)."""
+    path = _objective_path(temperature=1.0, steps=3)
     assert all(b < a for a, b in zip(path, path[1:])), path
     assert path[1] < 0.97 * path[0]
 
 
-@pytest.mark.xfail(
+PAPER_STEPS_CYCLE = pytest.mark.xfail(
     strict=True,
     reason="known limitation of the paper's method: at a small temperature the full diagonal "
-    "Newton steps with ||p^|| held constant overshoot and oscillate (README)",
+    "Newton steps (a Jacobi iteration on strongly coupled blocks, eigenvalues of D^-1 H above 2) "
+    "overshoot and cycle (README, benchmarks/vcpa_dynamics.py)",
 )
-def test_small_temperature_newton_steps_lower_the_objective():
-    path = _objective_path(temperature=0.01)
-    assert all(b < a for a, b in zip(path, path[1:])), path
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, marks=PAPER_STEPS_CYCLE, id="paper"),
+        pytest.param({"newton_damping": 0.25}, id="damped"),
+        pytest.param({"newton_line_search": True}, id="monotone"),
+        pytest.param({"newton_line_search": True, "newton_damping": 0.5}, id="monotone-damped"),
+    ],
+)
+def test_small_temperature_newton_steps_lower_the_objective(options):
+    path = _objective_path(temperature=0.01, **options)
+    # strictly lower until converged (then equal up to rounding), and lower overall
+    assert all(b < a or b - a <= 1e-12 * abs(a) for a, b in zip(path, path[1:])), path
+    assert path[-1] < 0.99 * path[0], path
 
 
 # ------------------------------------------------------------------------- state rules
@@ -351,20 +381,56 @@ def test_sigma_never_below_sigma_min():
     assert (loss.proxy_std == 0.05).any()  # the clamp was active
 
 
-def test_sigma_min_with_optimizer():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_sigma_min_with_optimizer(optimizer):
+    """newton_steps=0: proxy_std is projected right after every optimizer step, so a saved state
+    never holds a std below sigma_min (before the fix, SGD took it below, even negative)."""
     num_classes, dim = 6, 8
     loss = VCPALoss(num_classes, dim, newton_steps=0, sigma_min=0.05, seed=0)
-    opt = torch.optim.SGD(loss.parameters(), lr=10.0)
-    went_below = False
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(loss.parameters(), lr=10.0)
+    else:
+        opt = torch.optim.AdamW(loss.parameters(), lr=1.0)
+    would_go_below = False
     for step in range(4):
         emb, labels = make_batch(24, dim, num_classes, step)
         opt.zero_grad()
         loss(emb, labels).backward()
-        assert loss.proxy_std.min() >= 0.05  # projected at the step
+        if optimizer == "sgd":
+            raw = loss.proxy_std.detach() - 10.0 * loss.proxy_std.grad
+            would_go_below |= bool((raw < 0.05).any())
         opt.step()
-        went_below |= bool((loss.proxy_std < 0.05).any())
-        assert loss.std.min() >= 0.05  # what the loss uses
-    assert went_below  # the projection was exercised
+        assert loss.proxy_std.min() >= 0.05
+        assert loss.state_dict()["proxy_std"].min() >= 0.05
+    assert (loss.proxy_std == loss.std).all()
+    if optimizer == "sgd":
+        assert would_go_below  # the projection was exercised
+        assert (loss.proxy_std == torch.tensor(0.05)).any()
+
+
+def test_projection_only_touches_the_optimized_loss():
+    """The post-step hook projects the std of losses the stepping optimizer holds, no other."""
+    loss = VCPALoss(3, 4, newton_steps=0, sigma_min=0.05, seed=0)
+    other = torch.nn.Parameter(torch.ones(2))
+    with torch.no_grad():
+        loss.proxy_std.fill_(0.01)
+    other.grad = torch.ones(2)
+    torch.optim.SGD([other], lr=0.1).step()
+    assert (loss.proxy_std == 0.01).all()
+    loss.proxy_std.grad = torch.zeros_like(loss.proxy_std)
+    torch.optim.SGD([loss.proxy_std], lr=0.1).step()
+    assert (loss.proxy_std == torch.tensor(0.05)).all()
+
+
+def test_loaded_std_below_sigma_min_is_rejected():
+    loss = VCPALoss(3, 4, newton_steps=0, sigma_min=0.05, seed=0)
+    state = state_of(loss)
+    bad = dict(state, proxy_std=torch.full((3, 4), -0.1))
+    target = VCPALoss(3, 4, newton_steps=0, sigma_min=0.05, seed=1)
+    before = state_of(target)
+    with pytest.raises(ValueError, match="proxy_std"):
+        target.load_state_dict(bad)
+    assert_same_state(before, state_of(target))
 
 
 @pytest.mark.parametrize("newton_steps", [0, 2])
@@ -601,6 +667,7 @@ def _dist_worker(rank, world_size, init_file, out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_loss_wrapper_two_ranks(tmp_path):
     init_file = tempfile.mktemp(dir=tmp_path)
     mp.spawn(_dist_worker, args=(2, init_file, str(tmp_path)), nprocs=2, join=True)
@@ -622,6 +689,7 @@ def test_distributed_loss_wrapper_two_ranks(tmp_path):
 
 
 # ------------------------------------------------------------------- PML trainer + hooks
+@pytest.mark.slow
 def test_metric_loss_only_with_hook_container(tmp_path):
     from pytorch_metric_learning import trainers
     from pytorch_metric_learning.utils import logging_presets

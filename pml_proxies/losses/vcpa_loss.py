@@ -1,24 +1,39 @@
-"""Variational Continual Proxy-Anchor (VCPA) loss."""
+"""Variational Continual Proxy-Anchor (VCPA) loss.
+
+Method notes (equations implemented, decisions where the paper is silent, the damped and
+monotone Newton modes): ``docs/methods.md``, section "VCPA".
+"""
 
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..functional import distributed, proxy_math
+from ..functional.validation import check_bool, check_int, check_real
 from .base_proxy_loss import BaseProxyLoss
 
 NORM_EPS = 1e-12  # as F.normalize
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: size in bytes of a CUDA (Philox) generator state: seed and offset, 8 bytes each
+CUDA_STATE_BYTES = 16
 STATS = (
     "mean_std",
     "mean_kl",
     "newton_step_size",
     "mean_pos_similarity",
     "mean_neg_similarity",
+    "objective_before",
+    "objective_after",
+    "line_search_step",
 )
 
 
@@ -32,6 +47,7 @@ class NewtonBatch(NamedTuple):
     not_same: torch.Tensor  # (B, B): y_i != y_j
     a_pos: torch.Tensor  # (B,): 1/|C+| on the first sample of each class, else 0
     a_sum: torch.Tensor  # (): 1/|C+|
+    num_present: torch.Tensor  # (): |C+|
     shift: torch.Tensor | None  # (B,): miner weights - 1
 
 
@@ -41,11 +57,12 @@ def newton_batch(
     """Precompute the batch quantities of :func:`proxy_anchor_newton_terms`."""
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
     first = ~torch.tril(same, diagonal=-1).any(dim=1)  # one sample per present class
-    a_sum = first.sum().to(embeddings.dtype).reciprocal()
+    num_present = first.sum().to(embeddings.dtype)
+    a_sum = num_present.reciprocal()
     a_pos = first.to(embeddings.dtype) * a_sum
     both = torch.cat([embeddings, embeddings * embeddings], dim=1)
     shift = None if miner_weights is None else miner_weights.to(embeddings.dtype) - 1
-    return NewtonBatch(embeddings, both, labels, ~same, a_pos, a_sum, shift)
+    return NewtonBatch(embeddings, both, labels, ~same, a_pos, a_sum, num_present, shift)
 
 
 def proxy_anchor_newton_terms(
@@ -60,7 +77,8 @@ def proxy_anchor_newton_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form gradient and diagonal Hessian of the Proxy-Anchor loss w.r.t. the proxies.
 
-    VCPA supplement eq. 23-25 with SPEC section 4's normalisation: the derivatives of
+    VCPA supplement eq. 23-25 with the ``1/|C+|``, ``1/C`` normalisation of ``docs/methods.md``
+    (section "VCPA"): the derivatives of
 
         L = 1/|C+| sum_c log(1 + sum_{i: y_i=c}  exp(alpha (delta - s_ic)))
           + 1/C    sum_c log(1 + sum_{i: y_i!=c} exp(alpha (s_ic + delta)))
@@ -71,8 +89,12 @@ def proxy_anchor_newton_terms(
         hess_c = alpha^2/||p_c||^2 (a+ (Q+_c - (G+_c)^2) + a- (Q-_c - (G-_c)^2))
 
     where ``G`` / ``Q`` are the ``h / (1 + sum h)``-weighted means of ``x`` / ``x^2``, computed as a
-    softmax with an extra zero logit (log space, stable). Vectorised: two ``(C, B) x (B, D)``
-    products for the negatives, the positives through the ``(B, B)`` same-label matrix.
+    softmax with an extra zero logit (log space, stable). The negative terms are two
+    ``(C, B) x (B, D)`` products. The positive terms have two algorithms with the same values
+    (both tested against autograd), chosen by cost: :func:`_with_positives_dense` folds them into
+    the dense products (cheapest when ``C < 2B``), :func:`_with_positives_by_sample` goes through
+    the ``(B, B)`` same-label weights, ``O(B^2 D)`` instead of a third ``O(C B D)`` product
+    (cheapest when ``C >= 2B``, e.g. SOP's 11,318 classes).
 
     Args:
         embeddings: ``(B, D)`` L2-normalised embeddings (constants).
@@ -90,7 +112,7 @@ def proxy_anchor_newton_terms(
     if batch is None:
         batch = newton_batch(embeddings, labels, miner_weights)
     x, labels = batch.embeddings, batch.labels
-    num_classes, dim = proxies.shape
+    num_classes = proxies.shape[0]
     inv_norm = proxies.norm(dim=1).clamp_min(NORM_EPS).reciprocal()
     sims = (x @ proxies.t()).mul_(inv_norm)
     col = labels.unsqueeze(1)
@@ -106,77 +128,124 @@ def proxy_anchor_newton_terms(
     pos_weights = proxy_math.softmax_with_zero_logit(
         pos_logits.unsqueeze(0).masked_fill(batch.not_same, float("-inf")), dim=1
     )
-    a_neg = 1.0 / num_classes
-    k1 = (scale * alpha) * inv_norm  # (C,)
+    k1 = (scale * alpha) * inv_norm  # (C,): scale alpha / n
     k2 = k1.square().mul_(1.0 / scale)  # scale alpha^2 / n^2
     if num_classes < 2 * len(labels):
-        # few classes: positives as (i, y_i) entries of (B, C) weights, dense products
-        pos_w = pos_weights.diagonal()  # weight of sample i in its class's softmax
-        neg_w1 = neg_weights * (k1 * a_neg)
-        grad = neg_w1.t() @ x  # u = scale a- alpha/n G-
-        pos_w1 = torch.zeros_like(neg_w1).scatter_(1, col, (pos_w * batch.a_sum).unsqueeze(1))
-        pos_w1.mul_(k1)
-        pos_grad = pos_w1.t() @ x  # v = scale a+ alpha/n G+
-        neg_w2 = neg_weights.mul_(k2 * a_neg)
-        neg_w2.scatter_(1, col, (pos_w * batch.a_sum * k2[labels]).unsqueeze(1))
-        hess = neg_w2.t() @ batch.both[:, dim:]  # scale alpha^2/n^2 (a- Q- + a+ Q+)
-        # minus u^2 / (scale a-) + v^2 / (scale a+); Q - G^2 >= 0 (clamp rounding)
-        hess.addcmul_(grad, grad, value=-1.0 / (scale * a_neg))
-        hess.addcmul_(pos_grad, pos_grad, value=-1.0 / (scale * batch.a_sum)).clamp_min_(0)
-        return grad.sub_(pos_grad), hess
+        return _with_positives_dense(batch, neg_weights, pos_weights, k1, k2, scale)
+    return _with_positives_by_sample(batch, neg_weights, pos_weights, k1, k2, scale)
+
+
+def _with_positives_dense(batch, neg_weights, pos_weights, k1, k2, scale):
+    """Few classes: the positives as ``(i, y_i)`` entries of ``(B, C)`` weights, dense products
+    (one of them shared with the negatives' Hessian)."""
+    x, col = batch.embeddings, batch.labels.unsqueeze(1)
+    a_neg = 1.0 / neg_weights.shape[1]
+    pos_w = pos_weights.diagonal()  # weight of sample i in its class's softmax
+    neg_w1 = neg_weights * (k1 * a_neg)
+    grad = neg_w1.t() @ x  # u = scale a- alpha/n G-
+    pos_w1 = torch.zeros_like(neg_w1).scatter_(1, col, (pos_w * batch.a_sum).unsqueeze(1))
+    pos_w1.mul_(k1)
+    pos_grad = pos_w1.t() @ x  # v = scale a+ alpha/n G+
+    neg_w2 = neg_weights.mul_(k2 * a_neg)
+    neg_w2.scatter_(1, col, (pos_w * batch.a_sum * k2[batch.labels]).unsqueeze(1))
+    dim = x.shape[1]
+    hess = neg_w2.t() @ batch.both[:, dim:]  # scale alpha^2/n^2 (a- Q- + a+ Q+)
+    # minus u^2 / (scale a-) + v^2 / (scale a+) (a tensor factor: no host sync); Q - G^2 >= 0
+    hess.addcmul_(grad, grad, value=-1.0 / (scale * a_neg))
+    hess.sub_(pos_grad.square().mul_(batch.num_present / scale)).clamp_min_(0)
+    return grad.sub_(pos_grad), hess
+
+
+def _with_positives_by_sample(batch, neg_weights, pos_weights, k1, k2, scale):
+    """Many classes: per-class sums ``[G+, Q+]`` of class ``y_i`` through the ``(B, B)`` weights,
+    added once per present class (the other rows add exact zeros: order-independent,
+    deterministic, unlike an atomic ``index_add_``)."""
+    x, labels = batch.embeddings, batch.labels
+    dim = x.shape[1]
+    a_neg = 1.0 / neg_weights.shape[1]
     grad = (neg_weights * (k1 * a_neg)).t() @ x  # scale a- alpha/n G-
     hess = neg_weights.mul_(k2 * a_neg).t() @ batch.both[:, dim:]  # scale a- alpha^2/n^2 Q-
     # scale a- alpha^2/n^2 (G-)^2 = grad^2 / (scale a-); Q - G^2 >= 0 (clamp rounding)
     hess.addcmul_(grad, grad, value=-1.0 / (scale * a_neg)).clamp_min_(0)
-    # many classes: per-class sums [G+, Q+] of class y_i through the (B, B) weights, added
-    # once per present class (the other rows add exact zeros: order-independent, deterministic)
     pos = pos_weights @ batch.both
     pos_mean = pos[:, :dim]
     pos_var = pos[:, dim:].sub_(pos_mean * pos_mean).clamp_min_(0)
     k1_pos, k2_pos = k1[labels].mul_(batch.a_pos), k2[labels].mul_(batch.a_pos)
-    rows = col.expand(-1, dim)
+    rows = labels.unsqueeze(1).expand(-1, dim)
     grad.scatter_add_(0, rows, pos_mean * k1_pos.neg_().unsqueeze(1))
     hess.scatter_add_(0, rows, pos_var * k2_pos.unsqueeze(1))
     return grad, hess
 
 
-def mean_derivatives(
-    mean: torch.Tensor,
-    mean_prev: torch.Tensor,
-    inv_var_prev: torch.Tensor,
-    grad_p: torch.Tensor,
-    hess_p: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``g_mu, H_mu`` of ``KL(q_t || q_{t-1}) + (1/tau) L_PA`` (supplement eq. 21-22, 26-29).
-
-    ``grad_p`` and ``hess_p`` are the Proxy-Anchor derivatives already multiplied by ``1/tau``.
-    """
-    g_mu = torch.addcmul(grad_p, mean - mean_prev, inv_var_prev)
-    h_mu = inv_var_prev + hess_p
-    return g_mu, h_mu
-
-
-def std_derivatives(
-    std: torch.Tensor,
-    eps: torch.Tensor,
-    inv_var_prev: torch.Tensor,
-    grad_p: torch.Tensor,
-    hess_p: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``g_sigma, H_sigma`` (supplement eq. 21-22, 26-29), ``grad_p`` / ``hess_p`` times ``1/tau``."""
-    inv_std = std.reciprocal()
-    g_sigma = (std * inv_var_prev).sub_(inv_std).addcmul_(eps, grad_p)
-    h_sigma = torch.addcmul(inv_var_prev, inv_std, inv_std).addcmul_(eps * eps, hess_p)
-    return g_sigma, h_sigma
-
-
 def gaussian_kl(
     mean: torch.Tensor, std: torch.Tensor, mean_prev: torch.Tensor, std_prev: torch.Tensor
 ) -> torch.Tensor:
-    """Per-class ``KL(N(mean, std^2) || N(mean_prev, std_prev^2))``, diagonal, shape ``(C,)``."""
+    """Per-class ``KL(N(mean, std^2) || N(mean_prev, std_prev^2))``, diagonal, summed over the last
+    dimension: ``(..., C, D)`` to ``(..., C)``."""
     ratio = (std / std_prev).square()
     dist = ((mean - mean_prev) / std_prev).square()
-    return 0.5 * (ratio + dist - 1 - ratio.log()).sum(dim=1)
+    return 0.5 * (ratio + dist - 1 - ratio.log()).sum(dim=-1)
+
+
+def expected_objective(
+    batch: NewtonBatch,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    mean_prev: torch.Tensor,
+    std_prev: torch.Tensor,
+    eps: torch.Tensor | None,
+    alpha: float,
+    margin: float,
+    temperature: float,
+    step_mean: torch.Tensor | None = None,
+    step_std: torch.Tensor | None = None,
+    fractions: torch.Tensor | None = None,
+    max_elements: int = 2**22,
+) -> torch.Tensor:
+    """Monte-Carlo estimate of ``tau L_t = tau KL(q_t || q_{t-1}) + E_eps L_PA(B; mu + sigma eps)``
+    per class (the objective separates over classes), with the true ``||p^||``.
+
+    ``eps`` holds the ``S`` fixed draws ``(S, C, D)`` (``None``: the means, exact for the
+    deterministic mode). Without a step the result is ``(1, C)`` at ``(mean, std)``; with
+    ``step_mean``, ``step_std`` and ``fractions`` ``(T,)`` it is ``(T, C)`` at
+    ``(mean + t step_mean, std + t step_std)`` for every ``t``: the similarities are linear in
+    ``t`` and the squared norms quadratic, so each draw costs two ``(B, D) x (D, C)`` products
+    whatever ``T``. The draws are processed in chunks of at most ``max_elements`` values of the
+    ``(T, S, B, C)`` similarities (memory bound), vectorised within a chunk.
+    """
+    x = batch.embeddings
+    num_classes = mean.shape[0]
+    pos_mask = batch.labels.unsqueeze(1) == torch.arange(num_classes, device=x.device)
+    if step_mean is None or step_std is None or fractions is None:
+        t = mean.new_zeros(1, 1, 1)  # (T, 1, 1)
+        mean_t, std_t = mean.unsqueeze(0), std.unsqueeze(0)
+        step_mean = step_std = None
+    else:
+        t = fractions.to(mean.dtype).view(-1, 1, 1)
+        mean_t, std_t = mean + t * step_mean, std + t * step_std
+    total = gaussian_kl(mean_t, std_t, mean_prev, std_prev).mul_(temperature)  # (T, C)
+    draws = mean.new_zeros(1, *mean.shape) if eps is None else eps  # eps = 0: the means
+    data = torch.zeros_like(total)
+    # draws in chunks, vectorised within a chunk: at most ~max_elements values per (T, S, B, C)
+    chunk = max(1, max_elements // (t.shape[0] * x.shape[0] * num_classes))
+    for e in draws.split(chunk):
+        p = torch.addcmul(mean, std, e)  # (S, C, D)
+        dot = torch.matmul(p, x.t()).transpose(1, 2).unsqueeze(0)  # (1, S, B, C)
+        sq = (p * p).sum(dim=2).unsqueeze(0)  # (1, S, C)
+        if step_mean is not None and step_std is not None:
+            d = torch.addcmul(step_mean, step_std, e)
+            dot = dot + t.unsqueeze(3) * torch.matmul(d, x.t()).transpose(1, 2)  # (T, S, B, C)
+            sq = sq + t * (2 * (p * d).sum(dim=2) + t * (d * d).sum(dim=2))  # (T, S, C)
+        sims = dot / sq.sqrt().clamp_min(NORM_EPS).unsqueeze(2)
+        pos_logits = (margin - sims).mul_(alpha)
+        neg_logits = sims.add_(margin).mul_(alpha)
+        if batch.shift is not None:
+            shift = batch.shift.unsqueeze(1)
+            pos_logits, neg_logits = pos_logits.add_(shift), neg_logits.add_(shift)
+        pos = proxy_math.log1p_sum_exp(pos_logits, pos_mask, dim=2).sum(dim=1)  # (T, C)
+        neg = proxy_math.log1p_sum_exp(neg_logits, ~pos_mask, dim=2).sum(dim=1)
+        data.add_(pos * batch.a_sum).add_(neg, alpha=1.0 / num_classes)
+    return total.add_(data, alpha=1.0 / draws.shape[0])
 
 
 def newton_update(
@@ -189,14 +258,18 @@ def newton_update(
     hess_p: torch.Tensor,
     sigma_min: float,
     first_step: bool = False,
+    damping: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One diagonal Newton step (eq. 13 with eq. 21-29): ``mu - g_mu / H_mu`` and
-    ``max(sigma - g_sigma / H_sigma, sigma_min)``; returns ``(mean, std, mean_step)``.
+    """One (damped) diagonal Newton step (eq. 13 with eq. 21-29): ``mu - eta g_mu / H_mu`` and
+    ``max(sigma - eta g_sigma / H_sigma, sigma_min)``; returns ``(mean, std, mean_step)``.
 
-    Same values as :func:`mean_derivatives` / :func:`std_derivatives`, computed in place to save
-    passes and allocations over the ``(C, D)`` tensors: ``eps``, ``grad_p`` and ``hess_p`` are
-    overwritten. ``eps=None`` (deterministic proxies) leaves ``std`` unchanged (``sigma_prev`` is
-    then the exact minimiser of its subproblem). ``first_step`` skips ``mean - mean_prev = 0``.
+    ``g_mu = (mu - mu_prev) / sigma_prev^2 + grad_p``, ``H_mu = 1 / sigma_prev^2 + hess_p``,
+    ``g_sigma = sigma / sigma_prev^2 - 1 / sigma + eps grad_p``,
+    ``H_sigma = 1 / sigma_prev^2 + 1 / sigma^2 + eps^2 hess_p`` (``grad_p``, ``hess_p`` already
+    times ``1 / tau``), computed in place to save passes and allocations over the ``(C, D)``
+    tensors: ``eps``, ``grad_p`` and ``hess_p`` are overwritten. ``eta = damping`` (1: the
+    paper). ``eps=None`` (deterministic proxies) leaves ``std`` unchanged (``sigma_prev`` is then
+    the exact minimiser of its subproblem). ``first_step`` skips ``mean - mean_prev = 0``.
     """
     if eps is not None:
         inv_std = std.reciprocal()
@@ -204,34 +277,109 @@ def newton_update(
         g_sigma = torch.mul(std, inv_var_prev).sub_(inv_std).addcmul_(eps, grad_p)
         del inv_std
         h_sigma.addcmul_(eps.mul_(eps), hess_p)
-        std = torch.sub(std, g_sigma.div_(h_sigma)).clamp_min_(sigma_min)
+        std = torch.sub(std, g_sigma.div_(h_sigma), alpha=damping).clamp_min_(sigma_min)
         del g_sigma, h_sigma
     h_mu = hess_p.add_(inv_var_prev)
     g_mu = grad_p if first_step else grad_p.addcmul_(mean - mean_prev, inv_var_prev)
     step = g_mu.div_(h_mu)
+    if damping != 1.0:
+        step.mul_(damping)
     return mean - step, std, step
 
 
+# ------------------------------------------------------------------------------ generator state
 def _seed_from_state(state: torch.Tensor) -> int:
-    """A deterministic 63-bit seed from a generator state of another device type."""
+    """A deterministic 63-bit seed from a generator state."""
     digest = hashlib.blake2b(state.cpu().numpy().tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _cpu_state_bytes() -> int:
+    return torch.Generator().get_state().numel()
+
+
+def check_generator_state(state: Any, name: str = "rng_state") -> torch.Tensor:
+    """``state`` if it is a saved generator state, else ``ValueError`` saying why.
+
+    Accepted: a 1-D ``uint8`` tensor holding a valid CPU generator state (checked by restoring it)
+    or a CUDA (Philox) state of :data:`CUDA_STATE_BYTES` bytes.
+    """
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.ndim != 1:
+        shape = tuple(state.shape) if isinstance(state, torch.Tensor) else None
+        dtype = state.dtype if isinstance(state, torch.Tensor) else type(state).__name__
+        raise ValueError(
+            f"{name} must be a 1-D uint8 generator state, got {dtype} of shape {shape}"
+        )
+    size, cpu_size = state.numel(), _cpu_state_bytes()
+    if size == cpu_size:
+        try:
+            torch.Generator().set_state(state.detach().cpu())
+        except RuntimeError as e:
+            raise ValueError(f"{name} is not a valid CPU generator state ({e})") from None
+    elif size != CUDA_STATE_BYTES:
+        raise ValueError(
+            f"{name} has {size} bytes: a CPU generator state has {cpu_size} and a CUDA one "
+            f"{CUDA_STATE_BYTES} (corrupted or not a generator state)"
+        )
+    return state
+
+
+def generator_from_state(state: torch.Tensor, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` that resumes ``state`` exactly when it was saved on the same
+    device type; a state of another device type (CPU <-> CUDA), which torch cannot restore there,
+    seeds it deterministically instead. Raises ``ValueError`` for an invalid state."""
+    check_generator_state(state)
+    generator = torch.Generator(device=device)
+    if state.numel() == generator.get_state().numel():
+        try:
+            generator.set_state(state)
+        except RuntimeError as e:
+            raise ValueError(
+                f"rng_state is not a valid {device.type} generator state ({e})"
+            ) from None
+    else:
+        generator.manual_seed(_seed_from_state(state))
+    return generator
+
+
+# -------------------------------------------------------------- sigma_min after optimizer steps
+_PROJECTED_LOSSES: weakref.WeakSet[VCPALoss] = weakref.WeakSet()
+_optimizer_hook: Any = None
+
+
+def _project_std_after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Global optimizer post-step hook: every live ``VCPALoss(newton_steps=0)`` whose
+    ``proxy_std`` this optimizer holds is projected onto ``[sigma_min, inf)`` right away."""
+    for loss in list(_PROJECTED_LOSSES):
+        std = loss.proxy_std
+        if any(p is std for group in optimizer.param_groups for p in group["params"]):
+            loss.project_std_()
+
+
+def _track_for_projection(loss: VCPALoss) -> None:
+    global _optimizer_hook
+    _PROJECTED_LOSSES.add(loss)
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_project_std_after_optimizer_step)
 
 
 # ------------------------------------------------------------------------------------- loss
 class VCPALoss(BaseProxyLoss):
     """Variational Continual Proxy-Anchor loss (Kim, Guerrero, Pham, Pavlovic, "Variational
     Continual Proxy-Anchor for Deep Metric Learning", Algorithm 1, eq. 12-13 and supplement
-    eq. 15-30; SPEC section 4).
+    eq. 15-30; notes in ``docs/methods.md``, section "VCPA").
 
     Each class has a Gaussian proxy ``q(p_c) = N(mu_c, diag(sigma_c^2))`` (prior and initial value
     ``mu = 0, sigma = 1``). Every training step (``forward`` in training mode):
 
     1. warm start from the previous step's ``(mu, sigma)``, which are also the prior of the KL;
-    2. ``newton_steps`` diagonal Newton steps on ``KL(q_t || q_{t-1}) + L_PA(B; p^)/temperature``
+    2. ``newton_steps`` diagonal Newton steps on ``L_t = KL(q_t || q_{t-1}) + L_PA(B; p^)/tau``
        with ``p^ = mu + sigma * eps``, a fresh ``eps ~ N(0, I)`` per step, the closed-form
        derivatives of the supplement (eq. 21-29, ``||p^||`` held constant, embeddings detached,
-       SPEC's ``1/|C+|`` and ``1/C`` normalisation) and ``sigma >= sigma_min`` after each step;
+       ``1/|C+|`` and ``1/C`` normalisation), step size ``newton_damping`` and
+       ``sigma >= sigma_min`` after each step; with ``newton_line_search`` each step is also
+       backtracked per class until a Monte-Carlo estimate of ``L_t`` (``objective_samples``
+       fixed draws) does not increase;
     3. a fresh sample ``p^`` gives the returned Proxy-Anchor loss (PML's normalisation), with
        ``p^`` a constant: the gradient reaches the network only.
 
@@ -239,15 +387,19 @@ class VCPALoss(BaseProxyLoss):
     the means. ``newton_steps=0`` (the paper's SOP / In-Shop setting) makes ``proxy_mean`` and
     ``proxy_std`` Parameters trained by the loss optimizer through the reparameterised sample
     (at the warm start the KL gradient is zero, so the loss is ``L_PA(B; mu + sigma * eps)``);
-    ``sigma`` is then projected onto ``[sigma_min, inf)`` at every training step and the loss always
-    uses ``max(proxy_std, sigma_min)`` (gradient passed straight through: projected gradient
-    descent, like the paper's clamp).
+    the loss uses ``max(proxy_std, sigma_min)`` (gradient passed straight through), and
+    ``proxy_std`` is projected onto ``[sigma_min, inf)`` right after every step of a
+    ``torch.optim`` optimizer holding it (a global optimizer post-step hook) and at every
+    training forward: projected gradient descent, like the paper's clamp.
 
     Randomness comes from the loss's own ``torch.Generator`` (seeded by ``seed``; ``None`` draws a
-    seed from torch's global generator). Means, standard deviations and the generator state (a
-    ``uint8`` buffer kept on the CPU) are buffers, or Parameters with ``newton_steps=0``: ``state_dict`` resumes exactly.
-    State changes only in training mode and only once the step succeeded. In eval mode the loss
-    is evaluated at the means, with no sampling and no state change.
+    seed from torch's global generator). Per training step it draws, in this order: the
+    ``objective_samples`` line-search draws (``newton_line_search`` only), one ``eps`` per
+    Newton step, the returned loss's sample. Means, standard deviations and the generator state
+    (a ``uint8`` buffer kept on the CPU, validated on load) are buffers, or Parameters with
+    ``newton_steps=0``: ``state_dict`` resumes exactly. State changes only in training mode and
+    only once the step succeeded. In eval mode the loss is evaluated at the means, with no
+    sampling and no state change.
 
     Under PML's ``DistributedLossWrapper(efficient=False)`` every rank sees the gathered batch;
     the loss puts it in rank order (so that every rank computes bit-identical updates) and, at
@@ -258,17 +410,28 @@ class VCPALoss(BaseProxyLoss):
         num_classes: number of classes ``C``.
         embedding_size: embedding dimension ``D``.
         margin: ``delta`` (0.1).
-        alpha: scale (32).
-        temperature: ``tau`` (0.01 for CUB in the paper, 0.001 for Cars, SOP, In-Shop).
+        alpha: scale (32), > 0.
+        temperature: ``tau`` (0.01 for CUB in the paper, 0.001 for Cars, SOP, In-Shop), > 0 with
+            ``alpha^2 / tau`` finite in float32 (the Hessian scale).
         newton_steps: ``M`` Newton steps per training step (10); 0 trains ``mu, sigma`` by the
             loss optimizer.
-        sigma_min: lower bound of ``sigma`` (1e-5).
+        sigma_min: lower bound of ``sigma`` (1e-5), > 0 with ``1 / sigma_min^2`` finite in
+            float32 (the KL's inverse variance).
         stochastic: sample ``p^ = mu + sigma * eps``; ``False`` is the paper's ablation I
             (``eps = 0``, ``p^ = mu``), with ``mu`` initialised as Proxy-Anchor's proxies
-            (``weight_init_func``, kaiming normal) instead of 0 (SPEC decision); ``sigma`` then
-            never changes (its Newton subproblem is solved by ``sigma = sigma_prev``).
+            (``weight_init_func``, kaiming normal, seeded from ``seed``) instead of 0; ``sigma``
+            then never changes (its Newton subproblem is solved by ``sigma = sigma_prev``).
         seed: seed of the loss's generator; ``None`` draws one from torch's global generator
             (so ``torch.manual_seed`` makes runs reproducible).
+        newton_damping: step size ``eta`` in ``(0, 1]`` of every Newton step,
+            ``theta - eta H^-1 g``; 1.0 is the paper's step (this package's variant below 1).
+        newton_line_search: monotone mode (this package's variant): a Newton step (after
+            damping) is tried at fractions ``1, 1/2, .., 2^-line_search_backtracks`` of its length
+            and each class keeps the largest fraction whose estimate of ``L_t`` does not exceed
+            the current one, or does not move. Needs ``newton_steps > 0``.
+        objective_samples: ``S``, fixed ``eps`` draws per training step of the Monte-Carlo
+            estimate of ``L_t`` (line search and the ``objective_*`` stats) (8).
+        line_search_backtracks: halvings tried by the line search (3).
         **kwargs: ``check_inputs`` and PML keyword arguments (``collect_stats``, ``reducer``,
             ``weight_init_func``; ``weight_regularizer`` only with ``newton_steps=0``).
 
@@ -280,7 +443,13 @@ class VCPALoss(BaseProxyLoss):
 
     Stats (PML ``collect_stats``, training mode): ``mean_std``, ``mean_kl`` (per class, summed
     over dimensions), ``newton_step_size`` (RMS of the last Newton update of the means),
-    ``mean_pos_similarity`` / ``mean_neg_similarity`` (at the sampled proxies).
+    ``mean_pos_similarity`` / ``mean_neg_similarity`` (at the sampled proxies) and, with
+    ``newton_steps > 0``, ``objective_before`` / ``objective_after``: the estimate of
+    ``tau L_t`` (summed over classes, ``S`` fixed draws: the line search's, else draws of a
+    generator seeded from the step's ``rng_state``, which leaves the training draws unchanged)
+    before and after the Newton steps, and ``line_search_step`` (mean accepted fraction over
+    classes and Newton steps, line search only). The ``objective_*`` stats cost
+    ``2 S`` extra Proxy-Anchor evaluations per step.
 
     Shape:
         embeddings ``(B, D)``, labels ``(B,)`` in ``[0, C)``; output a scalar.
@@ -297,50 +466,98 @@ class VCPALoss(BaseProxyLoss):
         sigma_min: float = 1e-5,
         stochastic: bool = True,
         seed: int | None = None,
+        newton_damping: float = 1.0,
+        newton_line_search: bool = False,
+        objective_samples: int = 8,
+        line_search_backtracks: int = 3,
         **kwargs,
     ) -> None:
-        if int(newton_steps) != newton_steps or newton_steps < 0:
-            raise ValueError(f"newton_steps must be an integer >= 0, got {newton_steps}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not sigma_min > 0:
-            raise ValueError(f"sigma_min must be > 0, got {sigma_min}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
+        margin = check_real("margin", margin)
+        alpha = check_real("alpha", alpha, low=0, low_inclusive=False)
+        temperature = check_real("temperature", temperature, low=0, low_inclusive=False)
+        if not alpha * alpha / temperature <= FLOAT32_MAX:
+            raise ValueError(
+                f"alpha**2 / temperature must be finite in float32 (the Newton Hessian scales "
+                f"by it), got alpha={alpha!r}, temperature={temperature!r}"
+            )
+        if not alpha * (1.0 + abs(margin)) <= FLOAT32_MAX:
+            raise ValueError(
+                f"alpha * (1 + |margin|) must be finite in float32 (the exponents), got "
+                f"alpha={alpha!r}, margin={margin!r}"
+            )
+        newton_steps = check_int("newton_steps", newton_steps, low=0)
+        sigma_min = check_real("sigma_min", sigma_min, low=0, low_inclusive=False)
+        if sigma_min < FLOAT32_MAX**-0.5:
+            raise ValueError(
+                f"sigma_min must be >= {FLOAT32_MAX**-0.5:.3g} (1 / sigma_min**2, the KL's "
+                f"inverse variance, must be finite in float32), got {sigma_min!r}"
+            )
+        stochastic = check_bool("stochastic", stochastic)
+        if seed is not None:
+            seed = check_int("seed", seed, low=0, high=2**64 - 1)
+        newton_damping = check_real(
+            "newton_damping", newton_damping, low=0, high=1, low_inclusive=False
+        )
+        newton_line_search = check_bool("newton_line_search", newton_line_search)
+        objective_samples = check_int("objective_samples", objective_samples, low=1)
+        line_search_backtracks = check_int("line_search_backtracks", line_search_backtracks, low=0)
+        if newton_steps == 0 and (newton_line_search or newton_damping != 1.0):
+            raise ValueError(
+                "newton_damping and newton_line_search need newton_steps > 0 (with "
+                "newton_steps=0 the loss optimizer trains the proxies)"
+            )
         if newton_steps > 0 and kwargs.get("weight_regularizer") is not None:
             raise ValueError(
                 "weight_regularizer needs newton_steps=0 (with Newton steps the variational "
                 "parameters are buffers, not trained by an optimizer)"
             )
         super().__init__(num_classes, embedding_size, **kwargs)
-        self.margin = float(margin)
-        self.alpha = float(alpha)
-        self.temperature = float(temperature)
-        self.newton_steps = int(newton_steps)
-        self.sigma_min = float(sigma_min)
-        self.stochastic = bool(stochastic)
+        self.margin = margin
+        self.alpha = alpha
+        self.temperature = temperature
+        self.newton_steps = newton_steps
+        self.sigma_min = sigma_min
+        self.stochastic = stochastic
         self.seed = seed
+        self.newton_damping = newton_damping
+        self.newton_line_search = newton_line_search
+        self.objective_samples = objective_samples
+        self.line_search_backtracks = line_search_backtracks
 
-        mean = torch.zeros(self.num_classes, self.embedding_size)
-        if not self.stochastic:
-            self.weight_init_func(mean)
-        std = torch.ones(self.num_classes, self.embedding_size)
-        if self.newton_steps == 0:
-            self.proxy_mean = torch.nn.Parameter(mean)
-            self.proxy_std = torch.nn.Parameter(std)
-        else:
-            self.register_buffer("proxy_mean", mean)
-            self.register_buffer("proxy_std", std)
         if seed is None:
             # drawn from torch's global generator, so torch.manual_seed makes runs reproducible
             seed = int(torch.randint(0, 2**62, (1,)))
         generator = torch.Generator().manual_seed(int(seed))
+        mean = torch.zeros(self.num_classes, self.embedding_size)
+        if not self.stochastic:
+            # the initial means follow ``seed`` too: a seed of their own, drawn from the
+            # loss's generator, for torch's global generator that weight_init_func uses
+            init_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                self.weight_init_func(mean)
+        std = torch.ones(self.num_classes, self.embedding_size)
+        if self.newton_steps == 0:
+            self.proxy_mean = torch.nn.Parameter(mean)
+            self.proxy_std = torch.nn.Parameter(std)
+            _track_for_projection(self)
+        else:
+            self.register_buffer("proxy_mean", mean)
+            self.register_buffer("proxy_std", std)
         self.register_buffer("rng_state", generator.get_state())
         self._generator: torch.Generator | None = None
         self._ranks_synced = False
 
         self.add_to_recordable_attributes(
-            list_of_names=["alpha", "margin", "temperature", "newton_steps", "sigma_min"],
+            list_of_names=[
+                "alpha",
+                "margin",
+                "temperature",
+                "newton_steps",
+                "sigma_min",
+                "newton_damping",
+                "objective_samples",
+            ],
             is_stat=False,
         )
         for name in STATS:
@@ -357,6 +574,12 @@ class VCPALoss(BaseProxyLoss):
     def std(self) -> torch.Tensor:
         """The standard deviations in use, ``max(proxy_std, sigma_min)`` (detached)."""
         return self.proxy_std.detach().clamp_min(self.sigma_min)
+
+    @torch.no_grad()
+    def project_std_(self) -> None:
+        """Project ``proxy_std`` onto ``[sigma_min, inf)`` in place (``newton_steps=0``: run
+        after every optimizer step holding it, see the class docstring)."""
+        self.proxy_std.clamp_(min=self.sigma_min)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` cosine similarities of ``embeddings`` to the proxy means."""
@@ -375,8 +598,7 @@ class VCPALoss(BaseProxyLoss):
         seeded by ``seed``; the loss's state is untouched. Classes are processed in chunks of at
         most ``max_elements`` sampled values.
         """
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+        num_samples = check_int("num_samples", num_samples, low=2)
         mean = self.proxy_mean.detach()
         std = self.std.to(mean.dtype)
         generator = torch.Generator(device=mean.device).manual_seed(int(seed))
@@ -391,6 +613,44 @@ class VCPALoss(BaseProxyLoss):
             out.append(samples.std(dim=0).sum(dim=1))
         return torch.cat(out)
 
+    @torch.no_grad()
+    def newton_path(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        steps: int = 30,
+        num_samples: int | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Diagnostics: the estimate of ``tau L_t`` (summed over classes) after ``m = 0..steps``
+        Newton steps of one training step on this batch from the current state, with this
+        loss's options and the draws training would use; ``num_samples`` (default
+        ``objective_samples``) fixed evaluation draws of a generator seeded by ``seed``. The
+        state, generator included, is untouched. Returns ``(steps + 1,)``.
+        """
+        if self.newton_steps == 0:
+            raise ValueError("newton_path needs newton_steps > 0")
+        steps = check_int("steps", steps, low=0)
+        num_samples = self.objective_samples if num_samples is None else num_samples
+        num_samples = check_int("num_samples", num_samples, low=1)
+        self.validate_inputs(embeddings, labels)
+        labels = c_f.to_device(labels, embeddings).long()
+        self.move_to(embeddings.device)
+        dtype = self._dtype_for(embeddings)
+        batch = newton_batch(F.normalize(embeddings.to(dtype), p=2, dim=1), labels)
+        generator = generator_from_state(self.rng_state, embeddings.device)
+        evaluation = torch.Generator(device=embeddings.device).manual_seed(int(seed))
+        eps = self._objective_draws(num_samples, dtype, evaluation)
+        mean_prev, std_prev = self.proxy_mean.to(dtype), self.proxy_std.to(dtype)
+        path = []
+
+        def record(mean: torch.Tensor, std: torch.Tensor) -> None:
+            path.append(self._objective(batch, mean, std, mean_prev, std_prev, eps).sum())
+
+        record(mean_prev, std_prev)
+        self._newton(batch, generator, dtype, steps, on_step=record)
+        return torch.stack(path)
+
     # ------------------------------------------------------------------------ forward
     def on_failed_step(self) -> None:
         self._generator = None  # rebuilt from the committed rng_state buffer
@@ -399,9 +659,7 @@ class VCPALoss(BaseProxyLoss):
         miner_weights = None
         if indices_tuple is not None:
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
-        dtype = embeddings.dtype
-        if self.proxy_mean.dtype == torch.float64:
-            dtype = torch.float64
+        dtype = self._dtype_for(embeddings)
         embeddings = embeddings.to(dtype)
         if not self.training:
             proxies = self.parameter_in(self.proxy_mean, dtype)
@@ -413,29 +671,37 @@ class VCPALoss(BaseProxyLoss):
             miner_weights = None if miner_weights is None else miner_weights[order]
         self._sync_ranks()
         generator = self._generator_for(embeddings.device)
-        pending = {}
+        pending: dict[str, Any] = {}
         if self.newton_steps > 0:
-            mean, std, step = self._newton(embeddings, labels, miner_weights, generator, dtype)
+            x = F.normalize(embeddings.detach(), p=2, dim=1)
+            batch = newton_batch(x, labels, miner_weights)
+            mean, std, info = self._newton(batch, generator, dtype, self.newton_steps)
             pending.update(mean=mean, std=std)
             proxies = self._sample(mean, std, generator)
         else:
+            _track_for_projection(self)  # also copies (deepcopy, pickle) of the loss
             mean = self.parameter_in(self.proxy_mean, dtype)
             raw_std = self.parameter_in(self.proxy_std, dtype)
             # max(raw_std, sigma_min) with the gradient passed straight through
             std = raw_std + (self.sigma_min - raw_std.detach()).clamp(min=0)
             proxies = self._sample(mean, std, generator)
-            step = None
+            batch, info = None, {}
         pending["rng_state"] = generator.get_state()
         self.stage_state(pending)
         loss_dict = self._loss_dict(embeddings, labels, proxies, miner_weights)
         if self.collect_stats:
-            self._record_stats(embeddings, labels, proxies, pending, step, dtype)
+            self._record_stats(embeddings, labels, proxies, pending, info, batch, dtype)
         return loss_dict
 
     def _sub_loss_names(self):
         return ["pos_loss", "neg_loss"]
 
     # ------------------------------------------------------------------------ internals
+    def _dtype_for(self, embeddings: torch.Tensor) -> torch.dtype:
+        if self.proxy_mean.dtype == torch.float64:
+            return torch.float64
+        return proxy_math.compute_dtype(embeddings.dtype)
+
     def _loss_dict(self, embeddings, labels, proxies, miner_weights) -> dict:
         """PML loss dict of Proxy-Anchor at ``proxies`` (PML's normalisation)."""
         sims = proxy_math.cosine_similarity(embeddings, proxies)
@@ -450,30 +716,85 @@ class VCPALoss(BaseProxyLoss):
             self.add_weight_regularization_to_loss_dict(loss_dict, self.proxy_mean)
         return loss_dict
 
+    def _objective_draws(self, num: int, dtype: torch.dtype, generator: torch.Generator):
+        """``(num, C, D)`` fixed draws of the objective estimate (``None`` when deterministic)."""
+        if not self.stochastic:
+            return None
+        shape = (num, self.num_classes, self.embedding_size)
+        return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
+
+    def _objective(self, batch, mean, std, mean_prev, std_prev, eps, **step) -> torch.Tensor:
+        return expected_objective(
+            batch, mean, std, mean_prev, std_prev, eps,
+            self.alpha, self.margin, self.temperature, **step,
+        )  # fmt: skip
+
     @torch.no_grad()
-    def _newton(self, embeddings, labels, miner_weights, generator, dtype):
-        """The M Newton steps of Algorithm 1 from the warm start; returns ``(mu, sigma, step)``."""
-        x = F.normalize(embeddings.detach(), p=2, dim=1)
+    def _newton(
+        self,
+        batch: NewtonBatch,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+        steps: int,
+        on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``steps`` Newton steps of Algorithm 1 from the warm start (damped, and line-searched
+        with ``newton_line_search``); returns ``(mu, sigma, info)``, ``info`` holding the last
+        mean update ``"step"`` and, with the line search, its draws ``"eps"`` and the mean
+        accepted fraction ``"fraction"``."""
         mean_prev = self.proxy_mean.to(dtype)
         std_prev = self.proxy_std.to(dtype)
         inv_var_prev = std_prev.pow(-2)
-        mean, std, step = mean_prev, std_prev, None
+        mean, std = mean_prev, std_prev
         scale = 1.0 / self.temperature
-        batch = newton_batch(x, labels, miner_weights)
+        info: dict[str, Any] = {"step": torch.zeros_like(mean)}
+        if self.newton_line_search:
+            info["eps"] = self._objective_draws(self.objective_samples, dtype, generator)
+            # built on the device (a host-to-device copy would be a host sync on CUDA)
+            halvings = torch.arange(
+                self.line_search_backtracks + 1, dtype=dtype, device=mean.device
+            )
+            fractions = torch.cat([halvings.new_zeros(1), 0.5**halvings])
+            info["fraction"] = mean.new_zeros(())
         # one noise buffer, refilled every step (newton_update overwrites it in place)
         eps = torch.empty_like(mean) if self.stochastic else None
-        for m in range(self.newton_steps):
+        for m in range(steps):
             if eps is not None:
                 eps.normal_(generator=generator)
             proxies = mean if eps is None else torch.addcmul(mean, std, eps)
             grad, hess = proxy_anchor_newton_terms(
-                x, labels, proxies, self.alpha, self.margin, scale, batch=batch
-            )
+                batch.embeddings, batch.labels, proxies, self.alpha, self.margin, scale,
+                batch=batch,
+            )  # fmt: skip
             del proxies
-            mean, std, step = newton_update(
-                mean, std, eps, mean_prev, inv_var_prev, grad, hess, self.sigma_min, m == 0
-            )
-        return mean, std, step
+            new_mean, new_std, step = newton_update(
+                mean, std, eps, mean_prev, inv_var_prev, grad, hess, self.sigma_min, m == 0,
+                self.newton_damping,
+            )  # fmt: skip
+            if self.newton_line_search:
+                values = self._objective(
+                    batch, mean, std, mean_prev, std_prev, info["eps"],
+                    step_mean=new_mean - mean, step_std=new_std - std, fractions=fractions,
+                )  # fmt: skip
+                fraction = self._accepted_fraction(values, fractions)
+                new_mean = torch.addcmul(mean, fraction, new_mean - mean)
+                new_std = torch.addcmul(std, fraction, new_std - std).clamp_min_(self.sigma_min)
+                step = step.mul_(fraction)
+                info["fraction"] = info["fraction"] + fraction.mean() / steps
+            mean, std = new_mean, new_std
+            info["step"] = step
+            if on_step is not None:
+                on_step(mean, std)
+        return mean, std, info
+
+    @staticmethod
+    def _accepted_fraction(values: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+        """Per class, the largest fraction ``fractions[k]`` (``k >= 1``, decreasing) whose
+        objective ``values[k]`` does not exceed the current ``values[0]``, else 0: ``(C, 1)``."""
+        ok = values[1:] <= values[:1]
+        first = ok.to(values.dtype).argmax(dim=0)  # the first maximum: the largest step
+        chosen = torch.where(ok.any(dim=0), fractions[1:][first], 0.0)
+        return chosen.unsqueeze(1)
 
     def _noise(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -490,11 +811,11 @@ class VCPALoss(BaseProxyLoss):
             self.proxy_mean.copy_(pending["mean"])
             self.proxy_std.copy_(pending["std"])
         else:
-            self.proxy_std.clamp_(min=self.sigma_min)
+            self.project_std_()
         self.rng_state = pending["rng_state"]
 
     @torch.no_grad()
-    def _record_stats(self, embeddings, labels, proxies, pending, step, dtype) -> None:
+    def _record_stats(self, embeddings, labels, proxies, pending, info, batch, dtype) -> None:
         sims = proxy_math.cosine_similarity(embeddings.detach(), proxies.detach())
         pos = sims.gather(1, labels.unsqueeze(1))
         num_neg = sims.numel() - pos.numel()
@@ -502,28 +823,31 @@ class VCPALoss(BaseProxyLoss):
         self.mean_neg_similarity = (
             ((sims.sum() - pos.sum()) / num_neg).item() if num_neg > 0 else 0.0
         )
-        if "mean" in pending:
-            std_prev = self.proxy_std.to(dtype)
-            kl = gaussian_kl(pending["mean"], pending["std"], self.proxy_mean.to(dtype), std_prev)
-            self.mean_kl = kl.mean().item()
-            self.mean_std = pending["std"].mean().item()
-            self.newton_step_size = step.square().mean().sqrt().item()
-        else:
+        if "mean" not in pending:
             self.mean_std = self.std.mean().item()
+            return
+        mean_prev, std_prev = self.proxy_mean.to(dtype), self.proxy_std.to(dtype)
+        kl = gaussian_kl(pending["mean"], pending["std"], mean_prev, std_prev)
+        self.mean_kl = kl.mean().item()
+        self.mean_std = pending["std"].mean().item()
+        self.newton_step_size = info["step"].square().mean().sqrt().item()
+        if self.newton_line_search:
+            eps = info["eps"]
+            self.line_search_step = info["fraction"].item()
+        else:  # draws that leave the training draws unchanged
+            device = embeddings.device
+            stats_gen = torch.Generator(device=device).manual_seed(_seed_from_state(self.rng_state))
+            eps = self._objective_draws(self.objective_samples, dtype, stats_gen)
+        before = self._objective(batch, mean_prev, std_prev, mean_prev, std_prev, eps).sum()
+        after = self._objective(batch, pending["mean"], pending["std"], mean_prev, std_prev, eps)
+        self.objective_before = before.item()
+        self.objective_after = after.sum().item()
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
-        """The loss's generator on ``device``, rebuilt from ``rng_state`` when needed.
-
-        A state saved on another device type (CPU <-> CUDA) cannot be set directly; the new
-        generator is then seeded deterministically from it.
-        """
+        """The loss's generator on ``device``, rebuilt from ``rng_state`` when needed."""
         generator = self._generator
         if generator is None or generator.device != device:
-            generator = torch.Generator(device=device)
-            try:
-                generator.set_state(self.rng_state)
-            except RuntimeError:
-                generator.manual_seed(_seed_from_state(self.rng_state))
+            generator = generator_from_state(self.rng_state, device)
             self._generator = generator
         return generator
 
@@ -554,9 +878,22 @@ class VCPALoss(BaseProxyLoss):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        # validate everything before anything is written: a failing load changes nothing
         key = prefix + "rng_state"
         value = state_dict.get(key)
-        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.ndim == 1:
+        if value is not None:
+            check_generator_state(value, name=key)
+        std = state_dict.get(prefix + "proxy_std")
+        if isinstance(std, torch.Tensor) and std.shape == self.proxy_std.shape:
+            if not bool((std >= self.sigma_min).all()):  # NaN fails too
+                raise ValueError(
+                    f"{prefix}proxy_std holds values below sigma_min={self.sigma_min} or NaN "
+                    f"(min {float(std.min())}): not a valid state of this loss"
+                )
+        mean = state_dict.get(prefix + "proxy_mean")
+        if isinstance(mean, torch.Tensor) and not bool(torch.isfinite(mean).all()):
+            raise ValueError(f"{prefix}proxy_mean holds non-finite values")
+        if value is not None:
             # the state of a CUDA generator has another size than a CPU one
             self._buffers["rng_state"] = value.detach().to("cpu", copy=True)
         super()._load_from_state_dict(
