@@ -17,7 +17,6 @@ from scipy import stats as scipy_stats
 from pml_proxies.benchmark import (
     LOSS_NAMES,
     BenchmarkConfig,
-    available_losses,
     build_loss,
     get_proxies,
     mean_confidence_interval,
@@ -26,6 +25,7 @@ from pml_proxies.benchmark import (
 from pml_proxies.benchmark import losses as registry
 from pml_proxies.benchmark.cli import _parse_loss_params, build_parser, config_from_args, main
 from pml_proxies.benchmark.data import load_benchmark_data, split_validation_classes
+from pml_proxies.benchmark.losses import effective_kwargs
 from pml_proxies.benchmark.models import GlobalPool, SmallCNN, build_trunk
 from pml_proxies.benchmark.train import _batch_geometry
 
@@ -64,18 +64,27 @@ def test_confidence_interval_edge_cases():
 def test_registry_names():
     assert set(LOSS_NAMES) == {
         "mpa", "mpa_dw", "mpa_ap", "proxy_isa", "vcpa", "proxy_anchor", "soft_triple",
-        "proxy_nca", "multi_similarity", "normalized_softmax",
+        "proxy_nca", "multi_similarity", "normalized_softmax", "vcpa_damped",
     }  # fmt: skip
-    for name in ("mpa", "mpa_dw", "mpa_ap", "proxy_anchor", "soft_triple", "multi_similarity"):
-        assert name in available_losses()
+    # the only variant this package adds (not a paper's loss) is marked as such
+    assert {n for n, s in registry.LOSSES.items() if s.variant_of} == {"vcpa_damped"}
+    assert registry.LOSSES["vcpa_damped"].variant_of == "vcpa"
+
+
+def test_vcpa_damped_is_vcpa_with_damped_steps_and_marked_in_the_listing():
+    from pml_proxies.benchmark.cli import list_losses
+
+    paper = effective_kwargs("vcpa", "omniglot")
+    damped = effective_kwargs("vcpa_damped", "omniglot")
+    assert damped.pop("newton_damping") == 0.25 and paper.pop("newton_damping") == 1.0
+    assert damped == paper
+    assert effective_kwargs("vcpa_damped", "sop")["newton_steps"] == 10  # damping needs steps
+    line = next(ln for ln in list_losses("omniglot").splitlines() if ln.startswith("vcpa_damped"))
+    assert "this package's variant of vcpa" in line
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
-def test_registry_builds_every_available_loss(name):
-    if name not in available_losses():
-        with pytest.raises(ValueError, match="not available"):
-            build_loss(name, 5, 16)
-        pytest.skip(f"{name} is not implemented in this checkout yet")
+def test_registry_builds_every_loss(name):
     torch.manual_seed(0)
     C, D = 5, 16
     loss, miner = build_loss(name, C, D)
@@ -96,7 +105,7 @@ def test_registry_builds_every_available_loss(name):
         p, plabels, std = proxies
         assert p.shape[1] == D and p.shape[0] % C == 0
         # VCPA proxies come with their uncertainty (drawn in the embedding map)
-        assert (std is not None) == (name == "vcpa")
+        assert (std is not None) == (name in ("vcpa", "vcpa_damped"))
         if std is not None:
             assert std.shape == (p.shape[0],) and (std >= 0).all()
         np.testing.assert_array_equal(np.bincount(plabels), [p.shape[0] // C] * C)
@@ -134,11 +143,9 @@ def test_missing_loss_gives_clear_error(monkeypatch):
     spec = registry.LOSSES["mpa"]
     fake = registry.LossSpec("mpa", "pml_proxies.losses:NoSuchLoss", {}, "x")
     monkeypatch.setitem(registry.LOSSES, "mpa", fake)
-    assert not registry.is_available("mpa")
-    with pytest.raises(ValueError, match="NoSuchLoss is not available"):
+    with pytest.raises(ValueError, match="has no NoSuchLoss"):
         build_loss("mpa", 3, 4)
     monkeypatch.setitem(registry.LOSSES, "mpa", spec)
-    assert registry.is_available("mpa")
 
 
 # ------------------------------------------------------------------ models and data

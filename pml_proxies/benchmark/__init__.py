@@ -17,7 +17,6 @@ _EXPORTS = {
     "ConfigError": "config",
     "LOSSES": "losses",
     "LOSS_NAMES": "losses",
-    "available_losses": "losses",
     "build_loss": "losses",
     "get_proxies": "losses",
     "loss_kwargs": "losses",

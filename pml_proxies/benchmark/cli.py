@@ -65,10 +65,10 @@ def _parse_loss_params(items: list[str]) -> dict[str, dict]:
 
 
 def _parse_losses(text: str) -> list[str]:
-    from .losses import LOSS_NAMES, LOSSES, available_losses, is_available
+    from .losses import LOSS_NAMES, LOSSES
 
     if text.strip() == "all":
-        return available_losses()
+        return list(LOSS_NAMES)
     names = [n.strip() for n in text.split(",")]
     if not any(names):
         raise ConfigError("losses", f"name at least one loss; choose from {', '.join(LOSS_NAMES)}")
@@ -77,8 +77,6 @@ def _parse_losses(text: str) -> list[str]:
     for n in names:
         if n not in LOSSES:
             raise ConfigError("losses", f"unknown loss {n!r}; choose from {', '.join(LOSS_NAMES)}")
-        if not is_available(n):
-            raise ConfigError("losses", f"loss {n!r} is not available in this installation")
     return names
 
 
@@ -157,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchmarkConfig:
     """The :class:`BenchmarkConfig` of parsed ``args`` (``ConfigError`` on a bad value)."""
-    from .losses import available_losses
+    from .losses import LOSS_NAMES
 
     given = {
         f.name: getattr(args, f.name) for f in fields(BenchmarkConfig) if hasattr(args, f.name)
     }
     values: dict[str, Any] = dict(QUICK) if getattr(args, "quick", False) else {}
     values.update(given)
-    values["losses"] = _parse_losses(given["losses"]) if "losses" in given else available_losses()
+    values["losses"] = _parse_losses(given["losses"]) if "losses" in given else list(LOSS_NAMES)
     if "dataset_kwargs" in given:
         values["dataset_kwargs"] = _parse_key_values(given["dataset_kwargs"], "--dataset-arg")
     if "loss_params" in given:
@@ -175,11 +173,12 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchmarkConf
 
 
 def list_losses(dataset: str) -> str:
-    from .losses import LOSS_NAMES, LOSSES, effective_kwargs, is_available
+    from .losses import LOSS_NAMES, LOSSES, effective_kwargs
 
     lines = []
     for name in LOSS_NAMES:
-        status = "" if is_available(name) else "  [not available yet]"
+        variant = LOSSES[name].variant_of
+        status = f"  [this package's variant of {variant}, not a paper's loss]" if variant else ""
         kw = ", ".join(f"{k}={v}" for k, v in effective_kwargs(name, dataset).items())
         lines.append(
             f"{name:20s} {kw or '(class defaults)'}{status}\n{'':20s} {LOSSES[name].source}"
