@@ -37,7 +37,9 @@ class RelabeledSubset(Dataset):
 @dataclass
 class BenchmarkData:
     """The three class-disjoint splits. ``train`` uses the training transform, ``val`` and
-    ``test`` the evaluation transform. ``*_classes`` are the class names of each split."""
+    ``test`` the evaluation transform. ``*_classes`` are the class names of each split.
+    ``train_eval`` holds the same samples and labels as ``train`` with the evaluation transform
+    (embedding maps of the training classes)."""
 
     train: RelabeledSubset
     val: RelabeledSubset
@@ -45,6 +47,7 @@ class BenchmarkData:
     train_classes: list
     val_classes: list
     test_classes: list
+    train_eval: RelabeledSubset | None = None
 
 
 def split_validation_classes(
@@ -145,6 +148,7 @@ def load_benchmark_data(
         train_classes=_class_names(train_base, tr_classes),
         val_classes=_class_names(val_base, val_classes),
         test_classes=_class_names(test_base, test_classes),
+        train_eval=_subset(val_base, tr_classes),
     )
 
 

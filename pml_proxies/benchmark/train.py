@@ -317,7 +317,7 @@ def train_one(
     if record_keeper.tensorboard_writer is not None:
         record_keeper.tensorboard_writer.close()
 
-    _save_map_data(test_emb, test_labels, loss, config, out, num_classes)
+    _save_map_data(model, data, test_emb, test_labels, loss, config, out, num_classes)
     result = {
         "loss": loss_name,
         "seed": seed,
@@ -347,12 +347,28 @@ def _describe_kwargs(config: BenchmarkConfig, loss_name: str) -> dict:
     }
 
 
-def _save_map_data(emb, labels, loss, config, out: Path, num_classes: int) -> None:
-    """Save a subsample of test embeddings and the learned proxies for the 2-D map plot."""
+def _subsample(n_total: int, n_max: int) -> np.ndarray:
+    """Sorted indices of a fixed random subsample of at most ``n_max`` of ``n_total`` rows."""
     rng = np.random.default_rng(0)
-    n = min(len(labels), config.map_samples)
-    idx = np.sort(rng.choice(len(labels), size=n, replace=False))
+    return np.sort(rng.choice(n_total, size=min(n_total, n_max), replace=False))
+
+
+def _save_map_data(model, data, emb, labels, loss, config, out: Path, num_classes: int) -> None:
+    """Save the data of the 2-D map plot in ``map_data.npz``: a subsample of the test embeddings
+    (``embeddings``, ``labels``), a subsample of the training-class embeddings of the fitted model
+    with the evaluation preprocessing (``train_embeddings`` float32, ``train_labels`` in
+    ``[0, C)``, the numbering of ``proxy_labels``) and the learned proxies (``proxies``,
+    ``proxy_labels``, ``proxy_uncertainty`` where the loss has one)."""
+    idx = _subsample(len(labels), config.map_samples)
     arrays = {"embeddings": emb[idx].numpy(), "labels": labels[idx].numpy()}
+    train_eval = data.train_eval
+    if train_eval is not None and len(train_eval) > 0:
+        rows = _subsample(len(train_eval), config.map_samples)
+        train_emb, train_labels = compute_embeddings(
+            model, torch.utils.data.Subset(train_eval, rows.tolist()), config
+        )
+        arrays["train_embeddings"] = train_emb.numpy().astype(np.float32)
+        arrays["train_labels"] = train_labels.numpy().astype(np.int64)
     proxies = get_proxies(loss, num_classes)
     if proxies is not None:
         arrays["proxies"], arrays["proxy_labels"], std = proxies
