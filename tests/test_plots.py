@@ -69,6 +69,10 @@ def test_metric_panels_group_own_losses_apart_from_baselines(tmp_path):
     x = ax.get_xticks()
     assert x[1] < separators[0].get_xdata()[0] < x[2]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == list(plots.GROUP_NAMES)
+    only_own = _summary(3)[lambda df: df["loss"].isin(OWN)]
+    fig = plots.plot_metric_bars(only_own, tmp_path / "m.png", own_losses=OWN)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [plots.GROUP_NAMES[0]]
+    assert not [line for line in fig.axes[0].get_lines() if np.ptp(line.get_xdata()) == 0]
 
 
 def test_own_losses_default_to_the_registry_losses_of_this_package():
@@ -139,6 +143,11 @@ def test_training_curves_have_one_legend_and_integer_epoch_ticks(tmp_path, epoch
     assert "MAP@R" in fig.axes[1].get_ylabel()
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
     assert styles["mpa"] != styles["proxy_anchor"]
+    assert fig.axes[0].get_yscale() == "log"
+    negative = _results(epochs, losses)
+    negative[0]["history"][-1]["train_loss"] = -0.5  # e.g. Proxy-NCA (no positive in the sum)
+    fig = plots.plot_training_curves(negative, losses, "mean_average_precision_at_r", path)
+    assert fig.axes[0].get_yscale() == "symlog"
 
 
 def _map_data(folder, rng, *, train=True, proxies_per_class=1, uncertainty=None, dim=16):

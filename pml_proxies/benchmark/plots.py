@@ -181,7 +181,7 @@ def plot_metric_bars(
         ax.axis("off")
     seeds = summary["seeds"].to_numpy() if "seeds" in summary else np.ones(len(summary))
     fig.suptitle(f"Test metrics (x100): {_seeds_phrase(seeds)}")
-    _group_legend(fig, [g for g, present in zip((0, 1), (n_own > 0, n_own < len(losses)))])
+    _group_legend(fig, [g for g, here in zip((0, 1), (n_own > 0, n_own < len(losses))) if here])
     return _save(fig, path)
 
 
@@ -212,9 +212,10 @@ def plot_training_curves(
     *,
     own_losses: Iterable[str] | None = None,
 ) -> Figure:
-    """``training_curves.png``: training loss (mean over the epoch, symmetric log scale) and the
-    validation ``primary`` metric (x100, model selection) per epoch, both averaged over seeds;
-    one legend for both panels (solid lines: this package's losses, dashed: PML's baselines).
+    """``training_curves.png``: training loss (mean over the epoch; log scale, symmetric log
+    when a loss is negative) and the validation ``primary`` metric (x100, model selection) per
+    epoch, both averaged over seeds; one legend for both panels (solid lines: this package's
+    losses, dashed: PML's baselines).
 
     Args:
         results: the runs' result dicts (``loss``, ``history``: rows with ``epoch``,
@@ -245,7 +246,11 @@ def plot_training_curves(
             val = h[col].dropna()
             ax2.plot(val.index, 100 * val, style, color=color, marker="o", markersize=3.5)
     ax1.set(xlabel="epoch", ylabel="training loss (mean over the epoch)", title="Training loss")
-    ax1.set_yscale("symlog", linthresh=1e-2)
+    values = np.concatenate([line.get_ydata() for line in handles]) if handles else np.ones(1)
+    if np.all(values[np.isfinite(values)] > 0):  # log scale: losses differ by orders of magnitude
+        ax1.set_yscale("log")
+    else:
+        ax1.set_yscale("symlog", linthresh=1e-2)
     label = metric_label(primary)
     ax2.set(
         xlabel="epoch",
@@ -364,7 +369,7 @@ def _draw_map(
     shown = np.isin(labels, classes)
     ax.scatter(*xy[~shown].T, s=4, color="0.75", alpha=0.45, linewidths=0, zorder=1)
     index = np.searchsorted(classes, labels[shown])
-    ax.scatter(*xy[shown].T, s=11, c=np.array(colors)[index], alpha=0.85, linewidths=0, zorder=2)
+    ax.scatter(*xy[shown].T, s=14, c=np.array(colors)[index], alpha=0.85, linewidths=0, zorder=2)
     note = f"{len(classes)} of {len(np.unique(labels))} classes coloured"
     if p_xy is not None and proxy_labels is not None:
         proxy_labels = np.asarray(proxy_labels)
@@ -471,7 +476,7 @@ def plot_embedding_maps(
     blocks = math.ceil(len(items) / ncols)
     rows_per_block = 2 if with_train else 1
     fig = Figure(figsize=(3.5 * ncols, 3.6 * rows_per_block * blocks + 0.9), layout="constrained")
-    subfigs = np.atleast_1d(fig.subfigures(rows_per_block * blocks, 1))
+    subfigs = fig.subfigures(rows_per_block * blocks, 1, squeeze=False)[:, 0]
     for b in range(blocks):
         chunk = items[b * ncols : (b + 1) * ncols]
         rows = subfigs[b * rows_per_block : (b + 1) * rows_per_block]
