@@ -145,7 +145,7 @@ def test_training_curves_have_one_legend_and_integer_epoch_ticks(tmp_path, epoch
     assert styles["mpa"] != styles["proxy_anchor"]
     assert fig.axes[0].get_yscale() == "log"
     negative = _results(epochs, losses)
-    negative[0]["history"][-1]["train_loss"] = -0.5  # e.g. Proxy-NCA (no positive in the sum)
+    negative[0]["history"][-1]["train_loss"] = -5.0  # e.g. Proxy-NCA (no positive in the sum)
     fig = plots.plot_training_curves(negative, losses, "mean_average_precision_at_r", path)
     assert fig.axes[0].get_yscale() == "symlog"
 
