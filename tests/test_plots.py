@@ -295,3 +295,10 @@ def test_shown_classes_and_uncertainty_radii():
     r = plots.uncertainty_radii(np.array([0.3, 0.31, 0.305]), 2.0, (0.01, 0.1))
     assert np.allclose(r, [0.02, 0.2, 0.11])
     assert np.allclose(plots.uncertainty_radii(np.full(3, 0.5), 2.0, (0.01, 0.1)), 0.11)
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 13, 20])
+def test_class_colors_are_distinct_and_never_grey(n):
+    colors = [to_rgba(c)[:3] for c in plots.class_colors(n)]
+    assert len(colors) == len(set(colors)) == n
+    assert not any(np.allclose(c[0], c[1:]) and c[0] > 0 for c in colors)  # grey: other classes

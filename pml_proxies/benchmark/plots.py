@@ -339,11 +339,17 @@ def uncertainty_radii(
     return extent * (radii[0] + t * (radii[1] - radii[0]))
 
 
-def _class_colors(n: int) -> list[Any]:
+def class_colors(n: int) -> np.ndarray:
+    """``n`` distinct class colours (RGBA rows) without greys, the uncoloured classes' colour."""
     import matplotlib
+    from matplotlib.colors import to_rgba_array
 
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
+    name = "tab10" if n <= 10 else "tab20"
+    colors = to_rgba_array(matplotlib.colormaps[name].colors)  # type: ignore[attr-defined]
+    colors = colors[
+        ~np.isclose(colors[:, 0], colors[:, 1]) | ~np.isclose(colors[:, 0], colors[:, 2])
+    ]
+    return np.concatenate([colors, to_rgba_array(["#000080", "#000000"])])[:n]
 
 
 def _draw_map(
@@ -365,17 +371,17 @@ def _draw_map(
     extra = None if proxies is None else _unit(proxies)
     xy, p_xy, (xlabel, ylabel) = _map_2d(emb, extra, method, seed)
     classes = shown_classes(labels, max_classes)
-    colors = _class_colors(len(classes))
+    colors = class_colors(len(classes))
     shown = np.isin(labels, classes)
     ax.scatter(*xy[~shown].T, s=4, color="0.75", alpha=0.45, linewidths=0, zorder=1)
     index = np.searchsorted(classes, labels[shown])
-    ax.scatter(*xy[shown].T, s=14, c=np.array(colors)[index], alpha=0.85, linewidths=0, zorder=2)
+    ax.scatter(*xy[shown].T, s=14, c=colors[index], alpha=0.85, linewidths=0, zorder=2)
     note = f"{len(classes)} of {len(np.unique(labels))} classes coloured"
     if p_xy is not None and proxy_labels is not None:
         proxy_labels = np.asarray(proxy_labels)
         keep = np.isin(proxy_labels, classes)
         p_index = np.searchsorted(classes, proxy_labels[keep])
-        p_colors = np.array(colors)[p_index]
+        p_colors = colors[p_index]
         if uncertainty is not None:
             all_xy = np.concatenate([xy, p_xy])
             extent = float(np.ptp(all_xy, axis=0).max()) or 1.0
@@ -528,4 +534,5 @@ __all__ = [
     "pca_2d",
     "shown_classes",
     "uncertainty_radii",
+    "class_colors",
 ]
