@@ -150,22 +150,36 @@ def test_training_curves_have_one_legend_and_integer_epoch_ticks(tmp_path, epoch
     assert fig.axes[0].get_yscale() == "symlog"
 
 
-def _map_data(folder, rng, *, train=True, proxies_per_class=1, uncertainty=None, dim=16):
+def _map_data(
+    folder,
+    rng,
+    *,
+    train=True,
+    proxies_per_class=1,
+    uncertainty=None,
+    dim=16,
+    proxy_gap=0.0,
+    noise=0.3,
+):
+    """A ``map_data.npz``; ``proxy_gap``: length of a direction shared by all proxies and by no
+    embedding (trained proxies are rarely where the embeddings are)."""
     folder.mkdir(parents=True)
     train_classes, test_classes = 12, 8
     centres = rng.normal(size=(train_classes, dim))
+    centres[:, -1] = 0.0
     arrays = {
         "embeddings": rng.normal(size=(80, dim)).astype(np.float32),
         "labels": rng.integers(0, test_classes, 80),
     }
     if train:
         labels = np.repeat(np.arange(train_classes), 6)
-        arrays["train_embeddings"] = (centres[labels] + 0.3 * rng.normal(size=(72, dim))).astype(
+        arrays["train_embeddings"] = (centres[labels] + noise * rng.normal(size=(72, dim))).astype(
             np.float32
         )
         arrays["train_labels"] = labels
     if proxies_per_class:
         arrays["proxies"] = np.repeat(centres, proxies_per_class, axis=0)
+        arrays["proxies"][:, -1] = proxy_gap * np.linalg.norm(centres, axis=1).max()
         arrays["proxy_labels"] = np.repeat(np.arange(train_classes), proxies_per_class)
     if uncertainty is not None:
         arrays["proxy_uncertainty"] = uncertainty
@@ -250,10 +264,26 @@ def test_embedding_maps_without_map_data_write_nothing(tmp_path):
 
 def test_embedding_maps_tsne(tmp_path):
     rng = np.random.default_rng(5)
-    dirs = {"vcpa": _map_data(tmp_path / "vcpa", rng, uncertainty=rng.random(12))}
+    dirs = {
+        "vcpa": _map_data(
+            tmp_path / "vcpa", rng, uncertainty=rng.random(12), proxy_gap=3.0, noise=0.1
+        )
+    }
     axes = _by_label(plots.plot_embedding_maps(dirs, tmp_path / "maps.png", method="tsne"))
-    assert axes["train vcpa"].get_xlabel() == "t-SNE 1"
-    assert len(axes["train vcpa"].collections[2].get_offsets()) == 10  # 10 of 12 classes
+    ax = axes["train vcpa"]
+    assert ax.get_xlabel() == "t-SNE 1"
+    _, shown, proxies = ax.collections[:3]
+    assert len(proxies.get_offsets()) == 10  # 10 of 12 classes
+    # a proxy (its class centre) sits among its class's points, not in a cluster of proxies:
+    # the nearest class centroid of the map is its own class's
+    point_colors = shown.get_facecolors()[:, :3].round(4)
+    colors = np.unique(point_colors, axis=0)
+    centroids = np.stack(
+        [shown.get_offsets()[np.all(point_colors == c, axis=1)].mean(axis=0) for c in colors]
+    )
+    for xy, color in zip(proxies.get_offsets(), proxies.get_facecolors()[:, :3].round(4)):
+        nearest = np.linalg.norm(centroids - xy, axis=1).argmin()
+        assert np.array_equal(colors[nearest], color)
 
 
 @pytest.mark.parametrize(

@@ -35,8 +35,10 @@ GROUP_NAMES = ("pml-proxies losses", "PML baselines")
 MIN_SPAN = 10.0
 #: radius range (fraction of a map's extent) that a loss's range of proxy uncertainties maps to
 UNCERTAINTY_RADII = (0.015, 0.09)
-#: map methods of :func:`plot_embedding_maps`
-MAP_METHODS = ("pca", "tsne")
+#: map methods of :func:`plot_embedding_maps` and their names in titles
+MAP_METHODS = {"pca": "PCA", "tsne": "t-SNE"}
+#: t-SNE maps: a proxy is drawn at the mean position of this many most similar embeddings
+TSNE_NEIGHBOURS = 5
 DPI = 110
 
 
@@ -302,8 +304,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def _map_2d(
     emb: np.ndarray, extra: np.ndarray | None, method: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, str]]:
-    """2-D coordinates of ``emb`` and ``extra`` (proxies) and the axis labels. PCA is fitted on
-    ``emb`` alone (the proxies are projected into it); t-SNE on both together."""
+    """2-D coordinates of the unit embeddings ``emb`` and unit proxies ``extra`` and the axis
+    labels. Both maps are fitted on ``emb`` alone: PCA projects the proxies into it; t-SNE, which
+    cannot place new points, draws each proxy at the mean position of its
+    ``TSNE_NEIGHBOURS`` most similar embeddings (fitting both together would set the proxies
+    apart in a cluster of their own: they are not where any embedding is)."""
     if method == "pca":
         mean, comps, ratio = pca_2d(emb)
         xy = (emb - mean) @ comps.T
@@ -311,12 +316,14 @@ def _map_2d(
         return xy, extra_xy, (f"PC1 ({ratio[0]:.0%} of variance)", f"PC2 ({ratio[1]:.0%})")
     from sklearn.manifold import TSNE
 
-    pts = emb if extra is None else np.concatenate([emb, extra])
-    perplexity = max(2.0, min(30.0, (len(pts) - 1) / 3.0))
-    tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed)
-    both = tsne.fit_transform(pts)
-    extra_xy = None if extra is None else both[len(emb) :]
-    return both[: len(emb)], extra_xy, ("t-SNE 1", "t-SNE 2")
+    perplexity = max(2.0, min(30.0, (len(emb) - 1) / 3.0))
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(emb)
+    extra_xy = None
+    if extra is not None:
+        k = min(TSNE_NEIGHBOURS, len(emb))
+        nearest = np.argpartition(-(extra @ emb.T), k - 1, axis=1)[:, :k]
+        extra_xy = xy[nearest].mean(axis=1)
+    return xy, extra_xy, ("t-SNE 1", "t-SNE 2")
 
 
 def shown_classes(labels: np.ndarray, max_classes: int) -> np.ndarray:
@@ -447,8 +454,9 @@ def plot_embedding_maps(
 ) -> Figure | None:
     """``embedding_maps.png``: per loss a column; above, its training embeddings with its proxies
     on top; below, its test embeddings (classes not seen in training). Every panel is its own 2-D
-    map of the L2-normalised points: PCA (fitted on the embeddings, proxies projected into it,
-    explained variance in the axis labels) or t-SNE (fitted on embeddings and proxies together).
+    map of the L2-normalised points, fitted on the embeddings: PCA (proxies projected into it,
+    explained variance in the axis labels) or t-SNE (a proxy drawn at the mean position of its
+    ``TSNE_NEIGHBOURS`` most similar embeddings).
     Points and proxies share their class's colour (proxies: diamonds with a dark edge); VCPA's
     proxies get circles whose radius maps the loss's range of uncertainties to a visible range.
     A ``map_data.npz`` without ``train_embeddings`` (older runs) gives a test panel only.
@@ -519,7 +527,7 @@ def plot_embedding_maps(
         for axes in row_axes:
             for ax in axes[len(chunk) :]:
                 ax.axis("off")
-    fig.suptitle(f"How each loss arranges classes ({method.upper()} per panel)")
+    fig.suptitle(f"How each loss arranges classes ({MAP_METHODS[method]} per panel)")
     _map_legend(fig, with_proxies, with_unc)
     return _save(fig, path)
 
