@@ -356,7 +356,7 @@ def class_colors(n: int) -> np.ndarray:
     colors = colors[
         ~np.isclose(colors[:, 0], colors[:, 1]) | ~np.isclose(colors[:, 0], colors[:, 2])
     ]
-    return np.concatenate([colors, to_rgba_array(["#000080", "#000000"])])[:n]
+    return np.concatenate([colors, to_rgba_array(["#ffd92f", "#a6761d"])])[:n]
 
 
 def _draw_map(
