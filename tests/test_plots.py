@@ -298,17 +298,25 @@ def test_embedding_maps_reject_bad_options_before_writing(tmp_path, kwargs, matc
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pca_2d_matches_the_covariance_eigendecomposition(dtype):
+@pytest.mark.parametrize("n, d", [(50, 6), (5, 12)])
+def test_pca_2d_matches_the_svd_of_the_centred_points(dtype, n, d):
     rng = np.random.default_rng(7)
-    x = (rng.normal(size=(50, 6)) * np.array([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])).astype(dtype)
+    scale = np.linspace(5.0, 0.1, d)
+    x = (rng.normal(size=(n, d)) * scale).astype(dtype)
     mean, comps, ratio = plots.pca_2d(x)
     xc = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
-    values, vectors = np.linalg.eigh(xc.T @ xc)
-    top = vectors[:, ::-1][:, :2].T
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
     assert np.allclose(mean, x.mean(axis=0), atol=1e-5)
-    assert np.allclose(np.abs(comps @ top.T), np.eye(2), atol=1e-5)
-    assert np.allclose(ratio, values[::-1][:2] / values.sum(), atol=1e-5)
+    assert np.allclose(np.abs(comps @ vt[:2].T), np.eye(2), atol=1e-5)
+    assert np.allclose(ratio, s[:2] ** 2 / np.sum(s**2), atol=1e-6)
     assert np.all(comps[np.arange(2), np.abs(comps).argmax(axis=1)] > 0)  # fixed signs
+
+
+def test_pca_2d_of_points_on_a_line_has_no_second_component():
+    x = np.outer(np.arange(6.0), [1.0, 2.0, 0.0])
+    _, comps, ratio = plots.pca_2d(x)
+    assert np.allclose(ratio, [1.0, 0.0]) and np.allclose(comps[1], 0.0)
+    assert np.allclose(comps[0], np.array([1.0, 2.0, 0.0]) / np.sqrt(5.0))
 
 
 def test_shown_classes_and_uncertainty_radii():

@@ -14,6 +14,7 @@ no backend switch, nothing to close).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -104,7 +105,9 @@ def _loss_positions(losses: list[str], own: set[str]) -> tuple[list[str], np.nda
 
 
 def _seeds_phrase(seeds: np.ndarray) -> str:
-    if len(seeds) == 0 or seeds.max() <= 1:
+    if len(seeds) == 0:
+        return "no finished run"
+    if seeds.max() <= 1:
         return "one seed (no confidence interval)"
     if seeds.min() == seeds.max():
         return f"mean and 95% CI over {int(seeds.max())} seeds"
@@ -280,19 +283,29 @@ def plot_training_curves(
 # ------------------------------------------------------------------ embedding_maps.png
 def pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """2-D PCA of ``points`` (N, D): ``(mean (D,), components (2, D), explained variance ratio
-    (2,))``; component signs fixed (largest loading positive) so maps do not flip at random."""
+    (2,))``; component signs fixed (largest loading positive) so maps do not flip at random.
+    Eigen-decomposition of the smaller of the covariance (D, D) and Gram (N, N) matrices: a few
+    times faster than an SVD of the points."""
     points = np.asarray(points, dtype=np.float64)
+    n, d = points.shape
     mean = points.mean(axis=0)
     centred = points - mean
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    k = min(2, vt.shape[0])
-    comps = np.zeros((2, points.shape[1]))
-    comps[:k] = vt[:k]
+    total = float(np.square(centred).sum())
+    if d <= n:
+        values, vectors = np.linalg.eigh(centred.T @ centred)
+        comps = vectors[:, ::-1][:, :2].T
+    else:
+        values, vectors = np.linalg.eigh(centred @ centred.T)
+        comps = (centred.T @ vectors[:, ::-1][:, :2]).T
+    values = np.clip(values[::-1][:2], 0.0, None)
+    comps = comps / np.maximum(np.linalg.norm(comps, axis=1, keepdims=True), 1e-300)
+    comps[values <= 1e-12 * max(total, 1e-300)] = 0.0  # rank < 2: no second direction
+    if len(comps) < 2:
+        comps = np.concatenate([comps, np.zeros((2 - len(comps), d))])
+        values = np.concatenate([values, np.zeros(2 - len(values))])
     signs = np.sign(comps[np.arange(2), np.abs(comps).argmax(axis=1)])
     comps *= np.where(signs == 0, 1.0, signs)[:, None]
-    var = s**2
-    ratio = np.zeros(2)
-    ratio[:k] = var[:k] / var.sum() if var.sum() > 0 else 0.0
+    ratio = values / total if total > 0 else np.zeros(2)
     return mean, comps, ratio
 
 
@@ -483,6 +496,28 @@ def plot_embedding_maps(
                 items.append((name, {k: z[k] for k in z.files}))
     if not items:
         return None
+    with _one_blas_thread():
+        return _embedding_maps(items, path, method, max_classes, max_columns, seed)
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """Small matrices: one BLAS thread (several threads on a busy machine spin for seconds per
+    decomposition); ``threadpoolctl`` comes with scikit-learn."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn is a dependency
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _embedding_maps(
+    items: list[tuple[str, dict[str, np.ndarray]]],
+    path: Path | str,
+    method: str,
+    max_classes: int,
+    max_columns: int,
+    seed: int,
+) -> Figure:
     with_train = any("train_embeddings" in d for _, d in items)
     with_proxies = with_train and any("proxies" in d for _, d in items)
     with_unc = with_proxies and any("proxy_uncertainty" in d for _, d in items)
