@@ -331,7 +331,7 @@ def test_cli_quick_and_list(tmp_path, capsys):
     args = build_parser().parse_args(["--losses", "bogus"])
     with pytest.raises(ValueError, match="unknown loss"):
         config_from_args(args, [])
-    rc = main(["--quick", "--losses", "normalized_softmax", "--epochs", "1", "--iterations-per-epoch",
+    rc = main(["--quick", "--dataset", "digits", "--losses", "normalized_softmax", "--epochs", "1", "--iterations-per-epoch",
                "2", "--output", str(tmp_path / "cli"), "--no-progress", "--embedding-size", "16"])  # fmt: skip
     assert rc == 0
     assert "normalized_softmax" in capsys.readouterr().out

@@ -2,22 +2,42 @@
 
 ``pml-proxies-benchmark`` (or ``python -m pml_proxies.benchmark``) trains every selected loss
 with several seeds under one protocol, selects each run's epoch on held-out training classes,
-evaluates it on the test classes and writes CSV / Markdown tables and PNG plots.
+evaluates it on the test classes and writes CSV / Markdown tables, plots and ``report.md``.
+
+Names are imported lazily (``--help`` does not load torch).
 """
 
-from .config import BenchmarkConfig
-from .losses import LOSS_NAMES, LOSSES, available_losses, build_loss, get_proxies, loss_kwargs
-from .runner import run_benchmark
-from .stats import mean_confidence_interval
+from __future__ import annotations
 
-__all__ = [
-    "LOSSES",
-    "LOSS_NAMES",
-    "BenchmarkConfig",
-    "available_losses",
-    "build_loss",
-    "get_proxies",
-    "loss_kwargs",
-    "mean_confidence_interval",
-    "run_benchmark",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BenchmarkConfig": "config",
+    "ConfigError": "config",
+    "LOSSES": "losses",
+    "LOSS_NAMES": "losses",
+    "available_losses": "losses",
+    "build_loss": "losses",
+    "get_proxies": "losses",
+    "loss_kwargs": "losses",
+    "mean_confidence_interval": "stats",
+    "run_benchmark": "runner",
+    "RunSpec": "spec",
+    "TrunkRecipe": "spec",
+    "build_run_spec": "spec",
+    "build_run_specs": "spec",
+    "train_and_evaluate": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -18,18 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-TRUNK_NAMES = ("small_cnn", "efficientnet_lite0", "resnet50", "googlenet", "bninception")
-POOLING_NAMES = ("avg", "avgmax", "gem")
-
-#: Per-trunk recipe defaults (used where the command line leaves a value unset).
-TRUNK_DEFAULTS = {
-    "small_cnn": dict(lr=1e-3, warmup_epochs=0, freeze_bn=False, pretrained=False),
-    "efficientnet_lite0": dict(lr=1e-4, warmup_epochs=1, freeze_bn=True, pretrained=True),
-    "resnet50": dict(lr=1e-4, warmup_epochs=1, freeze_bn=True, pretrained=True),
-    "googlenet": dict(lr=1e-4, warmup_epochs=1, freeze_bn=True, pretrained=True),
-    "bninception": dict(lr=1e-4, warmup_epochs=1, freeze_bn=True, pretrained=True),
-}
+from .recipes import POOLING_NAMES, TRUNK_DEFAULTS, TRUNK_NAMES  # noqa: F401, E402
 
 
 class _MaybeMaxPool(nn.Module):

@@ -1,0 +1,165 @@
+"""Tests of the benchmark's report.md (sections holding computed values, caveats, relative
+paths), Proxy-ISA's statistics in record-keeper, --report-only and non-terminal progress."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import pytorch_metric_learning
+import torch
+
+import pml_proxies
+from pml_proxies.benchmark import BenchmarkConfig, run_benchmark
+from pml_proxies.benchmark.cli import main
+from pml_proxies.benchmark.data import load_benchmark_data
+from pml_proxies.benchmark.report import caveats
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny(output, losses, **kw) -> BenchmarkConfig:
+    base = dict(
+        dataset="digits",
+        losses=list(losses),
+        seeds=[0],
+        output=str(output),
+        epochs=2,
+        iterations_per_epoch=3,
+        embedding_size=16,
+        batch_size=16,
+        progress=False,
+        map_samples=50,
+        log_freq=1,
+    )
+    base.update(kw)
+    return BenchmarkConfig(**base)
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_report_sections_hold_computed_values(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "digits", "--losses", "proxy_anchor,proxy_isa", "--seeds", "0,1",
+            "--epochs", "2", "--iterations-per-epoch", "3", "--embedding-size", "16",
+            "--batch-size", "16", "--map-samples", "50", "--log-freq", "1",
+            "--output", "out", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    text = (tmp_path / "out" / "report.md").read_text()
+    # the command as typed, versions, commit, device, threads, start and total time
+    assert "pml-proxies-benchmark " + " ".join(argv) in text
+    for version in (
+        pml_proxies.__version__,
+        torch.__version__,
+        pytorch_metric_learning.__version__,
+    ):
+        assert version in text
+    assert f"python {sys.version.split()[0]}" in text
+    assert "git commit: " in text and "device: cpu" in text and "torch CPU threads: 1" in text
+    assert "started 20" in text and "this invocation took" in text
+    assert "2 run(s) trained" not in text and "4 run(s) trained" in text
+    # the protocol in sentences with the values used (no "0 epochs", no "dataset default")
+    protocol = _section(text, "Protocol")
+    data = load_benchmark_data("digits")
+    assert f"{len(data.train)} images of {data.train.num_classes} training classes" in protocol
+    assert "8 x 8 pixels" in protocol and "2 epochs of 3 iterations" in protocol
+    assert "constant learning rate" in protocol and "every 0" not in protocol
+    assert "dataset default" not in protocol and "seeds 0, 1" in protocol
+    # results, selected epochs, hyper-parameters used
+    assert "| proxy_isa | 2 |" in _section(text, "Test results")
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    epochs = _section(text, "Selected epochs")
+    best = runs.set_index(["loss", "seed"])["best_epoch"]
+    assert (
+        f"| proxy_anchor | {best['proxy_anchor', 0]} / 2 | {best['proxy_anchor', 1]} / 2 |"
+        in epochs
+    )
+    params = _section(text, "Loss hyper-parameters used")
+    assert "sensitivity=0.9" in params and "margin=0.1, alpha=32" in params
+    # caveats computed from this run
+    cav = _section(text, "Caveats")
+    assert "Only 2 validation classes" in cav
+    assert "Proxy-ISA's training loss is about 100 times" in cav
+    assert "single seed" not in cav
+    # every file, relative to the output folder; no absolute path anywhere
+    files = _section(text, "Files")
+    for name in ("config.json", "protocol.json", "runs.csv", "summary.csv", "report.md",
+                 "map_data.npz", "result.json", "runs/proxy_isa/seed_1/"):  # fmt: skip
+        assert name in files, name
+    assert str(tmp_path) not in text and "/tmp" not in text
+    # Proxy-ISA's statistics are logged to record-keeper
+    with open(tmp_path / "out/runs/proxy_isa/seed_0/logs/metric_loss_ProxyISALoss.csv") as f:
+        header = next(csv.reader(f))
+    assert {"mean_effective_number", "memory_fill", "mean_negative_weight"} <= set(header)
+
+
+def test_caveats_rules():
+    config = _tiny("unused", ["proxy_anchor", "mpa", "proxy_nca"], epochs=4, seeds=[0, 1])
+    data = load_benchmark_data("digits")
+    results = [
+        {"loss": loss, "seed": s, "best_epoch": e}
+        for loss, eps in (("proxy_anchor", (1, 1)), ("mpa", (1, 2)), ("proxy_nca", (3, 4)))
+        for s, e in zip((0, 1), eps)
+    ]
+    m = "mean_average_precision_at_r"
+    summary = pd.DataFrame(
+        {"loss": ["proxy_anchor", "mpa", "proxy_nca"], "seeds": [2, 2, 2],
+         f"{m}_mean": [0.50, 0.48, 0.30], f"{m}_ci95": [0.03, 0.03, 0.01]}
+    )  # fmt: skip
+    text = " ".join(caveats(config, data, results, summary))
+    assert "Only 2 validation classes" in text
+    # proxy_anchor: 2/2 first-epoch bests, mpa 1/2 (not most), proxy_nca 0/2: 1 of 3 losses
+    assert "first validated one" not in text and "still improving" not in text
+    results[3]["best_epoch"] = 1  # now mpa too: 2 of 3 losses
+    text = " ".join(caveats(config, data, results, summary))
+    assert "first validated one (epoch 1) for most losses (proxy_anchor, mpa)" in text
+    assert "proxy_anchor (the highest mean) and of mpa overlap" in text
+    assert "proxy_nca overlap" not in text and "Proxy-ISA" not in text
+    for r in results:
+        r["best_epoch"] = 4 if r["loss"] != "mpa" else 1
+    text = " ".join(caveats(config, data, results, summary))
+    assert "last one (epoch 4) for most losses (proxy_anchor, proxy_nca)" in text
+    one_seed = summary.assign(seeds=1)
+    assert "A single seed" in " ".join(caveats(config, data, results, one_seed))
+
+
+def test_report_only_rebuilds_without_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    run_benchmark(_tiny(out, ["proxy_anchor", "normalized_softmax"]))
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_0/result.json")}
+    (out / "report.md").unlink()
+    (out / "runs" / "normalized_softmax" / "seed_0" / "result.json").unlink()
+    res = run_benchmark(_tiny(out, ["proxy_anchor", "normalized_softmax"]), report_only=True)
+    assert (out / "report.md").is_file() and list(res["runs"]["loss"]) == ["proxy_anchor"]
+    text = (out / "report.md").read_text()
+    assert "Only 1 of the 2 runs are finished (missing: normalized_softmax seed 0)" in text
+    assert "left out of the report" in capsys.readouterr().err
+    for p, t in stamps.items():
+        if p.exists():
+            assert p.stat().st_mtime_ns == t
+    assert not (out / "runs" / "normalized_softmax" / "seed_0" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_non_terminal_output_has_no_escape_codes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pml_proxies.benchmark", "--quick", "--dataset", "digits",
+         "--losses", "proxy_anchor", "--output", str(tmp_path / "q")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    both = proc.stdout + proc.stderr
+    assert "\x1b" not in both and "\r" not in both
+    assert "benchmark: 1/1" in proc.stderr  # one plain progress line per period and at the end
+    assert (tmp_path / "q" / "report.md").is_file()
