@@ -144,6 +144,9 @@ def test_training_curves_have_one_legend_and_integer_epoch_ticks(tmp_path, epoch
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
     assert styles["mpa"] != styles["proxy_anchor"]
     assert fig.axes[0].get_yscale() == "log"
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True)]
+    assert any(labels) and all(float(t) > 0 for t in labels if t)  # plain numbers, no 6x10^0
     negative = _results(epochs, losses)
     negative[0]["history"][-1]["train_loss"] = -5.0  # e.g. Proxy-NCA (no positive in the sum)
     fig = plots.plot_training_curves(negative, losses, "mean_average_precision_at_r", path)

@@ -254,6 +254,8 @@ def plot_training_curves(
     values = np.concatenate([line.get_ydata() for line in handles]) if handles else np.ones(1)
     if np.all(values[np.isfinite(values)] > 0):  # log scale: losses differ by orders of magnitude
         ax1.set_yscale("log")
+        ax1.yaxis.set_major_formatter(_plain_log_formatter(True))
+        ax1.yaxis.set_minor_formatter(_plain_log_formatter(False))
     else:
         ax1.set_yscale("symlog", linthresh=1e-2)
     label = metric_label(primary)
@@ -278,6 +280,17 @@ def plot_training_curves(
         seeds = "one seed" if hi == 1 else f"mean over {lo if lo == hi else f'{lo}-{hi}'} seeds"
         fig.suptitle(f"Training curves ({seeds})")
     return _save(fig, path)
+
+
+def _plain_log_formatter(label_only_base: bool):
+    """Log-axis labels as plain numbers (``6``, ``0.5``) where matplotlib would label a tick."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter(labelOnlyBase=label_only_base)
 
 
 # ------------------------------------------------------------------ embedding_maps.png
