@@ -68,7 +68,8 @@ def make_storage(
     """An Optuna ``RDBStorage`` with heartbeats: a RUNNING trial without a heartbeat for
     ``grace_period`` s is failed and retried (at most ``max_retry`` times)."""
     optuna = optuna_or_exit()
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna import storages
+    from optuna.storages import RDBStorage
 
     if url.startswith("postgresql"):
         try:
@@ -77,14 +78,27 @@ def make_storage(
             raise ImportError(
                 "a PostgreSQL storage needs psycopg2: pip install 'pml-proxies[postgres]'"
             ) from None
+    import inspect
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna >= 4.9 renamed failed_trial_callback to heartbeat_stale_trial_callback
+    params = inspect.signature(RDBStorage.__init__).parameters
+    key = (
+        "heartbeat_stale_trial_callback"
+        if "heartbeat_stale_trial_callback" in params
+        else "failed_trial_callback"
+    )
+    retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None)
+    retry = retry or storages.RetryFailedTrialCallback
     return RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=max_retry),
+        **{key: retry(max_retry=max_retry)},
     )
 
 
