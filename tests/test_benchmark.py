@@ -261,7 +261,16 @@ def test_digits_benchmark_end_to_end_and_resume(tmp_path):
     assert (run / "logs" / "logs.db").is_file() and (run / "logs" / "accuracies_val.csv").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     z = np.load(run / "map_data.npz")
-    assert z["proxies"].shape == (result_classes(folder) * 10, 32)
+    n_classes = result_classes(folder)
+    assert z["proxies"].shape == (n_classes * 10, 32)
+    # training-class embeddings of the fitted model (evaluation preprocessing), numbered as the
+    # proxies: a subsample of at most map_samples rows, unit norm, every class present
+    assert z["train_embeddings"].dtype == np.float32 and z["train_embeddings"].shape[1] == 32
+    assert len(z["train_embeddings"]) == len(z["train_labels"]) == 200
+    np.testing.assert_allclose(np.linalg.norm(z["train_embeddings"], axis=1), 1.0, rtol=1e-5)
+    assert set(z["train_labels"].tolist()) == set(range(n_classes))
+    assert set(z["proxy_labels"].tolist()) == set(range(n_classes))
+    assert z["embeddings"].shape[1] == 32 and len(z["labels"]) == len(z["embeddings"])
 
     # resume: finished runs are reused untouched; an interrupted run (no result) is redone
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("runs/*/seed_0/result.json")}

@@ -8,10 +8,17 @@ evaluates it on the test classes and writes CSV / Markdown tables and PNG plots.
 from .config import BenchmarkConfig
 from .losses import LOSS_NAMES, LOSSES, available_losses, build_loss, get_proxies, loss_kwargs
 from .runner import run_benchmark
+from .spec import RunSpec, TrunkRecipe, build_run_spec, build_run_specs
 from .stats import mean_confidence_interval
+from .train import train_and_evaluate
 
 __all__ = [
     "LOSSES",
+    "RunSpec",
+    "TrunkRecipe",
+    "build_run_spec",
+    "build_run_specs",
+    "train_and_evaluate",
     "LOSS_NAMES",
     "BenchmarkConfig",
     "available_losses",

@@ -1,4 +1,10 @@
-"""Command line of the benchmark: ``pml-proxies-benchmark`` / ``python -m pml_proxies.benchmark``."""
+"""Command line of the benchmark: ``pml-proxies-benchmark`` / ``python -m pml_proxies.benchmark``.
+
+The options, their help texts and defaults are derived from the fields of
+:class:`~pml_proxies.benchmark.config.BenchmarkConfig` (one source of truth). Every invalid value
+is a usage error (exit code 2, one line naming the option) raised before any file is written;
+other failures print one ``error:`` line (exit code 1), ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,22 @@ import argparse
 import ast
 import shlex
 import sys
+from dataclasses import fields
+from typing import Any
 
-import torch
+from .config import BenchmarkConfig, ConfigError, field_default
 
-from .config import BenchmarkConfig
-from .losses import LOSS_NAMES, LOSSES, available_losses, effective_kwargs, is_available
-from .models import POOLING_NAMES, TRUNK_DEFAULTS
+#: ``--quick``: a smoke test of the whole pipeline (tests / CI); explicit options still win.
+QUICK: dict[str, Any] = dict(
+    epochs=2,
+    iterations_per_epoch=4,
+    seeds=[0],
+    map_samples=300,
+    output="benchmark_results/quick",
+)
 
-#: ``--quick``: a smoke test of the whole pipeline (tests / CI).
-QUICK = dict(epochs=2, iterations_per_epoch=4, seeds=[0], map_samples=300)
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.replace(",", " ").split()]
+#: config fields whose option is not a plain ``--name VALUE``
+_SPECIAL = {"losses", "dataset_kwargs", "loss_params", "download", "pretrained", "freeze_bn"}
 
 
 def _literal(value: str):
@@ -33,227 +42,144 @@ def _parse_key_values(items: list[str], option: str) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{option} expects KEY=VALUE, got {item!r}")
+            raise ConfigError("dataset_kwargs", f"{option} expects KEY=VALUE, got {item!r}")
         out[key.strip()] = _literal(value)
     return out
 
 
 def _parse_loss_params(items: list[str]) -> dict[str, dict]:
-    """``["mpa.centers_per_class=2", ...]`` -> ``{"mpa": {"centers_per_class": 2}}``."""
+    """``["mpa.centers_per_class=2", ...]`` -> ``{"mpa": {"centers_per_class": 2}}`` (values as
+    Python literals; their types are checked against the loss's constructor later)."""
+    from .losses import LOSS_NAMES, LOSSES
+
     out: dict[str, dict] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         loss, dot, arg = key.partition(".")
-        if not sep or not dot or not arg:
-            raise ValueError(f"--loss-param expects LOSS.ARG=VALUE, got {item!r}")
+        if not sep or not dot or not arg.strip():
+            raise ConfigError("loss_params", f"expects LOSS.ARG=VALUE, got {item!r}")
+        loss = loss.strip()
         if loss not in LOSSES:
-            raise ValueError(f"--loss-param: unknown loss {loss!r}")
+            raise ConfigError(
+                "loss_params", f"unknown loss {loss!r}; choose from {', '.join(LOSS_NAMES)}"
+            )
         out.setdefault(loss, {})[arg.strip()] = _literal(value)
     return out
+
+
+def _parse_losses(text: str) -> list[str]:
+    from .losses import LOSS_NAMES, LOSSES, available_losses, is_available
+
+    if text.strip() == "all":
+        return available_losses()
+    names = [n.strip() for n in text.split(",")]
+    if not any(names):
+        raise ConfigError("losses", f"name at least one loss; choose from {', '.join(LOSS_NAMES)}")
+    if "" in names:
+        raise ConfigError("losses", f"an empty name in {text!r}")
+    for n in names:
+        if n not in LOSSES:
+            raise ConfigError("losses", f"unknown loss {n!r}; choose from {', '.join(LOSS_NAMES)}")
+        if not is_available(n):
+            raise ConfigError("losses", f"loss {n!r} is not available in this installation")
+    return names
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _help(f) -> str:
+    default = f.metadata.get("default_text")
+    if default is None:
+        value = field_default(f)
+        default = "no" if value is False else ("yes" if value is True else value)
+    return f"{f.metadata['help']} (default: {default})".replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pml-proxies-benchmark",
-        description="Train and evaluate proxy-based DML losses under one fair protocol "
-        "(same trunk, sampler, optimizer, augmentation and iteration budget; model selection on "
-        "held-out training classes; several seeds, mean and 95%% CI) and write a report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train and evaluate proxy-based DML losses under one fair protocol (same "
+        "trunk, sampler, optimizer, augmentation and iteration budget; model selection on "
+        "held-out training classes; several seeds, mean and 95% CI) and write a report.",
     )
-    a = p.add_argument
-    a("--dataset", default="digits", help="digits, omniglot, cub200, cars196, sop, inshop")
-    a(
-        "--losses",
-        default="all",
-        help="comma-separated registry names, or 'all' (every "
-        f"available loss): {', '.join(LOSS_NAMES)}",
-    )
-    a("--seeds", type=_int_list, default=None, help="seeds, e.g. '0,1,2' (default 0,1,2)")
-    a("--output", default="benchmark_results", help="output folder (resumable)")
-    a("--root", default=None, help="data folder (default: the datasets module's)")
-    a("--download", action="store_true", help="allow downloading the data set")
-    a(
-        "--dataset-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra argument of the data set class, e.g. variant=full for Omniglot (repeatable)",
-    )
-    a(
+    groups: dict[str, Any] = {"general": p}
+    for f in fields(BenchmarkConfig):
+        meta = f.metadata
+        if not meta or meta.get("cli", True) is False:
+            continue
+        group = meta["group"]
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        g = groups[group]
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(f)}
+        if f.name in ("pretrained", "freeze_bn"):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.name == "download":
+            kw["action"] = "store_true"
+        elif f.name in ("dataset_kwargs", "loss_params"):
+            kw.update(action="append", metavar="KEY=VALUE" if f.name == "dataset_kwargs"
+                      else "LOSS.ARG=VALUE")  # fmt: skip
+        elif f.name == "losses":
+            kw["metavar"] = "NAMES"
+        else:
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+            if "type" in meta:
+                kw["type"] = meta["type"]
+        g.add_argument(_flag(f), **kw)
+    p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: 2 epochs x 4 iterations, seed 0 (explicit options still win)",
+        help="smoke test: 2 epochs x 4 iterations, seed 0, 300 map points, output "
+        "benchmark_results/quick (explicit options still win) (default: no)",
     )
-    a("--list-losses", action="store_true", help="list losses and their defaults, then exit")
-    g = p.add_argument_group("model")
-    g.add_argument("--trunk", default="small_cnn", choices=sorted(TRUNK_DEFAULTS))
-    g.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="ImageNet weights (default: yes for every trunk but small_cnn)",
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rebuild the tables, plots and report.md from the finished runs "
+        "in --output (default: no)",
     )
-    g.add_argument("--pooling", default="avg", choices=POOLING_NAMES)
-    g.add_argument("--embedding-size", type=int, default=512)
-    g.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="image side (default: the dataset's, e.g. 8 for digits)",
+    p.add_argument(
+        "--list-losses", action="store_true", help="list the losses and their defaults, then exit"
     )
-    g = p.add_argument_group("data and sampling")
-    g.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="fraction of training classes held out for model selection",
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress display (default: tqdm bars on a terminal, else one line every few "
+        "seconds)",
     )
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the validation class draw")
-    g.add_argument(
-        "--max-train-classes",
-        type=int,
-        default=None,
-        help="use only the first N training-split classes (quick runs)",
-    )
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--m-per-class", type=int, default=4, help="MPerClassSampler m")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=None, help="(default 10; --quick 2)")
-    g.add_argument("--iterations-per-epoch", type=int, default=None, help="(default 30; --quick 4)")
-    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
-    g.add_argument(
-        "--primary-metric",
-        default="mean_average_precision_at_r",
-        help="validation metric of model selection",
-    )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "rmsprop", "sgd"])
-    g.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="trunk/embedder lr (default 1e-3 small_cnn, 1e-4 pretrained)",
-    )
-    g.add_argument(
-        "--proxy-lr-mult",
-        type=float,
-        default=100.0,
-        help="lr multiplier of loss parameters (proxies)",
-    )
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--lr-decay-epochs", type=int, default=0, help="step decay period (0: none)")
-    g.add_argument("--lr-decay-gamma", type=float, default=0.5)
-    g.add_argument(
-        "--warmup-epochs",
-        type=int,
-        default=None,
-        help="epochs with a frozen trunk (default 0 small_cnn, 1 pretrained)",
-    )
-    g.add_argument(
-        "--freeze-bn",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="freeze trunk BatchNorm (default: pretrained trunks)",
-    )
-    g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: none)")
-    g.add_argument(
-        "--loss-param",
-        action="append",
-        default=[],
-        metavar="LOSS.ARG=VALUE",
-        help="override a loss hyper-parameter (repeatable)",
-    )
-    g = p.add_argument_group("evaluation and execution")
-    g.add_argument("--recall-ks", type=_int_list, default=[1, 2, 4, 8])
-    g.add_argument("--ndcg-ks", type=_int_list, default=[10])
-    g.add_argument("--eval-batch-size", type=int, default=256)
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if any)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: 1 for small_cnn on CPU, else torch's)",
-    )
-    g.add_argument("--log-freq", type=int, default=10, help="record-keeper logging period")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    g.add_argument(
-        "--map",
-        dest="map_method",
-        default="pca",
-        choices=["pca", "tsne"],
-        help="2-D projection of the embedding maps",
+    p.add_argument(
+        "--debug", action="store_true", help="show Python tracebacks of errors (default: no)"
     )
     return p
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchmarkConfig:
-    if args.losses == "all":
-        losses = available_losses()
-    else:
-        losses = [n.strip() for n in args.losses.split(",") if n.strip()]
-        for n in losses:
-            if n not in LOSSES:
-                raise ValueError(f"unknown loss {n!r}; choose from {', '.join(LOSS_NAMES)}")
-            if not is_available(n):
-                raise ValueError(f"loss {n!r} is not available in this installation yet")
-    quick = QUICK if args.quick else {}
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = BenchmarkConfig(
-        dataset=args.dataset,
-        losses=losses,
-        seeds=args.seeds if args.seeds is not None else quick.get("seeds", [0, 1, 2]),
-        output=args.output,
-        root=args.root,
-        dataset_kwargs=_parse_key_values(args.dataset_arg, "--dataset-arg"),
-        download=args.download,
-        trunk=args.trunk,
-        pretrained=args.pretrained,
-        pooling=args.pooling,
-        embedding_size=args.embedding_size,
-        image_size=args.image_size,
-        val_fraction=args.val_fraction,
-        split_seed=args.split_seed,
-        max_train_classes=args.max_train_classes,
-        batch_size=args.batch_size,
-        m_per_class=args.m_per_class,
-        epochs=args.epochs if args.epochs is not None else quick.get("epochs", 10),
-        iterations_per_epoch=(
-            args.iterations_per_epoch
-            if args.iterations_per_epoch is not None
-            else quick.get("iterations_per_epoch", 30)
-        ),
-        eval_every=args.eval_every,
-        primary_metric=args.primary_metric,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        proxy_lr_mult=args.proxy_lr_mult,
-        weight_decay=args.weight_decay,
-        lr_decay_epochs=args.lr_decay_epochs,
-        lr_decay_gamma=args.lr_decay_gamma,
-        warmup_epochs=args.warmup_epochs,
-        freeze_bn=args.freeze_bn,
-        grad_clip=args.grad_clip,
-        loss_params=_parse_loss_params(args.loss_param),
-        recall_ks=args.recall_ks,
-        ndcg_ks=args.ndcg_ks,
-        eval_batch_size=args.eval_batch_size,
-        device=device,
-        workers=args.workers,
-        threads=args.threads,
-        log_freq=args.log_freq,
-        progress=not args.no_progress,
-        map_method=args.map_method,
-        map_samples=quick.get("map_samples", 1000),
-        command="pml-proxies-benchmark " + " ".join(shlex.quote(a) for a in argv),
-    )
-    config.validate()
-    return config
+    """The :class:`BenchmarkConfig` of parsed ``args`` (``ConfigError`` on a bad value)."""
+    from .losses import available_losses
+
+    given = {
+        f.name: getattr(args, f.name) for f in fields(BenchmarkConfig) if hasattr(args, f.name)
+    }
+    values: dict[str, Any] = dict(QUICK) if getattr(args, "quick", False) else {}
+    values.update(given)
+    values["losses"] = _parse_losses(given["losses"]) if "losses" in given else available_losses()
+    if "dataset_kwargs" in given:
+        values["dataset_kwargs"] = _parse_key_values(given["dataset_kwargs"], "--dataset-arg")
+    if "loss_params" in given:
+        values["loss_params"] = _parse_loss_params(given["loss_params"])
+    if "device" not in values:
+        values["device"] = "auto"
+    values["progress"] = not getattr(args, "no_progress", False)
+    values["command"] = "pml-proxies-benchmark " + " ".join(shlex.quote(a) for a in argv)
+    return BenchmarkConfig(**values)
 
 
 def list_losses(dataset: str) -> str:
+    from .losses import LOSS_NAMES, LOSSES, effective_kwargs, is_available
+
     lines = []
     for name in LOSS_NAMES:
         status = "" if is_available(name) else "  [not available yet]"
@@ -264,27 +190,48 @@ def list_losses(dataset: str) -> str:
     return "\n".join(lines)
 
 
+def _usage_error(parser: argparse.ArgumentParser, e: ConfigError) -> None:
+    """argparse's usage error (exit 2) naming the option of the config field."""
+    flags = {f.name: _flag(f) for f in fields(BenchmarkConfig)}
+    parser.error(f"argument {flags.get(e.field, e.field)}: {e.message}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .runner import run_benchmark
+    from .runner import FolderBusy, ProtocolMismatch, resolve_specs, run_benchmark
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_losses:
-        print(list_losses(args.dataset))
+        print(list_losses(getattr(args, "dataset", field_default(_field("dataset")))))
         return 0
     try:
         config = config_from_args(args, argv)
-    except ValueError as e:
-        parser.error(str(e))
-    missing = [n for n in LOSS_NAMES if not is_available(n)]
-    if args.losses == "all" and missing:
+        resolve_specs(config)  # loss arguments checked by the losses' constructors
+    except ConfigError as e:
+        _usage_error(parser, e)
+    except ValueError as e:  # a loss argument the spec builder refused
+        parser.error(f"argument --loss-param: {e}")
+    try:
+        out = run_benchmark(config, report_only=args.report_only)
+    except (ProtocolMismatch, FolderBusy) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ProtocolMismatch) else 3
+    except KeyboardInterrupt:
         print(
-            f"note: not available in this installation, skipped: {', '.join(missing)}",
-            file=sys.stderr,
+            "interrupted: finished runs are kept; run the same command to resume", file=sys.stderr
         )
-    out = run_benchmark(config)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 1
     print()
-    print((out["files"]["summary_md"]).read_text())
+    print(out["files"]["summary_md"].read_text())
     print(f"{out['skipped']} finished run(s) reused. Report: {out['files']['report_md']}")
     return 0
+
+
+def _field(name: str):
+    return next(f for f in fields(BenchmarkConfig) if f.name == name)

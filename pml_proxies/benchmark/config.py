@@ -1,12 +1,20 @@
-"""Configuration of a benchmark (one protocol shared by every loss)."""
+"""Configuration of a benchmark (one protocol shared by every loss).
+
+:class:`BenchmarkConfig` is the one source of truth of the benchmark's settings: each field's
+metadata holds its command-line help, option group and parser, and the command line
+(:mod:`~pml_proxies.benchmark.cli`) is derived from it. A config is immutable and validated when
+it is built: a bad value raises :class:`ConfigError` naming the field.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
 
-from .models import TRUNK_DEFAULTS
+from ..functional.validation import check_bool, check_choice, check_int, check_real
+from .models import POOLING_NAMES, TRUNK_DEFAULTS
 
 #: Fields that do not change results: they may differ between a run and its resumption.
 NON_PROTOCOL_FIELDS = (
@@ -25,60 +33,167 @@ NON_PROTOCOL_FIELDS = (
     "loss_params",
 )
 
+OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
+MAP_METHODS = ("pca", "tsne")
 
-@dataclass
+
+class ConfigError(ValueError):
+    """An invalid setting; ``field`` is the :class:`BenchmarkConfig` field it concerns."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+def _int_list(text: str) -> list[int]:
+    """``"1,2 4"`` -> ``[1, 2, 4]``."""
+    return [int(t) for t in text.replace(",", " ").split()]
+
+
+def _opt(default: Any, help: str, group: str = "general", **cli: Any) -> Any:
+    """A config field with its command-line metadata: ``help``, option ``group``, and optional
+    ``type`` (parser of the option's text), ``choices``, ``default_text`` (how the default is
+    described when it is ``None`` or depends on other settings), ``flag`` (option name),
+    ``cli=False`` (not an option)."""
+    meta = {"help": help, "group": group, **cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _device_default() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     """Everything a benchmark run depends on. ``None`` means "the trunk's default"
-    (:data:`~pml_proxies.benchmark.models.TRUNK_DEFAULTS`)."""
+    (:data:`~pml_proxies.benchmark.models.TRUNK_DEFAULTS`) or "the data set's default"; the
+    ``*_or_default`` properties give the values used. Validated on construction
+    (:class:`ConfigError`); use :func:`dataclasses.replace` to derive a variant."""
 
-    dataset: str = "digits"
-    losses: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    output: str = "benchmark_results"
-    root: str | None = None
-    dataset_kwargs: dict = field(default_factory=dict)
-    download: bool = False
+    dataset: str = _opt(
+        "digits", "data set: digits, omniglot, cub200, cars196, sop, inshop", type=str
+    )
+    losses: list[str] = _opt(
+        [], "comma-separated loss names, or 'all' (every available loss)", default_text="all"
+    )
+    seeds: list[int] = _opt([0, 1, 2], "seeds, e.g. '0,1,2'", type=_int_list, default_text="0,1,2")
+    output: str = _opt(
+        "benchmark_results",
+        "output folder (resumable; holds runs of one protocol)",
+        default_text="benchmark_results (--quick: benchmark_results/quick)",
+    )
+    root: str | None = _opt(
+        None, "data folder", default_text="$PML_PROXIES_DATA, else ~/.cache/pml-proxies/data"
+    )
+    dataset_kwargs: dict = _opt(
+        {},
+        "extra argument of the data set class, KEY=VALUE, e.g. variant=full for Omniglot "
+        "(repeatable)",
+        flag="--dataset-arg",
+        default_text="none",
+    )
+    download: bool = _opt(False, "allow downloading the data set")
     # model
-    trunk: str = "small_cnn"
-    pretrained: bool | None = None
-    pooling: str = "avg"
-    embedding_size: int = 512
-    image_size: int | None = None
+    trunk: str = _opt("small_cnn", "trunk network", "model", choices=tuple(TRUNK_DEFAULTS))
+    pretrained: bool | None = _opt(
+        None, "ImageNet weights", "model", default_text="yes for every trunk but small_cnn"
+    )
+    pooling: str = _opt("avg", "global pooling of the trunk's feature map", "model",
+                        choices=POOLING_NAMES)  # fmt: skip
+    embedding_size: int = _opt(512, "embedding dimension (linear embedder)", "model", type=int)
+    image_size: int | None = _opt(
+        None, "image side in pixels", "model", type=int,
+        default_text="the data set's: 8 digits, 64 omniglot, 224 natural images",
+    )  # fmt: skip
     # data / sampling
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    max_train_classes: int | None = None
-    batch_size: int = 32
-    m_per_class: int = 4
+    val_fraction: float = _opt(
+        0.2,
+        "fraction of the training classes held out for model selection (0: none, select the "
+        "last epoch)",
+        "data and sampling",
+        type=float,
+    )
+    split_seed: int = _opt(0, "seed of the validation class draw", "data and sampling", type=int)
+    max_train_classes: int | None = _opt(
+        None, "use only the first N training-split classes", "data and sampling", type=int,
+        default_text="all",
+    )  # fmt: skip
+    batch_size: int = _opt(32, "batch size (a multiple of --m-per-class)", "data and sampling",
+                           type=int)  # fmt: skip
+    m_per_class: int = _opt(4, "images per class in a batch (MPerClassSampler m)",
+                            "data and sampling", type=int)  # fmt: skip
     # schedule
-    epochs: int = 10
-    iterations_per_epoch: int = 30
-    eval_every: int = 1
-    primary_metric: str = "mean_average_precision_at_r"
+    epochs: int = _opt(10, "epochs", "schedule", type=int, default_text="10; --quick 2")
+    iterations_per_epoch: int = _opt(
+        30, "iterations (batches) per epoch", "schedule", type=int, default_text="30; --quick 4"
+    )
+    eval_every: int = _opt(1, "validate every N epochs (and after the last)", "schedule", type=int)
+    primary_metric: str = _opt(
+        "mean_average_precision_at_r", "validation metric of model selection", "schedule", type=str
+    )
     # optimisation
-    optimizer: str = "adamw"
-    lr: float | None = None
-    proxy_lr_mult: float = 100.0
-    weight_decay: float = 1e-4
-    lr_decay_epochs: int = 0
-    lr_decay_gamma: float = 0.5
-    warmup_epochs: int | None = None
-    freeze_bn: bool | None = None
-    grad_clip: float = 0.0
-    loss_params: dict[str, dict] = field(default_factory=dict)
+    optimizer: str = _opt("adamw", "optimizer", "optimisation", choices=OPTIMIZERS)
+    lr: float | None = _opt(
+        None, "trunk and embedder learning rate", "optimisation", type=float,
+        default_text="the trunk's: 1e-3 small_cnn, 1e-4 pretrained trunks",
+    )  # fmt: skip
+    proxy_lr_mult: float = _opt(
+        100.0, "learning-rate multiplier of the loss parameters (proxies)", "optimisation",
+        type=float,
+    )  # fmt: skip
+    weight_decay: float = _opt(1e-4, "weight decay of every parameter group", "optimisation",
+                               type=float)  # fmt: skip
+    lr_decay_epochs: int = _opt(0, "step-decay period in epochs (0: no decay)", "optimisation",
+                                type=int)  # fmt: skip
+    lr_decay_gamma: float = _opt(0.5, "step-decay factor", "optimisation", type=float)
+    warmup_epochs: int | None = _opt(
+        None, "first epochs with a frozen trunk", "optimisation", type=int,
+        default_text="the trunk's: 0 small_cnn, 1 pretrained trunks",
+    )  # fmt: skip
+    freeze_bn: bool | None = _opt(
+        None, "freeze the trunk's BatchNorm layers", "optimisation",
+        default_text="yes for pretrained trunks",
+    )  # fmt: skip
+    grad_clip: float = _opt(0.0, "maximum gradient norm (0: no clipping)", "optimisation",
+                            type=float)  # fmt: skip
+    loss_params: dict[str, dict] = _opt(
+        {},
+        "override a loss hyper-parameter, LOSS.ARG=VALUE, checked against the loss's constructor "
+        "(repeatable)",
+        "optimisation",
+        flag="--loss-param",
+        default_text="the papers' values (--list-losses)",
+    )
     # evaluation
-    recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    ndcg_ks: list[int] = field(default_factory=lambda: [10])
-    eval_batch_size: int = 256
+    recall_ks: list[int] = _opt([1, 2, 4, 8], "k of Recall@k", "evaluation and execution",
+                                type=_int_list, default_text="1,2,4,8")  # fmt: skip
+    ndcg_ks: list[int] = _opt([10], "k of nDCG@k", "evaluation and execution", type=_int_list,
+                              default_text="10")  # fmt: skip
+    eval_batch_size: int = _opt(256, "batch size of the embedding passes",
+                                "evaluation and execution", type=int)  # fmt: skip
     # execution
-    device: str = "cpu"
-    workers: int = 0
-    threads: int | None = None
-    log_freq: int = 10
-    progress: bool = True
-    map_method: str = "pca"
-    map_samples: int = 1000
-    command: str = ""
+    device: str = _opt(
+        "cpu", "cpu, cuda, cuda:1, ... or auto", "evaluation and execution", type=str,
+        default_text="auto: cuda if available, else cpu",
+    )  # fmt: skip
+    workers: int = _opt(0, "DataLoader worker processes", "evaluation and execution", type=int)
+    threads: int | None = _opt(
+        None, "torch CPU threads", "evaluation and execution", type=int,
+        default_text="1 for small_cnn on CPU, else torch's",
+    )  # fmt: skip
+    log_freq: int = _opt(10, "record-keeper logging period in iterations",
+                         "evaluation and execution", type=int)  # fmt: skip
+    progress: bool = _opt(True, "progress bars", "evaluation and execution", cli=False)
+    map_method: str = _opt("pca", "2-D projection of the embedding maps",
+                           "evaluation and execution", choices=MAP_METHODS, flag="--map")  # fmt: skip
+    map_samples: int = _opt(1000, "points per embedding map", "evaluation and execution",
+                            type=int, default_text="1000; --quick 300")  # fmt: skip
+    command: str = _opt("", "the command line that made this config", cli=False)
 
     # ------------------------------------------------------------- trunk defaults
     def _trunk_default(self, key: str):
@@ -117,50 +232,44 @@ class BenchmarkConfig:
         return None
 
     @property
-    def channels(self) -> int | None:
-        """3 (ImageNet-normalised RGB) for pretrained trunks, else the dataset's default."""
-        return None if self.trunk == "small_cnn" else 3
+    def channels(self) -> int:
+        """Input channels: 3 (ImageNet-normalised RGB) for pretrained-style trunks, else the
+        data set's default (1 for digits and Omniglot)."""
+        if self.trunk != "small_cnn":
+            return 3
+        from ..datasets import dataset_class
+
+        return int(dataset_class(self.dataset).default_channels)
 
     def __post_init__(self) -> None:
+        if self.device == "auto":
+            object.__setattr__(self, "device", _device_default())
         if self.pretrained is None and self.trunk in TRUNK_DEFAULTS:
-            self.pretrained = TRUNK_DEFAULTS[self.trunk]["pretrained"]
+            object.__setattr__(self, "pretrained", TRUNK_DEFAULTS[self.trunk]["pretrained"])
+        self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on inconsistent settings."""
-        if self.trunk not in TRUNK_DEFAULTS:
-            raise ValueError(f"unknown trunk {self.trunk!r}; choose from {sorted(TRUNK_DEFAULTS)}")
-        for name, lo in (
-            ("epochs", 1),
-            ("iterations_per_epoch", 1),
-            ("batch_size", 2),
-            ("m_per_class", 1),
-            ("embedding_size", 1),
-            ("eval_every", 1),
-            ("log_freq", 1),
-            ("workers", 0),
-        ):
-            if getattr(self, name) < lo:
-                raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
+        """Raise :class:`ConfigError` (a ``ValueError`` naming the field) on a bad setting."""
+        for name, check in _CHECKS:
+            value = getattr(self, name)
+            try:
+                check(name, value)
+            except (TypeError, ValueError) as e:
+                message = str(e)
+                if message.startswith(name + " "):
+                    message = message[len(name) + 1 :]
+                raise ConfigError(name, message) from None
         if self.batch_size % self.m_per_class:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of m_per_class "
-                f"({self.m_per_class})"
+            raise ConfigError(
+                "batch_size",
+                f"must be a multiple of m_per_class ({self.m_per_class}), got {self.batch_size}",
             )
-        if self.proxy_lr_mult <= 0:
-            raise ValueError(f"proxy_lr_mult must be > 0, got {self.proxy_lr_mult}")
-        if not self.seeds:
-            raise ValueError("at least one seed is needed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {self.seeds}")
-        if self.map_method not in ("pca", "tsne"):
-            raise ValueError(f"map_method must be 'pca' or 'tsne', got {self.map_method!r}")
-        metric_names = {"precision_at_1", "r_precision", "mean_average_precision_at_r"}
-        metric_names |= {f"recall_at_{k}" for k in self.recall_ks}
-        metric_names |= {f"ndcg_at_{k}" for k in self.ndcg_ks}
-        if self.primary_metric not in metric_names:
-            raise ValueError(
-                f"primary_metric {self.primary_metric!r} is not computed; choose from "
-                f"{sorted(metric_names)}"
+        from .metrics import benchmark_metrics
+
+        names = [m.name for m in benchmark_metrics(self.recall_ks, self.ndcg_ks)]
+        if self.primary_metric not in names:
+            raise ConfigError(
+                "primary_metric", f"{self.primary_metric!r} is not computed; choose from {names}"
             )
 
     # ------------------------------------------------------------- identity
@@ -174,9 +283,164 @@ class BenchmarkConfig:
     def fingerprint(self, loss_name: str | None = None) -> str:
         """Hash of the protocol (and of ``loss_name``'s parameter overrides): a finished run
         is reused on resumption only if its fingerprint matches."""
-        d = self.protocol()
-        if loss_name is not None:
-            d["loss"] = loss_name
-            d["loss_params"] = self.loss_params.get(loss_name, {})
-        blob = json.dumps(d, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return protocol_fingerprint(
+            self.protocol(),
+            loss_name,
+            self.loss_params.get(loss_name, {}) if loss_name is not None else None,
+        )
+
+
+def protocol_fingerprint(protocol: dict, loss_name: str | None, loss_params: dict | None) -> str:
+    """The one fingerprint function: hash of ``protocol`` (+ the loss name and its overrides)."""
+    d = dict(protocol)
+    if loss_name is not None:
+        d["loss"] = loss_name
+        d["loss_params"] = loss_params or {}
+    blob = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_fields() -> tuple:
+    """The dataclass fields of :class:`BenchmarkConfig` (with their command-line metadata)."""
+    return fields(BenchmarkConfig)
+
+
+def field_default(f) -> Any:
+    """The default value of config field ``f``."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory()
+
+
+# ----------------------------------------------------------------- per-field checks
+def _positive_int(low: int):
+    return lambda name, v: check_int(name, v, low=low)
+
+
+def _optional(check):
+    return lambda name, v: None if v is None else check(name, v)
+
+
+def _int_list_check(name: str, values) -> None:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {values!r}")
+    for v in values:
+        check_int(name, v, low=1)
+
+
+def _seeds_check(name: str, values) -> None:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name} must name at least one seed, got {values!r}")
+    for v in values:
+        check_int(name, v, low=0)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must be distinct, got {list(values)}")
+
+
+def _losses_check(name: str, values) -> None:
+    from .losses import LOSS_NAMES
+
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list of loss names, got {values!r}")
+    for v in values:
+        check_choice(name, v, LOSS_NAMES)
+    repeated = sorted({v for v in values if list(values).count(v) > 1})
+    if repeated:
+        raise ValueError(
+            f"{name} names {', '.join(repeated)} more than once (use --seeds for repeats)"
+        )
+
+
+def _dataset_check(name: str, value) -> None:
+    from ..datasets import DATASET_NAMES
+
+    check_choice(name, value, DATASET_NAMES)
+
+
+def _val_fraction_check(name: str, value) -> None:
+    check_real(name, value, low=0.0, high=1.0, high_inclusive=False)
+
+
+def _device_check(name: str, value) -> None:
+    import torch
+
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be cpu, cuda, cuda:N or auto, got {value!r}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} must be cpu, cuda, cuda:N or auto, got {value!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {value!r} needs CUDA, which is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{name} {value!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"{name} must be cpu, cuda, cuda:N or auto, got {value!r}")
+
+
+def _nonneg_real(name: str, value) -> None:
+    check_real(name, value, low=0.0)
+
+
+def _positive_real(name: str, value) -> None:
+    check_real(name, value, low=0.0, low_inclusive=False)
+
+
+def _dict_check(name: str, value) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
+
+
+def _loss_params_check(name: str, value) -> None:
+    from .losses import LOSS_NAMES
+
+    _dict_check(name, value)
+    for loss, params in value.items():
+        check_choice(name, loss, LOSS_NAMES)
+        if not isinstance(params, dict):
+            raise ValueError(f"{name}[{loss!r}] must be a dict, got {type(params).__name__}")
+
+
+_CHECKS = (
+    ("dataset", _dataset_check),
+    ("losses", _losses_check),
+    ("seeds", _seeds_check),
+    ("dataset_kwargs", _dict_check),
+    ("download", check_bool),
+    ("trunk", lambda n, v: check_choice(n, v, tuple(TRUNK_DEFAULTS))),
+    ("pretrained", _optional(check_bool)),
+    ("pooling", lambda n, v: check_choice(n, v, POOLING_NAMES)),
+    ("embedding_size", _positive_int(1)),
+    ("image_size", _optional(_positive_int(1))),
+    ("val_fraction", _val_fraction_check),
+    ("split_seed", _positive_int(0)),
+    ("max_train_classes", _optional(_positive_int(2))),
+    ("batch_size", _positive_int(2)),
+    ("m_per_class", _positive_int(1)),
+    ("epochs", _positive_int(1)),
+    ("iterations_per_epoch", _positive_int(1)),
+    ("eval_every", _positive_int(1)),
+    ("optimizer", lambda n, v: check_choice(n, v, OPTIMIZERS)),
+    ("lr", _optional(_positive_real)),
+    ("proxy_lr_mult", _positive_real),
+    ("weight_decay", _nonneg_real),
+    ("lr_decay_epochs", _positive_int(0)),
+    ("lr_decay_gamma", _positive_real),
+    ("warmup_epochs", _optional(_positive_int(0))),
+    ("freeze_bn", _optional(check_bool)),
+    ("grad_clip", _nonneg_real),
+    ("loss_params", _loss_params_check),
+    ("recall_ks", _int_list_check),
+    ("ndcg_ks", _int_list_check),
+    ("eval_batch_size", _positive_int(1)),
+    ("device", _device_check),
+    ("workers", _positive_int(0)),
+    ("threads", _optional(_positive_int(1))),
+    ("log_freq", _positive_int(1)),
+    ("progress", check_bool),
+    ("map_method", lambda n, v: check_choice(n, v, MAP_METHODS)),
+    ("map_samples", _positive_int(1)),
+)

@@ -3,10 +3,10 @@ carved from the training classes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 
@@ -37,7 +37,9 @@ class RelabeledSubset(Dataset):
 @dataclass
 class BenchmarkData:
     """The three class-disjoint splits. ``train`` uses the training transform, ``val`` and
-    ``test`` the evaluation transform. ``*_classes`` are the class names of each split."""
+    ``test`` the evaluation transform. ``*_classes`` are the class names of each split.
+    ``train_eval`` holds the same samples and labels as ``train`` with the evaluation transform
+    (embedding maps of the training classes)."""
 
     train: RelabeledSubset
     val: RelabeledSubset
@@ -45,6 +47,32 @@ class BenchmarkData:
     train_classes: list
     val_classes: list
     test_classes: list
+    train_eval: RelabeledSubset | None = None
+
+    def with_validation_classes(self, val_classes: Sequence) -> BenchmarkData:
+        """The same data with ``val_classes`` (labels of the training split, as in
+        ``train.original_labels`` / ``val.original_labels``) as the validation classes and the
+        other training-split classes as the training classes (class-disjoint k-fold)."""
+        pool = np.union1d(self.train.original_labels, self.val.original_labels)
+        chosen = np.unique(np.asarray(list(val_classes), dtype=np.int64))
+        unknown = np.setdiff1d(chosen, pool)
+        if unknown.size:
+            raise ValueError(
+                f"val_classes {unknown.tolist()} are not training-split classes of this data"
+            )
+        train_classes = np.setdiff1d(pool, chosen)
+        if len(train_classes) < 2:
+            raise ValueError("val_classes must leave at least 2 training classes")
+        train_base, eval_base = self.train.base, self.val.base
+        return BenchmarkData(
+            train=_subset(train_base, train_classes),
+            val=_subset(eval_base, chosen),
+            test=self.test,
+            train_classes=_class_names(train_base, train_classes),
+            val_classes=_class_names(eval_base, chosen),
+            test_classes=self.test_classes,
+            train_eval=_subset(eval_base, train_classes),
+        )
 
 
 def split_validation_classes(
@@ -145,11 +173,5 @@ def load_benchmark_data(
         train_classes=_class_names(train_base, tr_classes),
         val_classes=_class_names(val_base, val_classes),
         test_classes=_class_names(test_base, test_classes),
+        train_eval=_subset(val_base, tr_classes),
     )
-
-
-def probe_channels(ds: Dataset) -> int:
-    """Number of channels of the first image of ``ds``."""
-    image, _ = ds[0]
-    image = torch.as_tensor(image)
-    return 1 if image.dim() == 2 else int(image.shape[0])

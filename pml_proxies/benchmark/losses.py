@@ -8,11 +8,15 @@ asking for one that is missing raises a clear ``ValueError``.
 from __future__ import annotations
 
 import importlib
+import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..functional.validation import check_bool, check_int, check_real
 
 #: Dataset-specific defaults from the papers (applied before user overrides).
 DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -46,6 +50,9 @@ class LossSpec:
         miner: ``"module:ClassName"`` of its miner, or ``None``.
         miner_kwargs: the miner's keyword arguments.
         builder: optional hook ``(kwargs) -> kwargs`` to add objects (regularisers) at build time.
+        extra_params: arguments the ``builder`` consumes (not the class's), with their types.
+        integer_params: integer arguments of a class without type annotations (PML's); its
+            other numeric arguments are real numbers.
     """
 
     name: str
@@ -56,6 +63,8 @@ class LossSpec:
     miner: str | None = None
     miner_kwargs: dict[str, Any] = field(default_factory=dict)
     builder: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    extra_params: dict[str, type] = field(default_factory=dict)
+    integer_params: tuple[str, ...] = ()
 
 
 def _soft_triple_regularizer(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +95,8 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "proxy_isa",
             "pml_proxies.losses:ProxyISALoss",
-            {},
+            # its statistics (effective numbers, memory fill, weights) go to record-keeper
+            {"collect_stats": True},
             "Proxy-ISA paper / authors' code (alpha=32, delta=0.1, V=100, h=0.15, k=0.9, "
             "lambda=0.1, tau=1.5, T=55000; memory from epoch 3, filter from epoch 4)",
         ),
@@ -109,6 +119,8 @@ LOSSES: dict[str, LossSpec] = {
             "Qian et al. 2019, SoftTriple (K=10, lambda=20, gamma=0.1, delta=0.01, "
             "center regulariser tau=0.2)",
             builder=_soft_triple_regularizer,
+            extra_params={"tau": float},
+            integer_params=("centers_per_class",),
         ),
         LossSpec(
             "proxy_nca",
@@ -162,22 +174,131 @@ def available_losses() -> list[str]:
     return [n for n in LOSS_NAMES if is_available(n)]
 
 
+def _spec(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSS_NAMES)}")
+    return LOSSES[name]
+
+
 def loss_kwargs(name: str, dataset: str | None = None, overrides: dict | None = None) -> dict:
     """The keyword arguments used for ``name``: paper defaults, then dataset defaults, then
     ``overrides``."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSS_NAMES)}")
+    _spec(name)
     kwargs = dict(LOSSES[name].kwargs)
     kwargs.update(DATASET_DEFAULTS.get(name, {}).get(dataset or "", {}))
     kwargs.update(overrides or {})
     return kwargs
 
 
+#: constructor arguments the benchmark sets itself (never overridable)
+_RESERVED = frozenset({"self", "num_classes", "embedding_size", "mat_based_loss"})
+_ANY = object  # an argument of no simple type (objects such as regularisers): taken as given
+
+
+def _param_kind(spec: LossSpec, param: inspect.Parameter, hints: dict) -> Any:
+    """The accepted type of one constructor argument: ``int``, ``float``, ``bool``, ``str``
+    (optionally ``(type, None)`` when ``None`` is accepted too) or ``_ANY``."""
+    hint = hints.get(param.name)
+    if hint is not None:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        base = args[0] if optional and len(args) == 1 else hint
+        if base in (int, float, bool, str):
+            return (base, None) if optional else base
+        return _ANY
+    default = param.default
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float)):
+        return int if param.name in spec.integer_params else float
+    return _ANY  # unannotated strings are sentinels (MPA's weight_regularizer="default")
+
+
+def loss_parameters(name: str) -> dict[str, Any]:
+    """Every overridable constructor argument of loss ``name`` with its accepted type (see
+    :func:`_param_kind`): the class's own arguments and, while an ``__init__`` forwards
+    ``**kwargs``, those of its base classes (PML's mixins: ``weight_reg_weight``, ...)."""
+    spec = _spec(name)
+    cls = _import(spec.target)
+    out: dict[str, Any] = dict(spec.extra_params)
+    for klass in cls.__mro__:
+        if klass in (torch.nn.Module, object):
+            break
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to defaults
+            hints = {}
+        forwards = False
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif p.kind is not inspect.Parameter.VAR_POSITIONAL and p.name not in _RESERVED:
+                out.setdefault(p.name, _param_kind(spec, p, hints))
+        if not forwards:
+            break
+    return out
+
+
+def _type_name(kind: Any) -> str:
+    if isinstance(kind, tuple):
+        return f"{_type_name(kind[0])} or None"
+    return {int: "an integer", float: "a real number", bool: "True or False", str: "a string"}[kind]
+
+
+def convert_loss_params(name: str, overrides: dict | None) -> dict:
+    """``overrides`` of loss ``name`` checked and converted by the loss constructor's signature:
+    integers for integer arguments, floats for real ones, booleans, strings, ``None`` where the
+    argument accepts it; objects for arguments of no simple type are passed as given.
+
+    Raises:
+        ValueError: an unknown argument, or a value of the wrong type (the message names the loss,
+            the argument and the accepted type).
+    """
+    accepted = loss_parameters(name)
+    out = {}
+    for arg, value in (overrides or {}).items():
+        if arg not in accepted:
+            raise ValueError(
+                f"loss {name!r} has no argument {arg!r}; its arguments: {', '.join(sorted(accepted))}"
+            )
+        kind = accepted[arg]
+        if kind is _ANY:
+            out[arg] = value
+            continue
+        if isinstance(kind, tuple):
+            if value is None:
+                out[arg] = None
+                continue
+            base = kind[0]
+        else:
+            base = kind
+        label = f"loss {name!r} argument {arg!r}"
+        try:
+            if base is int:
+                if isinstance(value, float):
+                    raise TypeError
+                out[arg] = check_int(label, value)
+            elif base is float:
+                out[arg] = check_real(label, value)
+            elif base is bool:
+                out[arg] = check_bool(label, value)
+            else:
+                if not isinstance(value, str):
+                    raise TypeError
+                out[arg] = value
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"loss {name!r} argument {arg!r} expects {_type_name(kind)}, got {value!r}"
+            ) from None
+    return out
+
+
 def effective_kwargs(name: str, dataset: str | None = None, overrides: dict | None = None) -> dict:
     """Every constructor argument the loss ``name`` gets, defaults of its class included (for
     reports): the class signature's defaults updated with :func:`loss_kwargs`."""
-    import inspect
-
     kwargs = loss_kwargs(name, dataset, overrides)
     try:
         cls = _import(LOSSES[name].target)

@@ -1,39 +1,30 @@
-"""Tables (CSV, Markdown) and PNG plots of a finished benchmark."""
+"""Tables (CSV, Markdown), the self-explaining ``report.md`` and the plots of a benchmark."""
 
 from __future__ import annotations
 
 import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
+from .metrics import metric_label, metric_order
+from .plots import plot_embedding_maps, plot_metric_bars, plot_training_curves  # noqa: F401
 from .stats import mean_confidence_interval
 
-METRIC_LABELS = {
-    "precision_at_1": "P@1",
-    "r_precision": "RP",
-    "mean_average_precision_at_r": "MAP@R",
-}
+if TYPE_CHECKING:
+    from .config import BenchmarkConfig
+    from .data import BenchmarkData
+    from .runner import RunInfo
+    from .spec import RunSpec
 
-
-def metric_label(name: str) -> str:
-    if name in METRIC_LABELS:
-        return METRIC_LABELS[name]
-    if name.startswith("recall_at_"):
-        return "R@" + name[len("recall_at_") :]
-    if name.startswith("ndcg_at_"):
-        return "nDCG@" + name[len("ndcg_at_") :]
-    return name
-
-
-def metric_order(names) -> list[str]:
-    first = ["precision_at_1"]
-    recalls = sorted((n for n in names if n.startswith("recall_at_")), key=lambda n: int(n[10:]))
-    rest = ["r_precision", "mean_average_precision_at_r"]
-    ndcgs = sorted((n for n in names if n.startswith("ndcg_at_")), key=lambda n: int(n[8:]))
-    ordered = [n for n in first + recalls + rest + ndcgs if n in names]
-    return ordered + sorted(n for n in names if n not in ordered)
+#: fewer validation classes than this: model selection is noisy (a report caveat)
+MIN_VAL_CLASSES = 5
 
 
 def runs_table(results: list[dict]) -> pd.DataFrame:
@@ -102,131 +93,346 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------ plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+# ------------------------------------------------------------------ report.md
+def config_record(config: BenchmarkConfig) -> dict:
+    """The config as saved in ``config.json``."""
+    return asdict(config)
 
 
-def plot_metric_bars(summary: pd.DataFrame, path: Path) -> None:
-    """One panel per metric: a bar per loss (mean over seeds) with its 95% CI."""
-    plt = _plt()
-    metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
-    ncols = min(4, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
-    x = np.arange(len(summary))
-    colors = plt.cm.tab10(np.arange(len(summary)) % 10)
-    for ax, m in zip(axes.ravel(), metrics):
-        mean = 100 * summary[f"{m}_mean"].to_numpy()
-        err = 100 * np.nan_to_num(summary[f"{m}_ci95"].to_numpy(), nan=0.0)
-        ax.bar(x, mean, yerr=err, color=colors, capsize=3)
-        ax.set_xticks(x, summary["loss"], rotation=60, ha="right", fontsize=8)
-        ax.set_title(metric_label(m))
-        lo = np.nanmin(mean - err) if len(mean) else 0
-        ax.set_ylim(max(0.0, lo - 10), min(100.0, np.nanmax(mean + err) + 5) if len(mean) else 100)
-        ax.grid(axis="y", alpha=0.3)
-    for ax in axes.ravel()[len(metrics) :]:
-        ax.axis("off")
-    fig.suptitle("Test metrics (x100): mean and 95% CI over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def versions() -> dict[str, str]:
+    """Versions of this package, torch, PML, faiss, numpy and Python."""
+    import numpy
+    import pytorch_metric_learning
+    import torch
+
+    from .. import __version__
+
+    out = {
+        "pml-proxies": __version__,
+        "torch": torch.__version__,
+        "pytorch-metric-learning": pytorch_metric_learning.__version__,
+    }
+    try:
+        import faiss
+
+        out["faiss"] = getattr(faiss, "__version__", "unknown")
+    except ImportError:
+        out["faiss"] = "not installed"
+    out["numpy"] = numpy.__version__
+    out["python"] = platform.python_version()
+    return out
 
 
-def plot_training_curves(results: list[dict], loss_order: list[str], primary: str, path: Path):
-    """Training loss and validation ``primary`` metric per epoch (mean over seeds)."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    for i, loss in enumerate(loss_order):
-        hs = [pd.DataFrame(r["history"]) for r in results if r["loss"] == loss]
-        if not hs:
-            continue
-        h = pd.concat(hs).groupby("epoch").mean(numeric_only=True)
-        color = plt.cm.tab10(i % 10)
-        ax1.plot(h.index, h["train_loss"], label=loss, color=color)
-        col = f"val_{primary}"
-        if col in h:
-            ax2.plot(
-                h[col].dropna().index, 100 * h[col].dropna(), label=loss, color=color, marker="."
-            )
-    ax1.set(xlabel="epoch", ylabel="training loss (mean over the epoch)", title="Training loss")
-    ax1.set_yscale("symlog", linthresh=1e-2)
-    ax2.set(
-        xlabel="epoch",
-        ylabel=f"validation {metric_label(primary)} (x100)",
-        title=f"Validation {metric_label(primary)} (model selection)",
+def git_commit() -> str | None:
+    """The git commit of the checkout this package runs from (``+ local changes`` when the
+    work tree differs), or ``None`` outside a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + (" + local changes" if dirty else "")
+
+
+def device_description(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    import os
+
+    return f"cpu ({os.cpu_count()} logical cores; {platform.processor() or platform.machine()})"
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def protocol_sentences(
+    config: BenchmarkConfig, data: BenchmarkData, spec: RunSpec, results: list[dict]
+) -> list[str]:
+    """The protocol in plain sentences, with the values actually used."""
+    geometry = sorted({(r["batch_size"], r["m_per_class"]) for r in results})
+    batches = ", ".join(f"{b} images ({b // m} classes x {m} images)" for b, m in geometry)
+    t = spec.trunk
+    lines = [
+        f"Data set `{config.dataset}`: the model trains on {len(data.train)} images of "
+        f"{data.train.num_classes} training classes; {len(data.val)} images of "
+        f"{data.val.num_classes} other training-split classes are held out for model selection "
+        f"(validation); the test set has {len(data.test)} images of {data.test.num_classes} "
+        "classes never seen in training.",
+        f"Network: the `{t.name}` trunk ({'ImageNet-pretrained' if t.pretrained else 'trained from scratch'}), "
+        f"`{config.pooling}` pooling and a linear embedder to {config.embedding_size} dimensions; "
+        f"images of {spec.image_size} x {spec.image_size} pixels with {spec.channels} "
+        f"channel(s); embeddings are L2-normalised for retrieval.",
+        f"Training: {config.epochs} epochs of {config.iterations_per_epoch} iterations; each batch "
+        f"holds {batches} drawn by PML's MPerClassSampler; the same batches and the same "
+        "initial network for every loss of a seed.",
+        f"Optimiser: {config.optimizer} with learning rate {t.lr:g} for the trunk and the "
+        f"embedder and {t.lr * spec.proxy_lr_mult:g} ({spec.proxy_lr_mult:g} x) for the loss "
+        f"parameters (proxies), weight decay {config.weight_decay:g}"
+        + (
+            f"; the learning rate is multiplied by {config.lr_decay_gamma:g} every "
+            f"{config.lr_decay_epochs} epochs"
+            if config.lr_decay_epochs > 0
+            else "; constant learning rate"
+        )
+        + (
+            f"; gradients clipped to norm {config.grad_clip:g}"
+            if config.grad_clip > 0
+            else "; no gradient clipping"
+        )  # fmt: skip
+        + (
+            f"; the trunk is frozen for the first {t.warmup_epochs} epoch(s)"
+            if t.warmup_epochs > 0
+            else ""
+        )
+        + f"; BatchNorm frozen: {_yes_no(t.freeze_bn)}.",
+    ]
+    if len(data.val) > 0:
+        lines.append(
+            f"Model selection: after every {config.eval_every} epoch(s) (and the last) the "
+            f"validation {metric_label(config.primary_metric)} is computed; each run's test "
+            "metrics are those of its best validation epoch."
+        )
+    else:
+        lines.append(
+            "Model selection: none (no validation classes); test metrics of the last epoch."
+        )
+    seeds = ", ".join(str(s) for s in config.seeds)
+    lines.append(
+        f"Statistics: seeds {seeds}; tables show the mean over seeds and the half width of the "
+        "95% Student-t confidence interval, metrics x100; retrieval is leave-one-out on the test "
+        "set (PML's AccuracyCalculator convention)."
     )
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    ax2.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return lines
 
 
-def _project(points: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
-    if method == "tsne":
-        from sklearn.manifold import TSNE
-
-        perplexity = max(2.0, min(30.0, (len(points) - 1) / 3.0))
-        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
-    from sklearn.decomposition import PCA
-
-    return PCA(2, random_state=seed).fit_transform(points)
-
-
-def plot_embedding_maps(run_dirs: dict[str, Path], path: Path, method: str = "pca") -> None:
-    """One panel per loss: a 2-D map (PCA or t-SNE, fitted jointly on both point sets) of the
-    L2-normalised test embeddings (coloured by class) and the L2-normalised learned proxies of
-    the training classes (black crosses; VCPA proxies as circles whose radius is their
-    uncertainty)."""
-    plt = _plt()
-    items = [(n, d / "map_data.npz") for n, d in run_dirs.items() if (d / "map_data.npz").is_file()]
-    if not items:
-        return
-    ncols = min(4, len(items))
-    nrows = math.ceil(len(items) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 4 * nrows), squeeze=False)
-    for ax, (name, f) in zip(axes.ravel(), items):
-        z = np.load(f)
-        emb, labels = z["embeddings"], z["labels"]
-        pts = [emb]
-        if "proxies" in z:
-            p = z["proxies"]
-            pts.append(p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12))
-        xy = _project(np.concatenate(pts), method)
-        e_xy = xy[: len(emb)]
-        ax.scatter(e_xy[:, 0], e_xy[:, 1], c=labels, cmap="tab20", s=5, alpha=0.6, linewidths=0)
-        if "proxies" in z:
-            p_xy = xy[len(emb) :]
-            if "proxy_uncertainty" in z:
-                u = z["proxy_uncertainty"]
-                span = np.ptp(xy, axis=0).max() or 1.0
-                radius = 0.08 * span * u / max(float(u.max()), 1e-12)
-                for (px, py), r in zip(p_xy, radius):
-                    ax.add_patch(plt.Circle((px, py), r, fill=False, color="k", lw=0.8))
-                ax.scatter(
-                    p_xy[:, 0],
-                    p_xy[:, 1],
-                    c="k",
-                    marker="x",
-                    s=18,
-                    label="proxies (circle: uncertainty)",
+def caveats(
+    config: BenchmarkConfig, data: BenchmarkData, results: list[dict], summary: pd.DataFrame
+) -> list[str]:
+    """Warnings computed from the run (each a sentence)."""
+    out = []
+    if 0 < data.val.num_classes < MIN_VAL_CLASSES:
+        out.append(
+            f"Only {data.val.num_classes} validation classes (fewer than {MIN_VAL_CLASSES}): "
+            "model selection is noisy."
+        )
+    if len(data.val) == 0:
+        out.append("No validation classes: the last epoch is reported, nothing was selected.")
+    first_validated = min(config.eval_every, config.epochs)
+    by_loss: dict[str, list[int]] = {}
+    for r in results:
+        by_loss.setdefault(r["loss"], []).append(int(r["best_epoch"]))
+    early = [
+        n for n, eps in by_loss.items() if sum(e == first_validated for e in eps) * 2 > len(eps)
+    ]
+    if len(data.val) > 0 and len(early) * 2 > len(by_loss):
+        out.append(
+            f"The best validation epoch is the first validated one (epoch {first_validated}) "
+            f"for most losses ({', '.join(early)}): the budget overfits or the learning rate "
+            "is too high; later epochs only got worse on the validation classes."
+        )
+    seeds = summary["seeds"].min() if len(summary) else 0
+    if seeds <= 1:
+        out.append(
+            "A single seed: no confidence interval, differences between losses are not tested."
+        )
+    else:
+        primary = config.primary_metric
+        mean, half = summary[f"{primary}_mean"].to_numpy(), summary[f"{primary}_ci95"].to_numpy()
+        if len(mean) > 1:
+            best = int(mean.argmax())
+            overlap = [
+                summary["loss"].iloc[i]
+                for i in range(len(mean))
+                if i != best and mean[i] + half[i] >= mean[best] - half[best]
+            ]
+            if overlap:
+                out.append(
+                    f"The 95% intervals of test {metric_label(primary)} of "
+                    f"{summary['loss'].iloc[best]} (the highest mean) and of "
+                    f"{', '.join(overlap)} overlap: this run supports no ranking among them."
                 )
-            else:
-                ax.scatter(p_xy[:, 0], p_xy[:, 1], c="k", marker="x", s=18, label="proxies")
-            ax.legend(fontsize=6, loc="lower right")
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in axes.ravel()[len(items) :]:
-        ax.axis("off")
-    fig.suptitle(f"Test embeddings ({method.upper()}) and learned proxies (training classes)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if "proxy_isa" in by_loss:
+        out.append(
+            "Proxy-ISA's training loss is about 100 times the others' in the first epochs: its "
+            "eq. 13 divides the negative term by the mean negative weight (about 1/E_c before "
+            "the memory starts). This is the paper's loss, not a bug; compare losses by their "
+            "retrieval metrics, not by their loss values."
+        )
+    return out
+
+
+def selected_epochs_table(specs: list[RunSpec], results: list[dict], config: BenchmarkConfig):
+    """Per loss: the selected (best validation) epoch of each seed."""
+    by = {(r["loss"], r["seed"]): r for r in results}
+    losses = list(dict.fromkeys(s.loss for s in specs))
+    rows = []
+    for loss in losses:
+        row: dict[str, Any] = {"loss": loss}
+        for seed in config.seeds:
+            r = by.get((loss, seed))
+            row[f"seed {seed}"] = "-" if r is None else f"{r['best_epoch']} / {config.epochs}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def hyper_parameter_lines(specs: list[RunSpec]) -> list[str]:
+    lines = ["| loss | hyper-parameters used | source |", "|---|---|---|"]
+    seen = set()
+    for spec in specs:
+        if spec.loss in seen:
+            continue
+        seen.add(spec.loss)
+        kw = ", ".join(f"{k}={v!r}" for k, v in spec.effective_loss_kwargs.items())
+        lines.append(f"| {spec.loss} | {kw or 'class defaults'} | {spec.source} |")
+    return lines
+
+
+RUN_FILES = ("result.json", "map_data.npz", "logs/", "tensorboard/")
+
+
+def report_markdown(
+    config: BenchmarkConfig,
+    data: BenchmarkData,
+    specs: list[RunSpec],
+    results: list[dict],
+    summary: pd.DataFrame,
+    table_md: str,
+    files: dict[str, Path],
+    output: Path,
+    info: RunInfo,
+) -> str:
+    """``report.md``: command, environment, protocol, results, selected epochs,
+    hyper-parameters, caveats, plots, files (paths relative to the output folder)."""
+    env = versions()
+    commit = git_commit()
+    start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.start))
+    train_s = sum(float(r["train_time_s"]) for r in results)
+    command = config.command or "(called from Python: run_benchmark)"
+    rel = {k: Path(v).relative_to(output).as_posix() for k, v in files.items()}
+    env_lines = [
+        f"* versions: {', '.join(f'{k} {v}' for k, v in env.items())}",
+        f"* git commit: {commit or 'not run from a git checkout'}",
+        f"* device: {device_description(config.device)}; torch CPU threads: {info.threads}",
+        f"* started {start}; this invocation took {info.total_s:.0f} s ({info.trained} run(s) "
+        f"trained, {info.reused} finished run(s) reused); training time of all reported runs: "
+        f"{train_s:.0f} s",
+    ]
+    if info.redone:
+        env_lines.append(f"* damaged or unfinished runs trained again: {', '.join(info.redone)}")
+    caveat_lines = [f"* {c}" for c in caveats(config, data, results, summary)] or [
+        "* none triggered by this run"
+    ]
+    epochs_md = to_markdown(selected_epochs_table(specs, results, config))
+    run_list = sorted({(r["loss"], r["seed"]) for r in results})
+    file_lines = [f"* `{p}`" for p in sorted({*rel.values(), "config.json", "protocol.json"})]
+    file_lines += [
+        f"* `runs/<loss>/seed_<s>/`: {', '.join(f'`{f}`' for f in RUN_FILES)} for each of the "
+        f"{len(run_list)} runs: "
+        + ", ".join(f"`runs/{loss}/seed_{seed}/`" for loss, seed in run_list)
+    ]
+    plots = [f"![{k}]({v})" for k, v in rel.items() if v.endswith(".png") and files[k].is_file()]
+    return "\n".join(
+        [
+            f"# Benchmark report: {config.dataset}",
+            "",
+            "Command, as typed:",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            *env_lines,
+            "",
+            "## Protocol",
+            "",
+            *[f"* {s}" for s in protocol_sentences(config, data, specs[0], results)],
+            "",
+            "## Test results (x100, mean ± 95% CI half width over seeds)",
+            "",
+            table_md,
+            "",
+            "## Selected epochs (best validation epoch / epochs trained)",
+            "",
+            epochs_md,
+            "",
+            "## Loss hyper-parameters used",
+            "",
+            *hyper_parameter_lines(specs),
+            "",
+            "## Caveats",
+            "",
+            *caveat_lines,
+            "",
+            "## Plots",
+            "",
+            *(f"{p}\n" for p in plots),
+            "## Files (relative to this folder)",
+            "",
+            *file_lines,
+            "",
+        ]
+    )
+
+
+def write_report(
+    config: BenchmarkConfig,
+    data: BenchmarkData,
+    specs: list[RunSpec],
+    results: list[dict],
+    output: Path,
+    info: RunInfo,
+) -> tuple[dict[str, Path], pd.DataFrame, pd.DataFrame]:
+    """Write runs.csv, summary.csv, summary.md, the PNG plots and report.md; returns
+    ``(files, runs, summary)`` (``files``: name -> path of every file written)."""
+    output = Path(output)
+    runs = runs_table(results)
+    loss_order = list(dict.fromkeys(s.loss for s in specs))
+    summary = summary_table(runs, loss_order)
+    table_md = to_markdown(display_table(summary))
+    files = {
+        "runs_csv": output / "runs.csv",
+        "summary_csv": output / "summary.csv",
+        "summary_md": output / "summary.md",
+        "report_md": output / "report.md",
+        "metrics_png": output / "metrics.png",
+        "curves_png": output / "training_curves.png",
+        "map_png": output / "embedding_maps.png",
+    }
+    runs.to_csv(files["runs_csv"], index=False)
+    summary.to_csv(files["summary_csv"], index=False)
+    files["summary_md"].write_text(table_md + "\n")
+    first_seed = {}
+    for r in sorted(results, key=lambda r: config.seeds.index(r["seed"])):
+        first_seed.setdefault(r["loss"], r["seed"])
+    _plot(plot_metric_bars, summary, files["metrics_png"])
+    _plot(plot_training_curves, results, loss_order, config.primary_metric, files["curves_png"])
+    _plot(
+        plot_embedding_maps,
+        {loss: output / "runs" / loss / f"seed_{first_seed[loss]}" for loss in loss_order},
+        files["map_png"],
+        method=config.map_method,
+    )
+    files["report_md"].write_text(
+        report_markdown(config, data, specs, results, summary, table_md, files, output, info)
+    )
+    return files, runs, summary
+
+
+def _plot(function, *args, **kwargs) -> None:
+    """Draw one plot; a failing plot is reported and never loses the tables and the report."""
+    try:
+        function(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        print(f"note: {function.__name__} failed ({type(e).__name__}: {e})", file=sys.stderr)

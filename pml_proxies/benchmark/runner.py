@@ -1,69 +1,213 @@
-"""Run every (loss, seed) of a benchmark, resuming finished runs, and write the report."""
+"""Run every (loss, seed) of a benchmark, resuming finished runs, and write the report.
+
+Integrity rules of an output folder:
+
+* it holds runs of exactly one protocol, recorded in ``protocol.json`` when the folder is first
+  used; a command with another protocol is refused (:class:`ProtocolMismatch`, naming each
+  differing setting) before anything is trained or written;
+* one benchmark at a time: an exclusive lock (``.lock``, :mod:`filelock`) is held for the whole
+  run; a second command on the same folder is refused (:class:`FolderBusy`);
+* a damaged run (a ``result.json`` that is not a result, an unreadable ``map_data.npz``, a run
+  folder without a result) is reported with its path and trained again.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import report
-from .config import BenchmarkConfig
-from .data import load_benchmark_data
-from .losses import LOSSES, build_loss, effective_kwargs
-from .train import load_result, run_dir, train_one
+from .config import NON_PROTOCOL_FIELDS, BenchmarkConfig, ConfigError
+from .data import BenchmarkData, load_benchmark_data
+from .losses import build_loss
+from .progress import progress_bar
+from .spec import RunSpec, build_run_spec
+from .train import inspect_run, run_dir, train_and_evaluate
+
+PROTOCOL_FILE = "protocol.json"
+CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 
 
-def _check_losses(config: BenchmarkConfig) -> None:
-    for name in config.losses:
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
-        build_loss(name, 3, 4, dataset=config.dataset, overrides=config.loss_params.get(name))
+class ProtocolMismatch(ValueError):
+    """The output folder holds runs of a different protocol."""
 
 
-def run_benchmark(config: BenchmarkConfig) -> dict:
+class FolderBusy(RuntimeError):
+    """Another benchmark holds the output folder's lock."""
+
+
+@dataclass
+class RunInfo:
+    """Facts of one invocation for the report: start time, total time, threads."""
+
+    start: float = field(default_factory=time.time)
+    total_s: float = 0.0
+    threads: int = 1
+    trained: int = 0
+    reused: int = 0
+    redone: list[str] = field(default_factory=list)
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def run_benchmark(config: BenchmarkConfig, report_only: bool = False) -> dict:
     """Train and evaluate every loss x seed of ``config``, then write the report.
 
     Finished runs (``runs/<loss>/seed_<s>/result.json`` with a matching protocol fingerprint) are
-    reused: an interrupted benchmark resumes where it stopped.
+    reused: an interrupted benchmark resumes where it stopped. ``report_only`` trains nothing and
+    rebuilds the report and plots from the finished runs (missing ones are left out).
 
     Returns:
         ``{"runs": DataFrame, "summary": DataFrame, "files": {name: path}, "skipped": n}``
         (``skipped``: finished runs reused).
+
+    Raises:
+        ConfigError: no loss, or a loss argument its constructor rejects.
+        ProtocolMismatch: the output folder holds runs of another protocol.
+        FolderBusy: another benchmark is running on the output folder.
     """
-    config.validate()
-    _check_losses(config)
+    specs = resolve_specs(config)
+    output = Path(config.output)
+    check_folder(config, specs, output)  # reads only: nothing is written on refusal
     threads = torch.get_num_threads()
     if config.threads_or_default is not None:
         torch.set_num_threads(config.threads_or_default)
+    fresh = not output.exists()
     try:
-        return _run(config)
+        with folder_lock(output):
+            check_folder(config, specs, output)  # again, under the lock
+            return _run(config, specs, output, report_only)
+    except BaseException:
+        if fresh and not (output / "runs").exists():  # e.g. the data set failed to load
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_previous_runs(config: BenchmarkConfig, output: Path) -> None:
-    """Refuse, before anything is trained or written, a folder holding a finished run of another
-    protocol (so no run of the new protocol is added beside it and config.json stays true)."""
+def resolve_specs(config: BenchmarkConfig) -> list[RunSpec]:
+    """The run specs of ``config`` (losses outer, seeds inner), each loss built once on a toy
+    problem so that a bad loss argument fails before anything is written."""
+    if not config.losses:
+        raise ConfigError("losses", "name at least one loss")
+    specs = []
     for loss in config.losses:
-        for seed in config.seeds:
-            previous = load_result(output, loss, seed)
-            if previous is not None and previous.get("config_fingerprint") != config.fingerprint(
-                loss
-            ):
-                raise ValueError(
-                    f"{run_dir(output, loss, seed)} holds a finished run of a different "
-                    "protocol; use another --output folder or delete that run"
-                )
+        loss_specs = [build_run_spec(config, loss, seed) for seed in config.seeds]
+        try:
+            build_loss(
+                loss, 3, 4, dataset=config.dataset, overrides=dict(loss_specs[0].loss_overrides)
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError("loss_params", f"loss {loss!r}: {e}") from None
+        specs += loss_specs
+    return specs
 
 
-def _run(config: BenchmarkConfig) -> dict:
-    output = Path(config.output)
-    _check_previous_runs(config, output)
-    output.mkdir(parents=True, exist_ok=True)
+# ------------------------------------------------------------------ folder integrity
+def recorded_protocol(output: Path) -> dict | None:
+    """The protocol recorded in ``output`` (``protocol.json``; for folders written before it
+    existed, the protocol fields of ``config.json``), or ``None`` for a fresh folder."""
+    for name in (PROTOCOL_FILE, CONFIG_FILE):
+        path = output / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            _note(f"{path} is not valid JSON; ignored")
+            continue
+        if not isinstance(data, dict):
+            _note(f"{path} is not a JSON object; ignored")
+            continue
+        if name == PROTOCOL_FILE:
+            return data.get("protocol") if isinstance(data.get("protocol"), dict) else None
+        return {k: v for k, v in data.items() if k not in NON_PROTOCOL_FIELDS}
+    return None
+
+
+def protocol_differences(recorded: dict, current: dict) -> list[str]:
+    """``"setting: old -> new"`` for each setting of ``current`` that ``recorded`` holds with
+    another value (JSON-normalised: a tuple equals a list)."""
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731
+    diffs = []
+    for key in sorted(set(recorded) | set(current)):
+        if key not in recorded or key not in current:
+            continue  # a setting added by a newer version: its default is what older runs used
+        old, new = norm(recorded[key]), norm(current[key])
+        if old != new:
+            diffs.append(f"{key}: {old!r} -> {new!r}")
+    return diffs
+
+
+def check_folder(config: BenchmarkConfig, specs: list[RunSpec], output: Path) -> None:
+    """Refuse, before anything is trained or written, an output folder of another protocol
+    (whatever losses the command names) or holding a finished run of one of ``specs`` with
+    another fingerprint (other loss arguments)."""
+    recorded = recorded_protocol(output)
+    if recorded is not None:
+        diffs = protocol_differences(recorded, config.protocol())
+        if diffs:
+            raise ProtocolMismatch(
+                f"{output} holds runs of a different protocol ({'; '.join(diffs)}); use another "
+                "--output folder, or the same settings to add losses or seeds"
+            )
+    for spec in specs:
+        result, _ = inspect_run(run_dir(output, spec.loss, spec.seed))
+        if result is not None and result.get("config_fingerprint") != spec.fingerprint:
+            raise ProtocolMismatch(
+                f"{run_dir(output, spec.loss, spec.seed)} holds a finished run of a different "
+                f"protocol (other arguments of loss {spec.loss!r}?); use another --output "
+                "folder or delete that run"
+            )
+
+
+class folder_lock:  # noqa: N801 - used as a context manager
+    """Exclusive lock of an output folder for the whole benchmark (creates the folder)."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = Path(output)
+        self._lock = None
+
+    def __enter__(self) -> folder_lock:
+        from filelock import FileLock, Timeout
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        path = self.output / LOCK_FILE
+        self._lock = FileLock(str(path), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise FolderBusy(
+                f"another benchmark is running on {self.output} (lock {path}); wait for it to "
+                "finish or use another --output folder"
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+
+def _record_protocol(config: BenchmarkConfig, output: Path) -> None:
+    path = output / PROTOCOL_FILE
+    if not path.is_file():
+        from .train import _write_json_atomic
+
+        _write_json_atomic(path, {"protocol": config.protocol()})
+
+
+# ------------------------------------------------------------------ the runs
+def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_only: bool) -> dict:
+    info = RunInfo(threads=torch.get_num_threads())
     data = load_benchmark_data(
         config.dataset,
         root=config.root,
@@ -72,131 +216,44 @@ def _run(config: BenchmarkConfig) -> dict:
         split_seed=config.split_seed,
         download=config.download,
         max_train_classes=config.max_train_classes,
-        channels=config.channels,
+        channels=specs[0].channels,
         dataset_kwargs=config.dataset_kwargs,
         progress=config.progress,
     )
-    with open(output / "config.json", "w") as f:
-        json.dump(config.__dict__, f, indent=2, default=str)
+    _record_protocol(config, output)
+    with open(output / CONFIG_FILE, "w") as f:
+        json.dump(report.config_record(config), f, indent=2, default=str)
 
-    jobs = [(loss, seed) for loss in config.losses for seed in config.seeds]
-    results, skipped = [], 0
-    bar = tqdm(jobs, desc="benchmark", disable=not config.progress)
-    for loss, seed in bar:
-        bar.set_postfix_str(f"{loss} seed {seed}")
-        previous = load_result(output, loss, seed)
-        if previous is not None:  # its protocol was checked by _check_previous_runs
-            results.append(previous)
-            skipped += 1
-            continue
-        results.append(train_one(config, data, loss, seed, output, position=1))
-    files = write_report(config, data, results, output)
-    summary = files.pop("_summary")
-    runs = files.pop("_runs")
-    return {"runs": runs, "summary": summary, "files": files, "skipped": skipped}
-
-
-def write_report(config: BenchmarkConfig, data, results: list[dict], output: Path) -> dict:
-    """Write runs.csv, summary.csv, summary.md, report.md and the PNG plots."""
-    runs = report.runs_table(results)
-    summary = report.summary_table(runs, config.losses)
-    display = report.display_table(summary)
-    files = {
-        "runs_csv": output / "runs.csv",
-        "summary_csv": output / "summary.csv",
-        "summary_md": output / "summary.md",
-        "report_md": output / "report.md",
-        "metrics_png": output / "metrics.png",
-        "curves_png": output / "training_curves.png",
-        "map_png": output / "embedding_maps.png",
-    }
-    runs.to_csv(files["runs_csv"], index=False)
-    summary.to_csv(files["summary_csv"], index=False)
-    table_md = report.to_markdown(display)
-    files["summary_md"].write_text(table_md + "\n")
-    report.plot_metric_bars(summary, files["metrics_png"])
-    report.plot_training_curves(results, config.losses, config.primary_metric, files["curves_png"])
-    first_seed = config.seeds[0]
-    report.plot_embedding_maps(
-        {loss: run_dir(output, loss, first_seed) for loss in config.losses},
-        files["map_png"],
-        method=config.map_method,
-    )
-    files["report_md"].write_text(_report_markdown(config, data, table_md, files, results))
-    files["_summary"], files["_runs"] = summary, runs
-    return files
+    results = []
+    bar = progress_bar(specs, desc="benchmark", enabled=config.progress)
+    for spec in bar:
+        bar.set_postfix_str(f"{spec.loss} seed {spec.seed}")
+        result = _finished_or_train(spec, data, output, info, report_only)
+        if result is not None:
+            results.append(result)
+    info.total_s = time.time() - info.start
+    if not results:
+        raise ValueError(f"{output} holds no finished run of these losses and seeds to report")
+    done = {(r["loss"], r["seed"]) for r in results}
+    specs = [s for s in specs if (s.loss, s.seed) in done]
+    files, runs, summary = report.write_report(config, data, specs, results, output, info)
+    return {"runs": runs, "summary": summary, "files": files, "skipped": info.reused}
 
 
-def _report_markdown(
-    config: BenchmarkConfig, data, table_md: str, files: dict, results: list[dict]
-) -> str:
-    geometry = sorted({(r["batch_size"], r["m_per_class"]) for r in results})
-    batch_s = ", ".join(f"batch {b} = {b // m} classes x m={m}" for b, m in geometry)
-    params = [
-        "| loss | hyper-parameters | source |",
-        "|---|---|---|",
-    ]
-    for loss in config.losses:
-        kw = effective_kwargs(loss, config.dataset, config.loss_params.get(loss))
-        kw_s = ", ".join(f"{k}={v}" for k, v in kw.items()) or "class defaults"
-        params.append(f"| {loss} | {kw_s} | {LOSSES[loss].source} |")
-    protocol = [
-        f"* dataset: `{config.dataset}`: {len(data.train.labels)} training images of "
-        f"{data.train.num_classes} classes, {len(data.val.labels)} validation images of "
-        f"{data.val.num_classes} held-out training classes (model selection), "
-        f"{len(data.test.labels)} test images of {data.test.num_classes} unseen classes",
-        f"* trunk `{config.trunk}` (pretrained: {config.pretrained}), pooling `{config.pooling}`, "
-        f"linear embedder to {config.embedding_size}-d; image size "
-        f"{config.image_size if config.image_size else 'dataset default'}",
-        f"* MPerClassSampler: {batch_s} (asked: batch {config.batch_size}, m="
-        f"{config.m_per_class}; m grows when there are too few classes), "
-        f"{config.epochs} epochs x {config.iterations_per_epoch} iterations",
-        f"* {config.optimizer} lr {config.lr_or_default:g}, weight decay {config.weight_decay:g}, "
-        f"loss parameters (proxies) lr x{config.proxy_lr_mult:g}, warm-up "
-        f"{config.warmup_epochs_or_default} epoch(s) with frozen trunk, frozen BatchNorm: "
-        f"{config.freeze_bn_or_default}, step decay every {config.lr_decay_epochs} epochs "
-        f"(0 = none) x{config.lr_decay_gamma:g}, gradient clipping {config.grad_clip:g} (0 = none)",
-        (
-            f"* model selection: best validation `{config.primary_metric}` over epochs; "
-            "test metrics of that epoch"
-            if len(data.val) > 0
-            else "* no validation split (--val-fraction 0): test metrics of the last epoch"
-        )
-        + f"; seeds {config.seeds}; mean ± 95% CI (Student t)",
-    ]
-    rel = {k: Path(v).name for k, v in files.items() if isinstance(v, Path)}
-    return "\n".join(
-        [
-            f"# Benchmark report: {config.dataset}",
-            "",
-            f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}. Command:",
-            "",
-            "```",
-            config.command or "(called from Python)",
-            "```",
-            "",
-            "## Protocol",
-            "",
-            *protocol,
-            "",
-            "## Test results (x100, mean ± 95% CI half width over seeds)",
-            "",
-            table_md,
-            "",
-            "## Loss hyper-parameters",
-            "",
-            *params,
-            "",
-            "## Plots",
-            "",
-            f"![metrics]({rel['metrics_png']})",
-            "",
-            f"![curves]({rel['curves_png']})",
-            "",
-            f"![maps]({rel['map_png']})",
-            "",
-            f"Per-run logs (record-keeper CSV + SQLite, tensorboard): `runs/<loss>/seed_<s>/` "
-            f"under `{os.fspath(config.output)}`.",
-            "",
-        ]
-    )
+def _finished_or_train(
+    spec: RunSpec, data: BenchmarkData, output: Path, info: RunInfo, report_only: bool
+) -> dict | None:
+    directory = run_dir(output, spec.loss, spec.seed)
+    result, problem = inspect_run(directory)
+    if result is not None:  # its fingerprint was checked by check_folder
+        info.reused += 1
+        return result
+    if report_only:
+        if problem is not None:
+            _note(f"{problem}: left out of the report")
+        return None
+    if problem is not None:
+        _note(f"{problem}: the run is trained again")
+        info.redone.append(str(directory.relative_to(output)))
+    info.trained += 1
+    return train_and_evaluate(spec, data, directory, position=1)

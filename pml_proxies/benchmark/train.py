@@ -10,19 +10,21 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .config import BenchmarkConfig
-from .data import BenchmarkData, probe_channels
+from .data import BenchmarkData
 from .losses import build_loss, get_proxies
 from .models import EmbeddingNet, build_trunk, freeze_batchnorm
+from .progress import progress_bar
+from .spec import RunSpec, build_run_spec
 
 RESULT_FILE = "result.json"
 
@@ -34,18 +36,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_accuracy_calculator(config: BenchmarkConfig):
-    """``pml_proxies.AccuracyCalculator`` with the benchmark's metrics (``k="max_bin_count"``
+def make_accuracy_calculator(spec: RunSpec):
+    """``pml_proxies.AccuracyCalculator`` computing ``spec.metric_names`` (``k="max_bin_count"``
     for PML's metrics, widened for Recall@k / nDCG@k)."""
-    try:
-        from .. import AccuracyCalculator
-    except ImportError:
-        from ..utils.accuracy_calculator import AccuracyCalculator
-    include = ["precision_at_1", "r_precision", "mean_average_precision_at_r"]
-    include += [f"recall_at_{k}" for k in config.recall_ks]
-    include += [f"ndcg_at_{k}" for k in config.ndcg_ks]
+    from ..utils.accuracy_calculator import AccuracyCalculator
+
+    config = spec.config
     return AccuracyCalculator(
-        include=tuple(include),
+        include=spec.metric_names,
         k="max_bin_count",
         device=torch.device(config.device),
         recall_ks=tuple(config.recall_ks),
@@ -82,7 +80,9 @@ def evaluate(model, dataset, calculator, config: BenchmarkConfig, return_embeddi
     return (acc, emb, labels) if return_embeddings else acc
 
 
-def make_optimizer(config: BenchmarkConfig, model: EmbeddingNet, loss, lr: float):
+def make_optimizer(
+    config: BenchmarkConfig, model: EmbeddingNet, loss, lr: float, proxy_lr_mult: float
+):
     """One optimizer, three parameter groups: trunk, embedder, loss parameters (proxies) with
     ``lr * proxy_lr_mult``. The same weight decay for all groups."""
     groups = [
@@ -91,7 +91,7 @@ def make_optimizer(config: BenchmarkConfig, model: EmbeddingNet, loss, lr: float
     ]
     loss_params = [p for p in loss.parameters() if p.requires_grad]
     if loss_params:
-        groups.append({"params": loss_params, "lr": lr * config.proxy_lr_mult, "name": "loss"})
+        groups.append({"params": loss_params, "lr": lr * proxy_lr_mult, "name": "loss"})
     name = config.optimizer.lower()
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
@@ -127,16 +127,47 @@ def run_dir(output: Path, loss_name: str, seed: int) -> Path:
     return Path(output) / "runs" / loss_name / f"seed_{seed}"
 
 
-def load_result(output: Path, loss_name: str, seed: int) -> dict | None:
-    """The finished run's results, or ``None`` if the run has not finished."""
-    path = run_dir(output, loss_name, seed) / RESULT_FILE
+#: keys a finished run's result.json must hold
+RESULT_KEYS = ("loss", "seed", "best_epoch", "test", "history", "config_fingerprint")
+
+
+def inspect_run(directory: Path) -> tuple[dict | None, str | None]:
+    """``(result, problem)`` of the run folder ``directory``: the finished run's result dict and
+    ``None``, or ``None`` and why the run is not finished (``None`` when the folder does not
+    exist): no ``result.json``, a ``result.json`` that is not a JSON object with the result keys
+    and test metrics, a ``map_data.npz`` that cannot be read."""
+    directory = Path(directory)
+    path = directory / RESULT_FILE
     if not path.is_file():
-        return None
+        if directory.exists():
+            return None, f"{directory} has no {RESULT_FILE} (an unfinished run)"
+        return None, None
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+            result = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path} is not valid JSON ({e})"
+    if not isinstance(result, dict):
+        return None, f"{path} holds a JSON {type(result).__name__}, not an object"
+    missing = [k for k in RESULT_KEYS if k not in result]
+    if missing:
+        return None, f"{path} lacks {', '.join(missing)}"
+    if not isinstance(result["test"], dict) or not isinstance(result["history"], list):
+        return None, f"{path} holds no test metrics or no history"
+    npz = directory / "map_data.npz"
+    try:
+        with np.load(npz) as z:
+            for key in z.files:
+                z[key]
+    except Exception as e:  # noqa: BLE001 - any unreadable archive is a damaged run
+        return None, f"{npz} cannot be read ({type(e).__name__}: {e})"
+    return result, None
+
+
+def load_result(output: Path, loss_name: str, seed: int) -> dict | None:
+    """The finished run's results, or ``None`` if the run has not finished or is damaged
+    (:func:`inspect_run`)."""
+    return inspect_run(run_dir(output, loss_name, seed))[0]
 
 
 def _set_trunk_trainable(model: EmbeddingNet, trainable: bool) -> None:
@@ -162,38 +193,61 @@ def _batch_geometry(num_classes: int, m: int, batch_size: int) -> tuple[int, int
 
 
 # ------------------------------------------------------------------ one run
-def train_one(
-    config: BenchmarkConfig,
-    data: BenchmarkData,
-    loss_name: str,
-    seed: int,
-    output: Path,
-    position: int = 0,
-) -> dict:
-    """Train ``loss_name`` with ``seed``; returns (and writes) the run's result dict."""
+@dataclass
+class _Run:
+    """The pieces of one run, built by :func:`build_run` (mutable training state)."""
+
+    model: EmbeddingNet
+    loss: torch.nn.Module
+    miner: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    loader: DataLoader
+    calculator: object
+    record_keeper: object
+    device: torch.device
+    batch_size: int
+    m_per_class: int
+    num_classes: int
+    iteration: int = 0
+
+
+@dataclass
+class _Selection:
+    """The best validation epoch so far (model and loss state kept in memory)."""
+
+    score: float = -math.inf
+    epoch: int = 0
+    model: dict | None = None
+    loss: dict | None = None
+
+    def offer(self, run: _Run, epoch: int, score: float) -> None:
+        if score > self.score:
+            self.score, self.epoch = score, epoch
+            self.model = copy.deepcopy(run.model.state_dict())
+            self.loss = copy.deepcopy(run.loss.state_dict())
+
+
+def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
+    """Build the network, loss, optimizer, sampler, loader, accuracy calculator and
+    record-keeper of ``spec`` (seeded: every loss of a seed starts from the same network)."""
     from pytorch_metric_learning.utils import logging_presets
 
-    out = run_dir(output, loss_name, seed)
-    if out.exists():  # an unfinished earlier attempt: start clean (records would be duplicated)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    config = spec.config
     device = torch.device(config.device)
-    seed_everything(seed)
-
+    seed_everything(spec.seed)
     num_classes = data.train.num_classes
-    in_channels = probe_channels(data.train)
-    trunk = build_trunk(config.trunk, in_channels, config.image_size_or_default, config.pretrained)
+    trunk = build_trunk(spec.trunk.name, spec.channels, spec.image_size, spec.trunk.pretrained)
     model = EmbeddingNet(trunk, config.pooling, config.embedding_size).to(device)
     loss, miner = build_loss(
-        loss_name,
+        spec.loss,
         num_classes,
         config.embedding_size,
         dataset=config.dataset,
-        overrides=config.loss_params.get(loss_name),
+        overrides=dict(spec.loss_overrides),
     )
     loss = loss.to(device)
-    lr = config.lr_or_default
-    optimizer = make_optimizer(config, model, loss, lr)
+    optimizer = make_optimizer(config, model, loss, spec.trunk.lr, spec.proxy_lr_mult)
     scheduler = None
     if config.lr_decay_epochs > 0:
         scheduler = torch.optim.lr_scheduler.StepLR(
@@ -206,7 +260,6 @@ def train_one(
         batch_size=batch_size,
         length_before_new_iter=batch_size * config.iterations_per_epoch,
     )
-    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         data.train,
         batch_size=batch_size,
@@ -214,145 +267,242 @@ def train_one(
         drop_last=True,
         num_workers=config.workers,
         pin_memory=device.type == "cuda",
-        generator=generator,
+        generator=torch.Generator().manual_seed(spec.seed),
         persistent_workers=config.workers > 0,
     )
-    calculator = make_accuracy_calculator(config)
     record_keeper, _, _ = logging_presets.get_record_keeper(
         str(out / "logs"), str(out / "tensorboard")
     )
+    return _Run(
+        model=model,
+        loss=loss,
+        miner=miner,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        calculator=make_accuracy_calculator(spec),
+        record_keeper=record_keeper,
+        device=device,
+        batch_size=batch_size,
+        m_per_class=m,
+        num_classes=num_classes,
+    )
 
+
+def fit_one_epoch(run: _Run, spec: RunSpec, epoch: int, position: int = 0) -> float:
+    """Train one epoch (warm-up freezing, gradient clipping, logging); the mean batch loss."""
+    config = spec.config
+    if hasattr(run.loss, "set_epoch"):
+        run.loss.set_epoch(epoch)
+    trunk_frozen = epoch <= spec.trunk.warmup_epochs
+    _set_trunk_trainable(run.model, not trunk_frozen)
+    if not trunk_frozen and spec.trunk.freeze_bn:
+        freeze_batchnorm(run.model.trunk)  # re-freeze BN affine params after the warm-up
+    _train_mode(run.model, spec.trunk.freeze_bn, trunk_frozen)
+    losses = []
+    bar = progress_bar(
+        run.loader,
+        desc=f"{spec.loss} s{spec.seed} ep{epoch}/{config.epochs}",
+        enabled=config.progress,
+        position=position,
+        leave=False,
+    )
+    for x, y in bar:
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        run.optimizer.zero_grad(set_to_none=True)
+        emb = run.model(x)
+        indices = run.miner(emb, y) if run.miner is not None else None
+        value = run.loss(emb, y, indices)
+        if not torch.isfinite(value):
+            raise FloatingPointError(
+                f"{spec.loss} seed {spec.seed}: non-finite loss at epoch {epoch}"
+            )
+        value.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                list(run.model.parameters()) + list(run.loss.parameters()), config.grad_clip
+            )
+        run.optimizer.step()
+        run.iteration += 1
+        v = float(value.detach())
+        losses.append(v)
+        if run.iteration % config.log_freq == 0:
+            _log_iteration(run, v)
+        bar.set_postfix(loss=f"{v:.4f}", refresh=False)
+    if run.scheduler is not None:
+        run.scheduler.step()
+    return float(np.mean(losses))
+
+
+def _log_iteration(run: _Run, value: float) -> None:
+    rk = run.record_keeper
+    rk.update_records({"total_loss": value}, run.iteration, parent_name="train")
+    # the loss's recordable attributes (and its statistics where it collects them: Proxy-ISA)
+    rk.update_records({"metric_loss": run.loss}, run.iteration, recursive_types=[torch.nn.Module])
+    rk.update_records(
+        {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)},
+        run.iteration,
+        parent_name="optimizer",
+    )
+
+
+def train_and_evaluate(
+    spec: RunSpec,
+    data: BenchmarkData,
+    out: Path,
+    *,
+    val_classes: Sequence | None = None,
+    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+    evaluate_test: bool = True,
+    position: int = 0,
+) -> dict:
+    """Train ``spec``, select its epoch on the validation classes, evaluate it on the test
+    classes and write the run's files into ``out`` (emptied first).
+
+    A plain training loop rather than PML's trainers: the protocol needs a frozen-trunk warm-up,
+    gradient clipping, per-epoch model selection on held-out classes (the best epoch's weights
+    kept in memory) and control over resumption, none of which PML's trainers/testers combine.
+
+    Args:
+        spec: the run (:func:`~pml_proxies.benchmark.spec.build_run_spec`).
+        data: the benchmark's data (:func:`~pml_proxies.benchmark.data.load_benchmark_data`).
+        out: the run's folder (record-keeper logs, tensorboard, ``result.json``,
+            ``map_data.npz``).
+        val_classes: which training-split classes are the validation classes, as labels of
+            the training split (``data.train.original_labels`` / ``data.val.original_labels``);
+            the other training-split classes are trained on (class-disjoint k-fold: a fold's
+            held-out classes). ``None``: ``data``'s split.
+        epoch_callback: ``epoch_callback(epoch, val_metrics)`` after each validated epoch
+            (``val_metrics``: metric name -> value); it may raise to stop the run (e.g. Optuna
+            pruning), the exception propagates and no ``result.json`` is written.
+        evaluate_test: evaluate the selected epoch on the test classes and save
+            ``map_data.npz``. ``False`` (tuning trials) never touches the test classes: the
+            result's ``test`` is ``None``.
+        position: row of the progress bar.
+
+    Returns:
+        The result dict written to ``out / "result.json"``: ``loss``, ``seed``, ``best_epoch``,
+        ``best_val_score``, ``train_time_s``, ``iterations``, ``batch_size``, ``m_per_class``,
+        ``test`` (metrics or ``None``), ``history`` (per-epoch train loss and validation
+        metrics), ``loss_kwargs``, ``config_fingerprint``.
+    """
+    if val_classes is not None:
+        data = data.with_validation_classes(val_classes)
+    out = Path(out)
+    if out.exists():  # an unfinished earlier attempt: start clean (records would be duplicated)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    run = build_run(spec, data, out)
     # re-seed once everything is built: with a given seed every loss starts from the same network
     # and sees the same batches and augmentations (as long as the loss draws no random numbers)
-    seed_everything(seed)
-    history: list[dict] = []
-    best = {"score": -math.inf, "epoch": 0, "model": None, "loss": None}
-    iteration = 0
+    seed_everything(spec.seed)
+    history, selection = [], _Selection()
+    if spec.trunk.freeze_bn:
+        freeze_batchnorm(run.model.trunk)
     start = time.time()
-    freeze_bn = config.freeze_bn_or_default
-    if freeze_bn:
-        freeze_batchnorm(model.trunk)
-    desc = f"{loss_name} s{seed}"
-    for epoch in range(1, config.epochs + 1):
-        if hasattr(loss, "set_epoch"):
-            loss.set_epoch(epoch)
-        trunk_frozen = epoch <= config.warmup_epochs_or_default
-        _set_trunk_trainable(model, not trunk_frozen)
-        if not trunk_frozen and freeze_bn:
-            freeze_batchnorm(model.trunk)  # re-freeze BN affine params after the warm-up
-        _train_mode(model, freeze_bn, trunk_frozen)
-        losses = []
-        bar = tqdm(
-            loader,
-            desc=f"{desc} ep{epoch}/{config.epochs}",
-            leave=False,
-            disable=not config.progress,
-            position=position,
-        )
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            emb = model(x)
-            indices = miner(emb, y) if miner is not None else None
-            value = loss(emb, y, indices)
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"{loss_name} seed {seed}: non-finite loss at epoch {epoch}"
-                )
-            value.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    list(model.parameters()) + list(loss.parameters()), config.grad_clip
-                )
-            optimizer.step()
-            iteration += 1
-            v = float(value.detach())
-            losses.append(v)
-            if iteration % config.log_freq == 0:
-                record_keeper.update_records({"total_loss": v}, iteration, parent_name="train")
-                record_keeper.update_records(
-                    {"metric_loss": loss}, iteration, recursive_types=[torch.nn.Module]
-                )
-                record_keeper.update_records(
-                    {
-                        f"lr_{g.get('name', i)}": g["lr"]
-                        for i, g in enumerate(optimizer.param_groups)
-                    },
-                    iteration,
-                    parent_name="optimizer",
-                )
-            bar.set_postfix(loss=f"{v:.4f}", refresh=False)
-        if scheduler is not None:
-            scheduler.step()
-        row = {"epoch": epoch, "iteration": iteration, "train_loss": float(np.mean(losses))}
-        if len(data.val) > 0 and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            val = evaluate(model, data.val, calculator, config)
+    epochs = spec.config.epochs
+    for epoch in range(1, epochs + 1):
+        train_loss = fit_one_epoch(run, spec, epoch, position)
+        row = {"epoch": epoch, "iteration": run.iteration, "train_loss": train_loss}
+        val = None
+        if len(data.val) > 0 and (epoch % spec.config.eval_every == 0 or epoch == epochs):
+            val = evaluate(run.model, data.val, run.calculator, spec.config)
             row.update({f"val_{k}": v for k, v in val.items()})
-            record_keeper.update_records(val, epoch, parent_name="accuracies_val")
-            score = val[config.primary_metric]
-            if score > best["score"]:
-                best.update(
-                    score=score,
-                    epoch=epoch,
-                    model=copy.deepcopy(model.state_dict()),
-                    loss=copy.deepcopy(loss.state_dict()),
-                )
-        record_keeper.update_records(
-            {"train_loss_epoch": row["train_loss"]}, epoch, parent_name="epoch"
-        )
-        record_keeper.save_records()
+            run.record_keeper.update_records(val, epoch, parent_name="accuracies_val")
+            selection.offer(run, epoch, val[spec.primary_metric])
+        _save_records(run, row, epoch)
         history.append(row)
+        if val is not None and epoch_callback is not None:
+            epoch_callback(epoch, dict(val))
     train_time = time.time() - start
-
-    if best["model"] is not None:
-        model.load_state_dict(best["model"])
-        loss.load_state_dict(best["loss"])
-    else:  # no validation split: last epoch
-        best["epoch"] = config.epochs
-    test, test_emb, test_labels = evaluate(
-        model, data.test, calculator, config, return_embeddings=True
-    )
-    record_keeper.update_records(test, best["epoch"], parent_name="accuracies_test")
-    record_keeper.save_records()
-    if record_keeper.tensorboard_writer is not None:
-        record_keeper.tensorboard_writer.close()
-
-    _save_map_data(test_emb, test_labels, loss, config, out, num_classes)
+    select(run, selection, epochs)
+    test = None
+    if evaluate_test:
+        test, test_emb, test_labels = evaluate(
+            run.model, data.test, run.calculator, spec.config, return_embeddings=True
+        )
+        run.record_keeper.update_records(test, selection.epoch, parent_name="accuracies_test")
+        run.record_keeper.save_records()
+    if run.record_keeper.tensorboard_writer is not None:
+        run.record_keeper.tensorboard_writer.close()
+    if evaluate_test:
+        _save_map_data(run.model, data, test_emb, test_labels, run.loss, spec.config, out,
+                       run.num_classes)  # fmt: skip
     result = {
-        "loss": loss_name,
-        "seed": seed,
-        "best_epoch": best["epoch"],
-        "best_val_score": None if best["model"] is None else best["score"],
+        "loss": spec.loss,
+        "seed": spec.seed,
+        "best_epoch": selection.epoch,
+        "best_val_score": None if selection.model is None else selection.score,
         "train_time_s": train_time,
-        "iterations": iteration,
-        "batch_size": batch_size,
-        "m_per_class": m,
+        "iterations": run.iteration,
+        "batch_size": run.batch_size,
+        "m_per_class": run.m_per_class,
         "test": test,
         "history": history,
-        "loss_kwargs": _describe_kwargs(config, loss_name),
-        "config_fingerprint": config.fingerprint(loss_name),
+        "loss_kwargs": {k: repr(v) for k, v in spec.loss_kwargs.items()},
+        "config_fingerprint": spec.fingerprint,
     }
-    _write_json_atomic(out / RESULT_FILE, result)
+    persist(out, result)
     return result
 
 
-def _describe_kwargs(config: BenchmarkConfig, loss_name: str) -> dict:
-    from .losses import loss_kwargs
-
-    return {
-        k: repr(v)
-        for k, v in loss_kwargs(
-            loss_name, config.dataset, config.loss_params.get(loss_name)
-        ).items()
-    }
+def _save_records(run: _Run, row: dict, epoch: int) -> None:
+    run.record_keeper.update_records(
+        {"train_loss_epoch": row["train_loss"]}, epoch, parent_name="epoch"
+    )
+    run.record_keeper.save_records()
 
 
-def _save_map_data(emb, labels, loss, config, out: Path, num_classes: int) -> None:
-    """Save a subsample of test embeddings and the learned proxies for the 2-D map plot."""
+def select(run: _Run, selection: _Selection, epochs: int) -> None:
+    """Load the best validation epoch's weights (no validation split: keep the last epoch)."""
+    if selection.model is not None:
+        run.model.load_state_dict(selection.model)
+        run.loss.load_state_dict(selection.loss)
+    else:
+        selection.epoch = epochs
+
+
+def persist(out: Path, result: dict) -> None:
+    """Write ``result.json`` atomically: its presence marks the run as finished."""
+    _write_json_atomic(Path(out) / RESULT_FILE, result)
+
+
+def train_one(
+    config: BenchmarkConfig,
+    data: BenchmarkData,
+    loss_name: str,
+    seed: int,
+    output: Path,
+    position: int = 0,
+) -> dict:
+    """Train ``loss_name`` with ``seed`` into ``run_dir(output, loss_name, seed)`` (a
+    :func:`train_and_evaluate` of :func:`~pml_proxies.benchmark.spec.build_run_spec`)."""
+    spec = build_run_spec(config, loss_name, seed)
+    return train_and_evaluate(spec, data, run_dir(output, loss_name, seed), position=position)
+
+
+def _subsample(n_total: int, n_max: int) -> np.ndarray:
+    """Sorted indices of a fixed random subsample of at most ``n_max`` of ``n_total`` rows."""
     rng = np.random.default_rng(0)
-    n = min(len(labels), config.map_samples)
-    idx = np.sort(rng.choice(len(labels), size=n, replace=False))
+    return np.sort(rng.choice(n_total, size=min(n_total, n_max), replace=False))
+
+
+def _save_map_data(model, data, emb, labels, loss, config, out: Path, num_classes: int) -> None:
+    """Save the data of the 2-D map plot in ``map_data.npz``: a subsample of the test embeddings
+    (``embeddings``, ``labels``), a subsample of the training-class embeddings of the fitted model
+    with the evaluation preprocessing (``train_embeddings`` float32, ``train_labels`` in
+    ``[0, C)``, the numbering of ``proxy_labels``) and the learned proxies (``proxies``,
+    ``proxy_labels``, ``proxy_uncertainty`` where the loss has one)."""
+    idx = _subsample(len(labels), config.map_samples)
     arrays = {"embeddings": emb[idx].numpy(), "labels": labels[idx].numpy()}
+    train_eval = data.train_eval
+    if train_eval is not None and len(train_eval) > 0:
+        rows = _subsample(len(train_eval), config.map_samples)
+        train_emb, train_labels = compute_embeddings(
+            model, torch.utils.data.Subset(train_eval, rows.tolist()), config
+        )
+        arrays["train_embeddings"] = train_emb.numpy().astype(np.float32)
+        arrays["train_labels"] = train_labels.numpy().astype(np.int64)
     proxies = get_proxies(loss, num_classes)
     if proxies is not None:
         arrays["proxies"], arrays["proxy_labels"], std = proxies
@@ -361,4 +511,15 @@ def _save_map_data(emb, labels, loss, config, out: Path, num_classes: int) -> No
     np.savez_compressed(out / "map_data.npz", **arrays)
 
 
-__all__ = ["train_one", "load_result", "run_dir", "evaluate", "make_optimizer", "asdict"]
+__all__ = [
+    "train_and_evaluate",
+    "train_one",
+    "build_run",
+    "fit_one_epoch",
+    "select",
+    "persist",
+    "load_result",
+    "run_dir",
+    "evaluate",
+    "make_optimizer",
+]
