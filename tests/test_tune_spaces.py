@@ -13,7 +13,7 @@ yaml = pytest.importorskip("yaml")
 from pml_proxies.benchmark.config import BenchmarkConfig  # noqa: E402
 from pml_proxies.benchmark.losses import LOSSES, build_loss  # noqa: E402
 from pml_proxies.benchmark.tune import spaces as sp  # noqa: E402
-from pml_proxies.benchmark.tune.trial import class_folds, trial_benchmark_config  # noqa: E402
+from pml_proxies.benchmark.tune.trial import fold_classes, trial_spec  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "powerful_benchmarker_configs"
 MARKERS = ("~BAYESIAN~", "~LOG_BAYESIAN~", "~INT_BAYESIAN~")
@@ -49,7 +49,9 @@ def test_every_yaml_range_becomes_a_space_entry(name):
     for miner in (doc.get("mining_funcs~OVERRIDE~") or {}).values():
         for kwargs in miner.values():
             expected.update({"miner." + k: v for k, v in _yaml_ranges(kwargs).items()})
-    entries = {e.source.split(":", 1)[1]: e for e in sp.loss_space(name, CONFIGS) if ":" in e.source}
+    entries = {
+        e.source.split(":", 1)[1]: e for e in sp.loss_space(name, CONFIGS) if ":" in e.source
+    }
     assert set(entries) == set(expected)
     rename = dict(cfg.rename)
     kinds = {"~BAYESIAN~": "float", "~LOG_BAYESIAN~": "log", "~INT_BAYESIAN~": "int"}
@@ -85,7 +87,9 @@ def test_proxy_lr_entry_follows_the_yaml_comment():
             continue
         text = (CONFIGS / "config_loss_and_miners" / cfg.yaml).read_text()
         entries = {e.name: e for e in sp.loss_space(name, CONFIGS)}
-        assert (sp.PROXY_LR in entries) == ("--config_optimizers [default, proxy_lr_bayes_opt]" in text)
+        assert (sp.PROXY_LR in entries) == (
+            "--config_optimizers [default, proxy_lr_bayes_opt]" in text
+        )
         if sp.PROXY_LR in entries:
             assert LOSSES[name].proxy_based
             e = entries[sp.PROXY_LR]
@@ -96,7 +100,11 @@ def test_proxy_lr_entry_follows_the_yaml_comment():
 
 def test_space_overrides_replace_keep_scale_or_add():
     over = sp.parse_space_overrides(
-        ["proxy_anchor.alpha=4:64", "proxy_anchor.margin=0.05:0.2:log", "mpa.centers_per_class=1:4:int"]
+        [
+            "proxy_anchor.alpha=4:64",
+            "proxy_anchor.margin=0.05:0.2:log",
+            "mpa.centers_per_class=1:4:int",
+        ]
     )
     spaces = sp.resolve_spaces(["proxy_anchor", "mpa"], over, CONFIGS)
     pa = {e.name: e for e in spaces["proxy_anchor"]}
@@ -155,27 +163,30 @@ def test_int_ranges_are_read(tmp_path):
 def test_trial_parameters_reach_loss_miner_and_proxy_lr():
     base = BenchmarkConfig(dataset="digits", losses=["multi_similarity"], lr=1e-3)
     params = {"alpha": 3.0, "miner.epsilon": 0.4}
-    c = trial_benchmark_config(base, "multi_similarity", params, [0], "x")
-    assert c.loss_params == {"multi_similarity": {"alpha": 3.0, "miner_kwargs": {"epsilon": 0.4}}}
-    assert c.proxy_lr_mult == base.proxy_lr_mult
-    loss, miner = build_loss("multi_similarity", 3, 4, overrides=c.loss_params["multi_similarity"])
+    spec = trial_spec(base, "multi_similarity", params, 0)
+    assert dict(spec.loss_overrides) == {"alpha": 3.0, "miner_kwargs": {"epsilon": 0.4}}
+    assert spec.proxy_lr_mult == base.proxy_lr_mult
+    loss, miner = build_loss("multi_similarity", 3, 4, overrides=dict(spec.loss_overrides))
     assert (loss.alpha, miner.epsilon) == (3.0, 0.4)
-    c = trial_benchmark_config(base, "proxy_anchor", {"proxy_lr": 0.05, "margin": 0.2}, [1], "x")
-    assert c.proxy_lr_mult == pytest.approx(50.0)
-    assert c.loss_params == {"proxy_anchor": {"margin": 0.2}} and c.seeds == [1]
+    spec = trial_spec(base, "proxy_anchor", {"proxy_lr": 0.05, "margin": 0.2}, 1)
+    assert spec.proxy_lr_mult == pytest.approx(50.0)
+    assert dict(spec.loss_overrides) == {"margin": 0.2} and spec.seed == 1
+    assert spec.fingerprint != trial_spec(base, "proxy_anchor", {"margin": 0.3}, 1).fingerprint
 
 
-def test_class_folds_are_disjoint_cover_the_training_classes_and_hide_the_test():
+def test_fold_classes_are_disjoint_and_cover_the_training_classes():
     from pml_proxies.benchmark.data import load_benchmark_data
 
     data = load_benchmark_data("digits", val_fraction=0.3, progress=False)
-    folds = class_folds(data, 2, seed=0)
+    folds = fold_classes(data, 2, seed=0)
     all_classes = set(np.unique(data.train.original_labels)) | set(data.val.original_labels)
-    held = [set(np.unique(f.val.original_labels)) for f in folds]
+    held = [set(f.tolist()) for f in folds]
     assert set().union(*held) == all_classes
     assert sum(len(h) for h in held) == len(all_classes)
     for f, h in zip(folds, held):
-        assert set(np.unique(f.train.original_labels)) == all_classes - h
-        assert f.test is f.val
+        fold = data.with_validation_classes(f)
+        assert set(np.unique(fold.val.original_labels)) == h
+        assert set(np.unique(fold.train.original_labels)) == all_classes - h
+    assert [f.tolist() for f in fold_classes(data, 2, seed=0)] == [f.tolist() for f in folds]
     with pytest.raises(ValueError, match="folds"):
-        class_folds(data, 3, seed=0)
+        fold_classes(data, 3, seed=0)

@@ -50,7 +50,9 @@ def test_equal_budget_every_trial_number_once_and_resume_reruns_nothing(tmp_path
         before[loss] = [(t.number, t.value, t.datetime_complete) for t in trials]
     run_worker(storage, "t", spaces, settings, fake.quadratic, tmp_path / "x", log=lambda m: 0)
     for loss, study in _studies(storage).items():
-        assert [(t.number, t.value, t.datetime_complete) for t in study.get_trials()] == before[loss]
+        assert [(t.number, t.value, t.datetime_complete) for t in study.get_trials()] == before[
+            loss
+        ]
 
 
 def test_pruned_trials_count_toward_the_budget(tmp_path):
@@ -89,7 +91,9 @@ def test_a_study_refuses_another_space_budget_or_protocol(tmp_path):
     ):
         with pytest.raises(ValueError, match="another --study-name"):
             open_study(storage, "t", "proxy_nca", spaces["proxy_nca"], changed)
-    narrower = sp.resolve_spaces(["proxy_nca"], sp.parse_space_overrides(["proxy_nca.softmax_scale=1:9"]))
+    narrower = sp.resolve_spaces(
+        ["proxy_nca"], sp.parse_space_overrides(["proxy_nca.softmax_scale=1:9"])
+    )
     with pytest.raises(ValueError, match="space"):
         open_study(storage, "t", "proxy_nca", narrower["proxy_nca"], settings)
 
@@ -143,3 +147,27 @@ def test_worker_argv_drops_the_local_worker_count():
     assert _worker_argv(argv, 1) == [
         "--trials", "3", "--storage", "u", "--worker-only", "--workers", "1", "--worker-index", "1",
     ]  # fmt: skip
+
+
+def test_the_benchmark_command_dispatches_tune(capsys):
+    from pml_proxies.benchmark import cli
+
+    assert cli.main(["tune", "--list-spaces"]) == 0
+    assert "proxy_anchor: (proxy_anchor.yaml)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trials", "0"], "--trials must be an integer >= 1"),
+        (["--epochs", "0"], "argument --epochs"),
+        (["--space", "mpa.alpha=2"], "--space expects"),
+        (["--grace-period", "5", "--heartbeat", "10"], "--grace-period"),
+    ],
+)
+def test_bad_tune_options_are_usage_errors(argv, message, capsys):
+    from pml_proxies.benchmark.tune import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--dataset", "digits", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

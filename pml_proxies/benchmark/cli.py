@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import FolderBusy, ProtocolMismatch, resolve_specs, run_benchmark
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tune"]:  # the tuned comparison: pml-proxies-benchmark tune ...
+        from .tune.cli import main as tune_main
+
+        return tune_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_losses:

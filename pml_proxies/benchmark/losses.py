@@ -221,6 +221,8 @@ def loss_parameters(name: str) -> dict[str, Any]:
     spec = _spec(name)
     cls = _import(spec.target)
     out: dict[str, Any] = dict(spec.extra_params)
+    if spec.miner is not None:  # the miner's arguments, {"miner_kwargs": {...}} (tuning)
+        out["miner_kwargs"] = _ANY
     for klass in cls.__mro__:
         if klass in (torch.nn.Module, object):
             break

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..cli import build_parser as build_benchmark_parser
 from ..cli import config_from_args
-from ..config import BenchmarkConfig
+from ..config import BenchmarkConfig, ConfigError
 from ..losses import LOSS_NAMES, LOSSES
 
 PROG = "pml-proxies-benchmark tune"
@@ -160,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
             print(format_spaces(resolve_spaces(list(LOSS_NAMES), overrides, args.configs)))
             return 0
         search_workers = args.workers
-        args.workers = args.loader_workers
+        del args.workers  # the benchmark's workers field is the DataLoader's
+        if args.loader_workers:
+            args.workers = args.loader_workers
         config: BenchmarkConfig = config_from_args(args, argv)
         config = dataclasses.replace(
             config, command=f"{PROG} " + " ".join(shlex.quote(a) for a in argv)
         )
         spaces = resolve_spaces(config.losses, overrides, args.configs)
+    except ConfigError as e:
+        parser.error(f"argument --{e.field.replace('_', '-')}: {e.message}")
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
     startup = args.startup_trials

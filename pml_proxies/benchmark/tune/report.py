@@ -14,6 +14,7 @@ from ..metrics import metric_label
 from .spaces import PROXY_LR, SpaceEntry
 from .study import ERROR_ATTR, MACHINE_ATTR, SURPLUS_ATTR, counts, optuna_or_exit, study_name
 
+
 def _fmt_value(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -178,11 +179,11 @@ def write_plots(studies: dict, folder: Path) -> dict[str, dict[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import warnings
+
     import matplotlib.pyplot as plt
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as ovm
-
-    import warnings
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +200,9 @@ def write_plots(studies: dict, folder: Path) -> dict[str, dict[str, str]]:
             ("history", lambda s: ovm.plot_optimization_history(s)),
             (
                 "importances",
-                lambda s: ovm.plot_param_importances(s, evaluator=FanovaImportanceEvaluator(seed=0)),
+                lambda s: ovm.plot_param_importances(
+                    s, evaluator=FanovaImportanceEvaluator(seed=0)
+                ),
             ),
         ):
             if kind == "importances" and len(complete) < 2:

@@ -11,7 +11,7 @@ from ..config import BenchmarkConfig
 from . import report as tune_report
 from .spaces import SpaceEntry
 from .study import SearchSettings, default_storage, make_storage, run_worker
-from .trial import BenchmarkObjective, Objective, trial_benchmark_config
+from .trial import BenchmarkObjective, Objective, load_data, trial_spec
 
 
 @dataclass(frozen=True)
@@ -79,39 +79,27 @@ def search(
 
 def _reproduce(config: BenchmarkConfig, loss: str, params: dict, output: Path) -> list[dict]:
     """The untuned protocol with ``params``: every seed of ``config``, test classes evaluated
-    once at the epoch selected on validation; finished runs of the same protocol are reused."""
-    from ..data import load_benchmark_data
-    from ..train import load_result, run_dir, train_one
+    once at the epoch selected on validation; finished runs of the same spec are reused."""
+    import torch
 
-    c = trial_benchmark_config(config, loss, params, config.seeds, str(output))
+    from ..train import inspect_run, run_dir, train_and_evaluate
+
     results, data = [], None
-    for seed in c.seeds:
-        previous = load_result(output, loss, seed)
-        if previous is not None and previous.get("config_fingerprint") == c.fingerprint(loss):
+    for seed in config.seeds:
+        spec = trial_spec(config, loss, params, seed)
+        previous, _ = inspect_run(run_dir(output, loss, seed))
+        if previous is not None and previous.get("config_fingerprint") == spec.fingerprint:
             results.append(previous)
             continue
         if previous is not None:
             raise ValueError(f"{run_dir(output, loss, seed)} holds a run of another protocol")
         if data is None:
-            data = load_benchmark_data(
-                c.dataset,
-                root=c.root,
-                image_size=c.image_size,
-                val_fraction=c.val_fraction,
-                split_seed=c.split_seed,
-                download=c.download,
-                max_train_classes=c.max_train_classes,
-                channels=c.channels,
-                dataset_kwargs=c.dataset_kwargs,
-                progress=c.progress,
-            )
-        import torch
-
+            data = load_data(config, config.progress)
         threads = torch.get_num_threads()
-        if c.threads_or_default is not None:
-            torch.set_num_threads(c.threads_or_default)
+        if config.threads_or_default is not None:
+            torch.set_num_threads(config.threads_or_default)
         try:
-            results.append(train_one(c, data, loss, seed, output))
+            results.append(train_and_evaluate(spec, data, run_dir(output, loss, seed)))
         finally:
             torch.set_num_threads(threads)
     return results

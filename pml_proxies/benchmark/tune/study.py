@@ -11,9 +11,11 @@ remaining budget taken by RUNNING trials waits for them (and fails them if they 
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,24 @@ def default_storage(output: str | Path) -> str:
     return f"sqlite:///{Path(output).resolve() / 'tune.sqlite3'}"
 
 
+def postgres_driver_url(url: str) -> str:
+    """``url`` with an explicit driver for a plain ``postgresql://`` URL: SQLAlchemy 2.1 picks
+    psycopg (3) for it, the ``[postgres]`` extra installs psycopg2; the one installed is used.
+
+    Raises:
+        ImportError: a PostgreSQL URL and neither driver installed (names the extra).
+    """
+    import importlib.util
+
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    rest = url.split("://", 1)[1]
+    for module, dialect in (("psycopg2", "postgresql+psycopg2"), ("psycopg", "postgresql+psycopg")):
+        if importlib.util.find_spec(module) is not None:
+            return f"{dialect}://{rest}"
+    raise ImportError("a PostgreSQL storage needs psycopg2: pip install 'pml-proxies[postgres]'")
+
+
 def make_storage(
     url: str, heartbeat_interval: int = 10, grace_period: int = 30, max_retry: int = 3
 ):
@@ -71,16 +91,7 @@ def make_storage(
     from optuna import storages
     from optuna.storages import RDBStorage
 
-    if url.startswith("postgresql"):
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                "a PostgreSQL storage needs psycopg2: pip install 'pml-proxies[postgres]'"
-            ) from None
-    import inspect
-    import warnings
-
+    url = postgres_driver_url(url)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -222,6 +233,7 @@ def run_worker(
     failed as often as its budget: a broken search is not retried forever). Losses without a
     space get no trials."""
     optuna = optuna_or_exit()
+    n = settings.n_trials
     for loss, space in spaces.items():
         if not space:
             continue
@@ -239,7 +251,6 @@ def run_worker(
         study = optuna.load_study(
             study_name=study.study_name, storage=storage, sampler=sampler, pruner=pruner
         )
-        n = settings.n_trials
 
         def wrapped(trial, loss: str = loss, space: list[SpaceEntry] = space, study=study):
             S = optuna.trial.TrialState
