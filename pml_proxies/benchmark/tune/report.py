@@ -211,7 +211,13 @@ def write_plots(studies: dict, folder: Path) -> dict[str, dict[str, str]]:
                 ax = draw(study)
             except (ValueError, RuntimeError):  # e.g. too few distinct trials for importances
                 continue
-            ax.set_title(f"{loss}: {ax.get_title()}")
+            for loc in ("left", "center"):  # Optuna's title (left-aligned in recent versions)
+                if ax.get_title(loc=loc):
+                    ax.set_title(f"{loss}: {ax.get_title(loc=loc)}", loc=loc)
+            if kind == "history":
+                from matplotlib.ticker import MaxNLocator
+
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             path = folder / f"{loss}_{kind}.png"
             ax.figure.set_size_inches(7, 4.5)
             ax.figure.tight_layout()
