@@ -63,13 +63,13 @@ FAKE = ["--dataset", "digits", "--no-progress", "--startup-trials", "1",
         "--objective", "tune_fake_objective:quadratic"]  # fmt: skip
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(900)
 def test_two_workers_share_one_study(postgres_url, tmp_path):
     name = f"two-{uuid.uuid4().hex[:8]}"
     losses = ["proxy_anchor", "proxy_nca"]
     common = [*FAKE, "--losses", ",".join(losses), "--trials", "5", "--storage", postgres_url,
               "--study-name", name, "--no-reproduce"]  # fmt: skip
-    done = run([*common, "--workers", "2", "--output", str(tmp_path / "a")], timeout=170,
+    done = run([*common, "--workers", "2", "--output", str(tmp_path / "a")], timeout=400,
                FAKE_TRIAL_SLEEP="0.3")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     logs = [(tmp_path / "a" / "logs" / f"worker_{i}.log").read_text() for i in range(2)]
@@ -86,14 +86,14 @@ def test_two_workers_share_one_study(postgres_url, tmp_path):
             if t not in finished:
                 assert t.state == S.FAIL and t.user_attrs.get("surplus")
     # the report a single process writes from the same trials is the same
-    single = run([*common, "--report-only", "--output", str(tmp_path / "b")], timeout=120)
+    single = run([*common, "--report-only", "--output", str(tmp_path / "b")], timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     report_a = (tmp_path / "a" / "tune_report.md").read_text()
     assert report_a == (tmp_path / "b" / "tune_report.md").read_text()
     assert "| proxy_anchor | done | 5 |" in report_a
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["postgres", "sqlite"])
 def test_worker_killed_mid_trial_is_failed_and_redone(kind, request, tmp_path):
     url = _storage(kind, request, tmp_path)
@@ -103,8 +103,11 @@ def test_worker_killed_mid_trial_is_failed_and_redone(kind, request, tmp_path):
     victim = popen([*args, "--worker-only", "--output", str(tmp_path / "v")],
                    tmp_path / "victim.log", FAKE_TRIAL_SLEEP="5")  # fmt: skip
     try:
-        running = wait_for(
-            lambda: trials(url, f"{name}/proxy_nca", (S.RUNNING,)), 120, "a running trial", victim
+        running = wait_for(  # a running trial that has sampled its parameters
+            lambda: [t for t in trials(url, f"{name}/proxy_nca", (S.RUNNING,)) if t.params],
+            300,
+            "a running trial",
+            victim,
         )
         victim.kill()  # SIGKILL mid-trial: no chance to tell the storage anything
         victim.wait(30)
@@ -113,7 +116,7 @@ def test_worker_killed_mid_trial_is_failed_and_redone(kind, request, tmp_path):
             victim.kill()
     killed = running[0].number
     assert trials(url, f"{name}/proxy_nca")[killed].state == S.RUNNING  # nobody knows yet
-    done = run([*args, "--no-reproduce", "--output", str(tmp_path / "w")], timeout=150,
+    done = run([*args, "--no-reproduce", "--output", str(tmp_path / "w")], timeout=400,
                FAKE_TRIAL_SLEEP="1")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     all_trials = trials(url, f"{name}/proxy_nca")

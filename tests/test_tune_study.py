@@ -171,3 +171,14 @@ def test_bad_tune_options_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--dataset", "digits", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_postgres_urls_get_the_installed_driver():
+    import importlib.util
+
+    from pml_proxies.benchmark.tune.study import postgres_driver_url
+
+    assert postgres_driver_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert postgres_driver_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    if importlib.util.find_spec("psycopg2") is not None:
+        assert postgres_driver_url("postgresql://u@h:5/db") == "postgresql+psycopg2://u@h:5/db"

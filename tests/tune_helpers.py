@@ -52,9 +52,11 @@ def trials(url: str, name: str, states=None):
     """The trials of study ``name`` (empty while it does not exist yet)."""
     import optuna
 
+    from pml_proxies.benchmark.tune.study import postgres_driver_url
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study = optuna.load_study(study_name=name, storage=url)
+        study = optuna.load_study(study_name=name, storage=postgres_driver_url(url))
     except KeyError:
         return []
     except Exception:  # the database is being created by the subprocess
