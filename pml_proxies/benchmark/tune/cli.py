@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.report_only:
             if search_workers > 1:
+                from .runner import _storage
+
+                _storage(config, options)  # create the schema once, before the workers race
                 codes = _spawn_workers(argv, search_workers, Path(config.output) / "logs")
                 bad = [i for i, c in enumerate(codes) if c != 0]
                 if bad:

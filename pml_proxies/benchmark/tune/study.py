@@ -104,13 +104,20 @@ def make_storage(
     )
     retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None)
     retry = retry or storages.RetryFailedTrialCallback
-    return RDBStorage(
-        url,
+    kwargs = dict(
         engine_kwargs=engine_kwargs,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
         **{key: retry(max_retry=max_retry)},
     )
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, **kwargs)
+        except Exception as e:  # noqa: BLE001 - two processes creating a fresh schema at once
+            if attempt == 4 or "already exists" not in str(e):
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def study_name(prefix: str, loss: str) -> str:
