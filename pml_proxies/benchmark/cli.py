@@ -194,6 +194,10 @@ def _usage_error(parser: argparse.ArgumentParser, e: ConfigError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tune"]:  # the tuned comparison: pml-proxies-benchmark tune ...
+        from .tune.cli import main as tune_main
+
+        return tune_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from .runner import FolderBusy, ProtocolMismatch, resolve_specs, run_benchmark

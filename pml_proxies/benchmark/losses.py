@@ -222,6 +222,8 @@ def loss_parameters(name: str) -> dict[str, Any]:
     spec = _spec(name)
     cls = _import(spec.target)
     out: dict[str, Any] = dict(spec.extra_params)
+    if spec.miner is not None:  # the miner's arguments, {"miner_kwargs": {...}} (tuning)
+        out["miner_kwargs"] = _ANY
     for klass in cls.__mro__:
         if klass in (torch.nn.Module, object):
             break
@@ -335,6 +337,8 @@ def build_loss(
         raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSS_NAMES)}")
     cls = _import(spec.target)
     kwargs = loss_kwargs(name, dataset, overrides)
+    # overrides of the miner's arguments (hyper-parameter search): {"miner_kwargs": {...}}
+    miner_kwargs = {**spec.miner_kwargs, **kwargs.pop("miner_kwargs", {})}
     if spec.builder is not None:
         kwargs = spec.builder(kwargs)
     try:
@@ -346,7 +350,7 @@ def build_loss(
         raise ValueError(f"bad keyword arguments for loss {name!r}: {e}") from e
     miner = None
     if spec.miner is not None:
-        miner = _import(spec.miner)(**spec.miner_kwargs)
+        miner = _import(spec.miner)(**miner_kwargs)
     return loss, miner
 
 

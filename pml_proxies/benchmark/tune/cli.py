@@ -1,0 +1,223 @@
+"""``pml-proxies-benchmark tune``: the untuned benchmark's options plus the search's.
+
+Also ``python -m pml_proxies.benchmark.tune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..cli import build_parser as build_benchmark_parser
+from ..cli import config_from_args
+from ..config import BenchmarkConfig, ConfigError
+from ..losses import LOSS_NAMES, LOSSES
+
+PROG = "pml-proxies-benchmark tune"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = build_benchmark_parser()
+    p.prog = PROG
+    p.description = (
+        "Tuned fair comparison (MLRC protocol): an equal Optuna TPE budget per loss over the "
+        "search spaces of powerful_benchmarker_configs/, selection on held-out training classes, "
+        "then the best trial of each loss re-run with --seeds and evaluated once on the test "
+        "classes."
+    )
+    # --workers and --list-losses mean the search's here (DataLoader workers: --loader-workers)
+    for container in (p, *p._action_groups):
+        container.conflict_handler = "resolve"
+    p.set_defaults(output="tune_results")
+    a = p.add_argument
+    a("--list-losses", "--list-spaces", dest="list_losses", action="store_true",
+      help="list each loss's search space, then exit")  # fmt: skip
+    a("--loader-workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("search (tune)")
+    g.add_argument("--trials", type=int, default=20, help="trials per loss (equal budget)")
+    g.add_argument("--prune", action="store_true", help="Optuna MedianPruner on validation")
+    g.add_argument("--folds", type=int, default=1,
+                   help="K > 1: class-disjoint K-fold CV over the training classes")  # fmt: skip
+    g.add_argument("--sampler-seed", type=int, default=0, help="TPE seed")
+    g.add_argument("--trial-seed", type=int, default=0, help="training seed of every trial")
+    g.add_argument(
+        "--startup-trials",
+        type=int,
+        default=None,
+        help="random trials before TPE (default: max(1, trials // 4), at most 10)",
+    )
+    g.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="LOSS.ARG=LOW:HIGH[:log|int]",
+        help="override (or add) a search range (repeatable)",
+    )
+    g.add_argument("--configs", default=None, help="powerful_benchmarker_configs folder")
+    g.add_argument("--storage", default=None,
+                   help="Optuna RDB URL (default: sqlite file OUTPUT/tune.sqlite3), "
+                   "e.g. postgresql://user@host:port/db")  # fmt: skip
+    g.add_argument("--study-name", default="tune", help="prefix of the studies (one per loss)")
+    g.add_argument("--workers", type=int, default=1, help="local worker processes")
+    g.add_argument("--worker-only", action="store_true",
+                   help="search only (join a study from another machine): no re-runs, no report")  # fmt: skip
+    g.add_argument("--worker-index", type=int, default=0, help="sampler offset of this worker")
+    g.add_argument("--report-only", action="store_true",
+                   help="no search: re-run the best trials (unless --no-reproduce) and report")  # fmt: skip
+    g.add_argument("--no-reproduce", action="store_true", help="skip the --seeds re-runs")
+    g.add_argument("--with-defaults", action="store_true",
+                   help="also run the untuned benchmark (paper defaults) into OUTPUT/defaults")  # fmt: skip
+    g.add_argument("--heartbeat", type=int, default=10, help="trial heartbeat interval (s)")
+    g.add_argument("--grace-period", type=int, default=60,
+                   help="a RUNNING trial without heartbeat this long is failed and retried")  # fmt: skip
+    g.add_argument("--max-retry", type=int, default=3, help="retries of a stale trial")
+    g.add_argument("--objective", default=None, metavar="MODULE:NAME",
+                   help="custom objective(trial_config, reporter) -> float (default: training)")  # fmt: skip
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from ...functional.validation import check_int
+
+    check_int("--trials", args.trials, low=1)
+    check_int("--folds", args.folds, low=1)
+    check_int("--workers", args.workers, low=1)
+    check_int("--worker-index", args.worker_index, low=0)
+    check_int("--heartbeat", args.heartbeat, low=1)
+    check_int("--grace-period", args.grace_period, low=args.heartbeat + 1)
+    if args.startup_trials is not None:
+        check_int("--startup-trials", args.startup_trials, low=0)
+    if args.worker_only and args.report_only:
+        raise ValueError("--worker-only and --report-only exclude each other")
+
+
+def _load_objective(target: str):
+    module, _, name = target.partition(":")
+    if not name:
+        raise ValueError(f"--objective expects MODULE:NAME, got {target!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _worker_argv(argv: list[str], index: int) -> list[str]:
+    """``argv`` for local worker ``index``: search only, one process."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in ("--workers", "--worker-index"):
+            skip = True
+            continue
+        if item.startswith(("--workers=", "--worker-index=")):
+            continue
+        out.append(item)
+    return [*out, "--worker-only", "--workers", "1", "--worker-index", str(index)]
+
+
+def _spawn_workers(argv: list[str], k: int, logs: Path) -> list[int]:
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(k):
+        log = open(logs / f"worker_{i}.log", "a")
+        cmd = [sys.executable, "-m", "pml_proxies.benchmark.tune", *_worker_argv(argv, i)]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    codes = []
+    try:
+        for proc, log in procs:
+            codes.append(proc.wait())
+            log.close()
+    except KeyboardInterrupt:
+        for proc, _ in procs:
+            proc.wait()
+        raise
+    return codes
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from .study import optuna_or_exit
+
+        optuna_or_exit()
+    except ImportError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    from .runner import TuneOptions, run_tune
+    from .spaces import format_spaces, parse_space_overrides, resolve_spaces
+
+    try:
+        _check_args(args)
+        overrides = parse_space_overrides(args.space)
+        if args.list_losses:
+            print(format_spaces(resolve_spaces(list(LOSS_NAMES), overrides, args.configs)))
+            return 0
+        search_workers = args.workers
+        del args.workers  # the benchmark's workers field is the DataLoader's
+        if args.loader_workers:
+            args.workers = args.loader_workers
+        config: BenchmarkConfig = config_from_args(args, argv)
+        config = dataclasses.replace(
+            config, command=f"{PROG} " + " ".join(shlex.quote(a) for a in argv)
+        )
+        spaces = resolve_spaces(config.losses, overrides, args.configs)
+    except ConfigError as e:
+        parser.error(f"argument --{e.field.replace('_', '-')}: {e.message}")
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(str(e))
+    startup = args.startup_trials
+    if startup is None:
+        startup = min(10, max(1, args.trials // 4))
+    options = TuneOptions(
+        n_trials=args.trials,
+        prune=args.prune,
+        folds=args.folds,
+        sampler_seed=args.sampler_seed,
+        trial_seed=args.trial_seed,
+        startup_trials=startup,
+        storage=args.storage,
+        study_name=args.study_name,
+        worker_index=args.worker_index,
+        heartbeat=args.heartbeat,
+        grace_period=args.grace_period,
+        max_retry=args.max_retry,
+        reproduce=not args.no_reproduce,
+        with_defaults=args.with_defaults,
+    )
+    objective = _load_objective(args.objective) if args.objective else None
+    start = time.time()
+    try:
+        if not args.report_only:
+            if search_workers > 1:
+                from .runner import _storage
+
+                _storage(config, options)  # create the schema once, before the workers race
+                codes = _spawn_workers(argv, search_workers, Path(config.output) / "logs")
+                bad = [i for i, c in enumerate(codes) if c != 0]
+                if bad:
+                    print(f"workers {bad} exited with errors (see {config.output}/logs/)",
+                          file=sys.stderr)  # fmt: skip
+            else:
+                from .runner import search
+
+                search(config, spaces, options, objective)
+        if args.worker_only:
+            return 0
+        out = run_tune(config, spaces, options)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to resume ({config.output})",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    print(out["report_md"].read_text())
+    print(f"report: {out['report_md']} ({time.time() - start:.0f} s)")
+    return 0
+
+
+__all__ = ["main", "build_parser", "LOSSES"]

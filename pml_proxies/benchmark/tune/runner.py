@@ -1,0 +1,200 @@
+"""The tuned benchmark end to end: search, re-run the best trials with the seeds, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import BenchmarkConfig
+from . import report as tune_report
+from .spaces import SpaceEntry
+from .study import SearchSettings, default_storage, make_storage, run_worker
+from .trial import BenchmarkObjective, Objective, load_data, trial_spec
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """The search's settings (see ``pml-proxies-benchmark tune --help``)."""
+
+    n_trials: int = 20
+    prune: bool = False
+    folds: int = 1
+    sampler_seed: int = 0
+    trial_seed: int = 0
+    startup_trials: int = 5
+    storage: str | None = None
+    study_name: str = "tune"
+    worker_index: int = 0
+    heartbeat: int = 10
+    grace_period: int = 60
+    max_retry: int = 3
+    reproduce: bool = True
+    with_defaults: bool = False
+
+
+def storage_url(config: BenchmarkConfig, options: TuneOptions) -> str:
+    return options.storage or default_storage(config.output)
+
+
+def settings_of(config: BenchmarkConfig, options: TuneOptions) -> SearchSettings:
+    protocol = f"{config.fingerprint()}-folds{options.folds}-trialseed{options.trial_seed}"
+    return SearchSettings(
+        n_trials=options.n_trials,
+        seed=options.sampler_seed,
+        prune=options.prune,
+        startup_trials=options.startup_trials,
+        protocol=protocol,
+        command=config.command,
+    )
+
+
+def _storage(config: BenchmarkConfig, options: TuneOptions):
+    Path(config.output).mkdir(parents=True, exist_ok=True)
+    return make_storage(
+        storage_url(config, options), options.heartbeat, options.grace_period, options.max_retry
+    )
+
+
+def search(
+    config: BenchmarkConfig,
+    spaces: dict[str, list[SpaceEntry]],
+    options: TuneOptions,
+    objective: Objective | None = None,
+) -> None:
+    """Run this process's share of the search (one worker)."""
+    if objective is None:
+        objective = BenchmarkObjective(config, options.folds, options.trial_seed)
+    run_worker(
+        _storage(config, options),
+        options.study_name,
+        spaces,
+        settings_of(config, options),
+        objective,
+        Path(config.output) / "trials",
+        worker_index=options.worker_index,
+    )
+
+
+def _reproduce(config: BenchmarkConfig, loss: str, params: dict, output: Path) -> list[dict]:
+    """The untuned protocol with ``params``: every seed of ``config``, test classes evaluated
+    once at the epoch selected on validation; finished runs of the same spec are reused."""
+    import torch
+
+    from ..train import inspect_run, run_dir, train_and_evaluate
+
+    results, data = [], None
+    for seed in config.seeds:
+        spec = trial_spec(config, loss, params, seed)
+        previous, _ = inspect_run(run_dir(output, loss, seed))
+        if previous is not None and previous.get("config_fingerprint") == spec.fingerprint:
+            results.append(previous)
+            continue
+        if previous is not None:
+            raise ValueError(f"{run_dir(output, loss, seed)} holds a run of another protocol")
+        if data is None:
+            data = load_data(config, config.progress)
+        threads = torch.get_num_threads()
+        if config.threads_or_default is not None:
+            torch.set_num_threads(config.threads_or_default)
+        try:
+            results.append(train_and_evaluate(spec, data, run_dir(output, loss, seed)))
+        finally:
+            torch.set_num_threads(threads)
+    return results
+
+
+def run_tune(
+    config: BenchmarkConfig, spaces: dict[str, list[SpaceEntry]], options: TuneOptions
+) -> dict:
+    """After the search: re-run each loss's best trial with ``config.seeds`` (unless
+    ``options.reproduce`` is off), optionally the paper defaults, and write the report.
+
+    Returns ``{"report_md": path, "search_md": path, "search": rows}``.
+    """
+    out = Path(config.output)
+    storage = _storage(config, options)
+    losses = list(spaces)
+    studies = tune_report.load_studies(storage, options.study_name, losses)
+    rows = tune_report.search_summary(studies, spaces, options.n_trials)
+    plots = tune_report.write_plots(studies, out / "plots")
+    settings = dict(
+        n_trials=options.n_trials,
+        seed=options.sampler_seed,
+        startup_trials=options.startup_trials,
+        prune=options.prune,
+        folds=options.folds,
+        trial_seed=options.trial_seed,
+        primary_metric=config.primary_metric,
+    )
+    search_md = tune_report.search_markdown(rows, spaces, settings, plots, config.lr_or_default)
+    created = next(
+        (s.user_attrs.get("command") for s in studies.values() if s is not None), config.command
+    )
+    header = [
+        f"# Tuned benchmark report: {config.dataset}",
+        "",
+        "Search command (the command that created the studies):",
+        "",
+        "```",
+        created or "(called from Python)",
+        "```",
+        "",
+        "## Search",
+        "",
+        "",
+    ]
+    (out / "search.md").write_text(search_md)
+    body = ["\n".join(header) + search_md]
+    if options.with_defaults and not (out / "defaults" / "summary.md").exists():
+        from ..runner import run_benchmark
+
+        run_benchmark(dataclasses.replace(config, output=str(out / "defaults")))
+    if options.reproduce:
+        results = []
+        for r in rows:
+            if r["status"] == "done" or r["status"].startswith("no space"):
+                results += _reproduce(config, r["loss"], r["params"], out / "tuned")
+        if results:
+            body.append(_tuned_section(config, results, losses, out))
+    defaults = out / "defaults" / "summary.md"
+    if defaults.exists():
+        body.append(
+            "## Test results: paper defaults (x100, same protocol, `defaults/`)\n\n"
+            + defaults.read_text().strip()
+            + "\n"
+        )
+    report_md = out / "tune_report.md"
+    report_md.write_text("\n".join(body))
+    with open(out / "search.json", "w") as f:
+        json.dump(rows, f, indent=2, default=str)
+    return {"report_md": report_md, "search_md": out / "search.md", "search": rows}
+
+
+def _tuned_section(config: BenchmarkConfig, results: list[dict], losses: list[str], out: Path):
+    from .. import report as bench_report
+
+    summary, table = tune_report.results_table(results, losses)
+    tuned = out / "tuned"
+    tuned.mkdir(parents=True, exist_ok=True)
+    bench_report.runs_table(results).to_csv(tuned / "runs.csv", index=False)
+    summary.to_csv(tuned / "summary.csv", index=False)
+    (tuned / "summary.md").write_text(table + "\n")
+    bench_report.plot_metric_bars(summary, tuned / "metrics.png")
+    bench_report.plot_training_curves(
+        results, list(summary["loss"]), config.primary_metric, tuned / "training_curves.png"
+    )
+    return "\n".join(
+        [
+            f"## Test results: tuned (x100, mean ± 95% CI over seeds {config.seeds}; best "
+            "trial per loss re-run under the untuned protocol, test classes evaluated once)",
+            "",
+            table,
+            "",
+            "![tuned metrics](tuned/metrics.png)",
+            "",
+            "![tuned curves](tuned/training_curves.png)",
+            "",
+        ]
+    )
