@@ -260,20 +260,20 @@ def _average(
     return_per_class: bool,
     memory_budget_bytes: float = float("inf"),
 ):
-    """PML's ``maybe_get_avg_of_avgs``, with the per-class sums taken over blocks of classes so
-    that the ``(queries, classes)`` product stays within the budget (same values)."""
+    """PML's ``maybe_get_avg_of_avgs`` (``labels`` one row per value), with the per-class sums
+    taken over blocks of classes so that the ``(queries, classes)`` product stays within the
+    budget; PML's layout is kept, so the sums run in PML's order and the values are PML's."""
     if not (avg_of_avgs or return_per_class):
         return torch.mean(values).item()
-    unique_labels = torch.unique(labels, dim=0)
-    row_bytes = len(labels) * (values.element_size() + 1)
+    sample_labels = labels[:, None] if labels.dim() == 1 else labels
+    unique_labels = torch.unique(sample_labels, dim=0)
+    row_bytes = len(labels) * (values.element_size() + 2)
     block = max(1, int(memory_budget_bytes // max(1, row_bytes)))
     averages = []
     for start in range(0, len(unique_labels), block):
         classes = unique_labels[start : start + block]
-        if labels.dim() == 1:
-            mask = labels[:, None] == classes[None, :]
-        else:
-            mask = c_f.torch_all_from_dim_to_end(labels[:, None] == classes[None, :], 2)
+        mask = c_f.torch_all_from_dim_to_end(sample_labels == classes.unsqueeze(1), 2)
+        mask = torch.t(mask)
         sums = torch.sum(values.unsqueeze(1) * mask, dim=0)
         averages.append(sums / torch.sum(mask, dim=0))
     per_class = torch.cat(averages)
