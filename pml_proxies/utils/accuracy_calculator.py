@@ -20,6 +20,8 @@ __all__ = [
     "DEFAULT_NDCG_KS",
     "DEFAULT_RECALL_KS",
     "AccuracyCalculator",
+    "label_match_counts",
+    "lone_query_labels",
     "ndcg_at_k",
     "recall_at_k",
     "relevant_counts",
@@ -350,7 +352,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     turns them into per-query values of every selected metric and drops them; the means (or
     per-class means) are taken once at the end over all queries. Peak memory is
     O(chunk x references + queries x metrics), for every ``k`` including ``None``; the chunk holds
-    ``memory_budget_mb / (64 bytes x neighbours searched)`` queries. The per-query values are
+    ``memory_budget_mb / (64 bytes x (neighbours searched + 1))`` queries. The per-query values are
     PML's formulas, so every metric equals PML's calculator (and the unchunked computation)
     given the same neighbours. Label counts and the lone-query test take O(N) memory (PML's take
     O(classes x N)). NMI / AMI cluster all queries at once (O(N) memory). A kNN metric added by a
