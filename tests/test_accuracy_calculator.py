@@ -294,7 +294,7 @@ def test_single_widened_search(k, include, num_classes, expected_k):
         k=k, include=include, recall_ks=(1, 2, 8), ndcg_ks=10, device=CPU, knn_func=spy
     )
     acc = calc.get_accuracy(q, ql)
-    assert spy.calls == [expected_k]
+    assert spy.calls == [expected_k + 1]  # self-retrieval: the query itself, removed afterwards
     expected = brute_metrics(
         brute_force_rankings(q, ql, q, ql, True),
         ql,
@@ -316,7 +316,7 @@ def test_cut_off_beyond_reference_size_is_capped():
         knn_func=spy,
     )
     acc = calc.get_accuracy(q, ql)
-    assert spy.calls == [119]
+    assert spy.calls == [120]  # 119 others and the query itself
     expected = brute_metrics(brute_force_rankings(q, ql, q, ql, True), ql, (500,), (1000,))
     assert acc["ndcg_at_1000"] == pytest.approx(expected["ndcg_at_1000"], rel=1e-12)
     assert acc["recall_at_500"] == 1.0

@@ -1,21 +1,27 @@
-"""PML's ``AccuracyCalculator`` with nDCG@k and deep-metric-learning Recall@k, with or without faiss."""
+"""PML's ``AccuracyCalculator`` with nDCG@k and deep-metric-learning Recall@k, streamed over
+chunks of queries so that memory stays bounded for any ``k``, with or without faiss."""
 
 from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..functional.validation import check_real
 from .knn import DefaultKMeans, DefaultKNN
 
 __all__ = [
+    "DEFAULT_MEMORY_BUDGET_MB",
     "DEFAULT_NDCG_KS",
     "DEFAULT_RECALL_KS",
     "AccuracyCalculator",
+    "label_match_counts",
+    "lone_query_labels",
     "ndcg_at_k",
     "recall_at_k",
     "relevant_counts",
@@ -23,52 +29,259 @@ __all__ = [
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)
 DEFAULT_NDCG_KS = (10,)
+DEFAULT_MEMORY_BUDGET_MB = 1024.0
+# Bytes held per (query, neighbour) pair while one chunk is evaluated: the search's distances and
+# indices (twice: the self-match removal copies them), the neighbours' labels, the match mask and
+# the float64 temporaries of the rank metrics. Measured peaks stay below this (README, "Speed").
+_BYTES_PER_NEIGHBOUR = 64
 
 
 def _validate_ks(ks: int | Iterable[int] | None, name: str) -> tuple[int, ...]:
     """Sorted, de-duplicated positive ints; ``None`` or ``()`` means no such metric."""
     if ks is None:
         return ()
-    if isinstance(ks, numbers.Integral):
-        ks = (ks,)
-    if isinstance(ks, str) or not isinstance(ks, Iterable):
+    if isinstance(ks, str) or not isinstance(ks, (numbers.Integral, Iterable)):
         raise ValueError(f"{name} must be a positive int or a sequence of them, got {ks!r}")
-    ks = tuple(ks)
-    for k in ks:
+    values: tuple[Any, ...] = (ks,) if isinstance(ks, numbers.Integral) else tuple(ks)
+    for k in values:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"{name} must contain only positive ints, got {k!r} in {ks!r}")
-    return tuple(sorted({int(k) for k in ks}))
+            raise ValueError(f"{name} must contain only positive ints, got {k!r} in {values!r}")
+    return tuple(sorted({int(k) for k in values}))
 
 
-def _same_label(knn_labels, query_labels, k, label_comparison_fn) -> torch.Tensor:
-    """``(n, min(k, num_neighbours))`` bool: does the i-th neighbour have the query's label."""
-    same = label_comparison_fn(query_labels[:, None], knn_labels[:, :k])
-    if same.dim() > 2:
-        same = c_f.torch_all_from_dim_to_end(same, 2)
-    return same
+# --------------------------------------------------------------------------- labels and counts
+
+
+def _as_label_tensor(values: Any, like: torch.Tensor) -> torch.Tensor:
+    """``values`` (a tensor, array or Python list, as PML's functions accept) on ``like``'s
+    device and dtype."""
+    return torch.as_tensor(values, device=like.device).to(like.dtype)
+
+
+def _label_index(labels: torch.Tensor, unique_labels: torch.Tensor) -> torch.Tensor:
+    """For each row of ``labels``: the index of the equal row of ``unique_labels``, or -1.
+
+    Equality is exact over all label dimensions, as PML's relevance mask and lone-query test
+    use; O(N log N) time and O(N) memory (PML compares every label with every unique label).
+    """
+    if len(unique_labels) == 0:
+        return torch.full((len(labels),), -1, dtype=torch.long, device=labels.device)
+    both = torch.cat([unique_labels, labels])
+    _, group = torch.unique(both, dim=0, return_inverse=True)
+    lookup = torch.full((len(both),), -1, dtype=torch.long, device=labels.device)
+    lookup[group[: len(unique_labels)]] = torch.arange(len(unique_labels), device=labels.device)
+    return lookup[group[len(unique_labels) :]]
+
+
+def label_match_counts(
+    query_labels: torch.Tensor, reference_labels: torch.Tensor, label_comparison_fn=pml_ac.EQUALITY
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PML's ``get_label_match_counts``: the unique query labels and, per unique label, the
+    number of references matching it; O(N) memory for ``torch.eq`` (PML's is O(classes x N)),
+    PML's own loop over labels for a custom comparison."""
+    if label_comparison_fn is not pml_ac.EQUALITY:
+        return pml_ac.get_label_match_counts(query_labels, reference_labels, label_comparison_fn)
+    unique_labels = torch.unique(query_labels, dim=0)
+    index = _label_index(reference_labels, unique_labels)
+    counts = torch.bincount(index[index >= 0], minlength=len(unique_labels))
+    return unique_labels, counts
+
+
+def _label_matches_itself(unique_labels: torch.Tensor, label_comparison_fn) -> torch.Tensor:
+    matches = label_comparison_fn(unique_labels, unique_labels)
+    if matches.dim() > 1:
+        matches = c_f.torch_all_from_dim_to_end(matches, 1)
+    return matches.long()
+
+
+def lone_query_labels(
+    query_labels: torch.Tensor,
+    label_counts: tuple[torch.Tensor, torch.Tensor],
+    ref_includes_query: bool,
+    label_comparison_fn=pml_ac.EQUALITY,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PML's ``get_lone_query_labels`` (same rule: no matching reference, the query itself not
+    counted with ``ref_includes_query``) in O(N) memory: ``(lone_labels, not_lone_query_mask)``."""
+    unique_labels, counts = label_counts
+    if ref_includes_query:
+        lone = counts - _label_matches_itself(unique_labels, label_comparison_fn) <= 0
+    else:
+        lone = counts == 0
+    index = _label_index(query_labels, unique_labels)
+    not_lone = ~(lone[index.clamp(min=0)] & (index >= 0))
+    return unique_labels[lone], not_lone
+
+
+def _label_counts_per_query(
+    query_labels: torch.Tensor, label_counts: tuple[Any, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counts, matches_itself_index)``: each query's entry of ``label_counts`` (0 when its
+    label is not listed) and the index of its unique label (-1 when not listed)."""
+    unique_labels = _as_label_tensor(label_counts[0], query_labels)
+    counts = torch.as_tensor(label_counts[1], device=query_labels.device).long()
+    index = _label_index(query_labels, unique_labels)
+    per_query = torch.where(index >= 0, counts[index.clamp(min=0)], torch.zeros_like(index))
+    return per_query, index
 
 
 def relevant_counts(
     query_labels: torch.Tensor,
-    label_counts: tuple[torch.Tensor, torch.Tensor],
+    label_counts: tuple[Any, Any],
     ref_includes_query: bool,
     label_comparison_fn=pml_ac.EQUALITY,
 ) -> torch.Tensor:
     """``R_q`` per query: the references with the query's label, the query itself excluded.
 
-    ``label_counts`` is PML's ``get_label_match_counts(query_labels, reference_labels, fn)``;
-    with ``ref_includes_query`` the query's own entry is removed exactly as PML's
-    ``get_lone_query_labels`` does, so ``R_q > 0`` holds for PML's not-lone queries.
+    ``label_counts`` is PML's ``(unique_labels, match_counts)`` (tensors or Python lists, as PML's
+    own functions accept); with ``ref_includes_query`` the query's own entry is removed exactly as
+    PML's ``get_lone_query_labels`` does, so ``R_q > 0`` holds for PML's not-lone queries.
     """
-    unique_labels, match_counts = label_counts
-    _, inverse = torch.unique(query_labels, dim=0, return_inverse=True)
-    counts = match_counts[inverse]
+    counts, index = _label_counts_per_query(query_labels, label_counts)
     if ref_includes_query:
-        matches_itself = label_comparison_fn(unique_labels, unique_labels)
-        if matches_itself.dim() > 1:
-            matches_itself = c_f.torch_all_from_dim_to_end(matches_itself, 1)
-        counts = counts - matches_itself.long()[inverse]
+        unique_labels = _as_label_tensor(label_counts[0], query_labels)
+        itself = _label_matches_itself(unique_labels, label_comparison_fn)
+        counts = counts - torch.where(index >= 0, itself[index.clamp(min=0)], 0)
     return counts
+
+
+def _pml_relevant_counts(
+    query_labels: torch.Tensor, label_counts: tuple[Any, Any], ref_includes_query: bool
+) -> torch.Tensor:
+    """PML's ``count_per_query`` of ``get_relevance_mask``: the label's count, minus one with
+    ``ref_includes_query`` whatever the comparison function (R-Precision and MAP use it)."""
+    counts, index = _label_counts_per_query(query_labels, label_counts)
+    return torch.where(index >= 0, counts - int(ref_includes_query), counts)
+
+
+def _same_label(knn_labels, query_labels, label_comparison_fn) -> torch.Tensor:
+    """``(n, k)`` bool: does the i-th neighbour have the query's label (PML's comparison)."""
+    same = label_comparison_fn(query_labels[:, None], knn_labels)
+    if same.dim() > 2:
+        same = c_f.torch_all_from_dim_to_end(same, 2)
+    return same
+
+
+# ------------------------------------------------------------------- per-query metric values
+
+
+class _Neighbours(NamedTuple):
+    """What the per-query metrics of one chunk of queries read."""
+
+    same: torch.Tensor  # (n, k) bool: neighbour i has the query's label
+    pml_k: int  # columns PML's metrics see (PML's own k)
+    pml_counts: torch.Tensor  # (n,) PML's count_per_query (R-Precision, MAP, MAP@R)
+    num_relevant: torch.Tensor  # (n,) R_q (nDCG)
+
+
+def _pml_columns(nb: _Neighbours) -> torch.Tensor:
+    if nb.pml_k >= nb.same.shape[1]:
+        return nb.same
+    return nb.same[:, : nb.pml_k].contiguous()
+
+
+def _precision_at_1(nb: _Neighbours) -> torch.Tensor:
+    return torch.sum(_pml_columns(nb)[:, :1], dim=1).type(torch.float64) / 1
+
+
+def _r_precision(nb: _Neighbours) -> torch.Tensor:
+    same = _pml_columns(nb)
+    columns = torch.arange(same.shape[1], device=same.device)
+    relevance_mask = columns < nb.pml_counts[:, None]
+    matches = torch.sum(same * relevance_mask, dim=1)
+    return matches.type(torch.float64) / torch.sum(relevance_mask, dim=1)
+
+
+def _average_precision(nb: _Neighbours, at_r: bool) -> torch.Tensor:
+    same = _pml_columns(nb)
+    ranks = torch.arange(1, same.shape[1] + 1, device=same.device)
+    knn_mask = ranks - 1 < nb.pml_counts[:, None] if at_r else torch.ones_like(same)
+    equality = same * knn_mask
+    cumulative_correct = torch.cumsum(equality, dim=1)
+    precision_at_ks = (cumulative_correct * equality).type(torch.float64) / ranks
+    return torch.sum(precision_at_ks * knn_mask, dim=1) / nb.pml_counts
+
+
+def _reciprocal_rank(nb: _Neighbours) -> torch.Tensor:
+    same = _pml_columns(nb)
+    found = same.sum(-1) > 0
+    descending = torch.arange(same.shape[1], 0, -1, device=same.device)
+    rank = torch.argmax(same * descending, 1) + 1.0  # the first match; default float dtype
+    return torch.where(found, 1.0 / rank, torch.zeros_like(rank))
+
+
+def _recall(cutoff: int, nb: _Neighbours) -> torch.Tensor:
+    return nb.same[:, :cutoff].any(dim=1).to(torch.float64)
+
+
+def _ndcg(cutoff: int, nb: _Neighbours) -> torch.Tensor:
+    same = nb.same[:, :cutoff].to(torch.float64)
+    ranks = torch.arange(1, cutoff + 1, dtype=torch.float64, device=same.device)
+    discounts = 1.0 / torch.log2(ranks + 1.0)
+    dcg = same @ discounts[: same.shape[1]]  # 2^r - 1 = r for binary r
+    ideal_len = nb.num_relevant.clamp(min=1, max=cutoff).to(torch.long)
+    return dcg / torch.cumsum(discounts, dim=0)[ideal_len - 1]
+
+
+_PML_PER_QUERY: dict[str, Callable[[_Neighbours], torch.Tensor]] = {
+    "precision_at_1": _precision_at_1,
+    "r_precision": _r_precision,
+    "mean_average_precision_at_r": functools.partial(_average_precision, at_r=True),
+    "mean_average_precision": functools.partial(_average_precision, at_r=False),
+    "mean_reciprocal_rank": _reciprocal_rank,
+}
+
+
+class _QueryCounts(NamedTuple):
+    """Per-query label counts, computed once for all queries."""
+
+    pml_counts: torch.Tensor  # PML's count_per_query (R-Precision, MAP, MAP@R)
+    num_relevant: torch.Tensor  # R_q (nDCG)
+
+
+def _query_counts(
+    query_labels, label_counts, ref_includes_query, label_comparison_fn
+) -> _QueryCounts:
+    return _QueryCounts(
+        _pml_relevant_counts(query_labels, label_counts, ref_includes_query),
+        relevant_counts(query_labels, label_counts, ref_includes_query, label_comparison_fn),
+    )
+
+
+def _neighbours(
+    knn_labels, query_labels, counts: _QueryCounts, label_comparison_fn, pml_k: int | None = None
+) -> _Neighbours:
+    same = _same_label(knn_labels, query_labels, label_comparison_fn)
+    pml_k = same.shape[1] if pml_k is None else pml_k
+    return _Neighbours(same, pml_k, counts.pml_counts, counts.num_relevant)
+
+
+def _average(
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    avg_of_avgs: bool,
+    return_per_class: bool,
+    memory_budget_bytes: float = float("inf"),
+):
+    """PML's ``maybe_get_avg_of_avgs`` (``labels`` one row per value), with the per-class sums
+    taken over blocks of classes so that the ``(queries, classes)`` product stays within the
+    budget; PML's layout is kept, so the sums run in PML's order and the values are PML's."""
+    if not (avg_of_avgs or return_per_class):
+        return torch.mean(values).item()
+    sample_labels = labels[:, None] if labels.dim() == 1 else labels
+    unique_labels = torch.unique(sample_labels, dim=0)
+    row_bytes = len(labels) * (values.element_size() + 2)
+    block = max(1, int(memory_budget_bytes // max(1, row_bytes)))
+    averages = []
+    for start in range(0, len(unique_labels), block):
+        classes = unique_labels[start : start + block]
+        mask = c_f.torch_all_from_dim_to_end(sample_labels == classes.unsqueeze(1), 2)
+        mask = torch.t(mask)
+        sums = torch.sum(values.unsqueeze(1) * mask, dim=0)
+        averages.append(sums / torch.sum(mask, dim=0))
+    per_class = torch.cat(averages)
+    if return_per_class:
+        return per_class.cpu().tolist()
+    return torch.mean(per_class).item()
 
 
 def recall_at_k(
@@ -80,10 +293,10 @@ def recall_at_k(
     label_comparison_fn=pml_ac.EQUALITY,
 ):
     """DML Recall@k: 1 for a query when one of its ``k`` nearest references has its label."""
-    hit = _same_label(knn_labels, query_labels, k, label_comparison_fn).any(dim=1)
-    return pml_ac.maybe_get_avg_of_avgs(
-        hit.to(torch.float64), query_labels[:, None], avg_of_avgs, return_per_class
-    )
+    same = _same_label(knn_labels, query_labels, label_comparison_fn)
+    empty = torch.zeros(0, dtype=torch.long, device=same.device)
+    hit = _recall(k, _Neighbours(same, same.shape[1], empty, empty))
+    return _average(hit, query_labels, avg_of_avgs, return_per_class)
 
 
 def ndcg_at_k(
@@ -96,20 +309,35 @@ def ndcg_at_k(
     label_comparison_fn=pml_ac.EQUALITY,
 ):
     """nDCG@k of binary relevance (MPA paper eq. 19-20), ``num_relevant`` = ``R_q`` >= 1."""
-    same = _same_label(knn_labels, query_labels, k, label_comparison_fn).to(torch.float64)
-    ranks = torch.arange(1, k + 1, dtype=torch.float64, device=same.device)
-    discounts = 1.0 / torch.log2(ranks + 1.0)
-    dcg = same @ discounts[: same.shape[1]]  # 2^r - 1 = r for binary r
-    ideal_len = num_relevant.clamp(min=1, max=k).to(torch.long)
-    idcg = torch.cumsum(discounts, dim=0)[ideal_len - 1]
-    return pml_ac.maybe_get_avg_of_avgs(
-        dcg / idcg, query_labels[:, None], avg_of_avgs, return_per_class
+    same = _same_label(knn_labels, query_labels, label_comparison_fn)
+    num_relevant = torch.as_tensor(num_relevant, device=same.device)
+    values = _ndcg(k, _Neighbours(same, same.shape[1], num_relevant, num_relevant))
+    return _average(values, query_labels, avg_of_avgs, return_per_class)
+
+
+def _remove_self(
+    distances: torch.Tensor, indices: torch.Tensor, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PML's ``return_results`` for queries ``offset, offset + 1, ...`` of the reference set:
+    drop each row's own index, or its last neighbour when the own index is not among them
+    (one ``gather``, cheaper than PML's boolean-mask copy)."""
+    rows, width = indices.shape
+    own = torch.arange(offset, offset + rows, device=indices.device)
+    matches_self = indices == own.unsqueeze(1)
+    position = torch.where(
+        matches_self.any(dim=1),
+        matches_self.to(torch.uint8).argmax(dim=1),
+        torch.full_like(own, width - 1),
     )
+    columns = torch.arange(width - 1, device=indices.device)
+    keep = columns + (columns >= position.unsqueeze(1))
+    return distances.gather(1, keep), indices.gather(1, keep)
 
 
 class AccuracyCalculator(pml_ac.AccuracyCalculator):
     """PML's ``AccuracyCalculator`` plus nDCG@k (Saeki et al., MPA paper, eq. 19-20) and
-    deep-metric-learning Recall@k, all from one neighbour search, and usable without faiss.
+    deep-metric-learning Recall@k, all from one neighbour search, usable without faiss, and
+    streamed over chunks of queries so that memory stays bounded for any ``k``.
 
     Adds the metrics ``recall_at_<k>`` for each k in ``recall_ks`` (a query scores 1 if at least
     one of its k nearest references has its label; Recall@1 equals PML's ``precision_at_1``) and
@@ -120,12 +348,23 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     and ``ref_includes_query`` (self-retrieval) removes each query from its own neighbours, both as
     PML does for its other metrics; ``avg_of_avgs`` / ``return_per_class`` apply as well.
 
-    The single kNN search is widened to ``max(recall_ks + ndcg_ks)`` neighbours when PML's ``k``
-    gives fewer (``k`` is an int below that, or ``"max_bin_count"`` is smaller), and capped at the
-    number of references (the query itself excluded). PML's metrics (and any other kNN metric of
-    a subclass) still see exactly their ``k`` nearest neighbours, so their values equal PML's. When
-    only the metrics of this class are selected, the search uses just the neighbours they need
-    (``k=None`` does not then rank every reference).
+    **Streaming.** ``get_accuracy`` searches the neighbours of one chunk of queries at a time,
+    turns them into per-query values of every selected metric and drops them; the means (or
+    per-class means) are taken once at the end over all queries. Peak memory is
+    O(chunk x references + queries x metrics), for every ``k`` including ``None``; the chunk holds
+    ``memory_budget_mb / (64 bytes x (neighbours searched + 1))`` queries. The per-query values are
+    PML's formulas, so every metric equals PML's calculator (and the unchunked computation)
+    given the same neighbours. Label counts and the lone-query test take O(N) memory (PML's take
+    O(classes x N)). NMI / AMI cluster all queries at once (O(N) memory). A kNN metric added by a
+    subclass (or a PML metric a subclass overrides) is not streamed: it gets the whole search
+    result, O(N x k), through PML's ``_get_accuracy`` as before.
+
+    **One search.** The neighbours searched are widened to ``max(recall_ks + ndcg_ks)`` when PML's
+    ``k`` gives fewer (``k`` is an int below that, or ``"max_bin_count"`` is smaller), and capped at
+    the number of references (the query itself excluded). PML's metrics (and any other kNN metric
+    of a subclass) still see exactly their ``k`` nearest neighbours, so their values equal PML's.
+    When only the metrics of this class are selected, the search uses just the neighbours they
+    need (``k=None`` does not then rank every reference).
 
     ``mean_reciprocal_rank`` is listed in ``requires_knn()`` (PML omits it, so alone it raises a
     TypeError there).
@@ -141,13 +380,17 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         device: where embeddings go (default: CUDA if available).
         knn_func: a PML ``knn_func``; default :class:`~pml_proxies.utils.knn.DefaultKNN` (PML's
             ``FaissKNN``, exact L2, when faiss is installed, else the exact pure-torch
-            :class:`~pml_proxies.utils.knn.TorchKNN`).
+            :class:`~pml_proxies.utils.knn.TorchKNN`). It is called once per chunk of queries,
+            with ``k + 1`` neighbours and ``ref_includes_query=False`` for self-retrieval (the
+            calculator then removes each query's own index as PML's ``return_results`` does).
         kmeans_func: a PML ``kmeans_func`` for NMI / AMI; default
             :class:`~pml_proxies.utils.knn.DefaultKMeans` (faiss, else scikit-learn).
         recall_ks: Recall@k cut-offs, positive ints (``(1, 2, 4, 8)``, as in the Proxy-Anchor and
             MPA tables); ``()`` or ``None`` for none.
         ndcg_ks: nDCG@k cut-offs, positive ints (``(10,)``, the paper's Table 3); ``()`` or
             ``None`` for none.
+        memory_budget_mb: memory for one chunk of queries, in MiB (default 1024); sets the chunk
+            size (at least one query), not the results. Also bounds the per-class averaging.
     """
 
     def __init__(
@@ -163,19 +406,31 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         kmeans_func=None,
         recall_ks: int | Iterable[int] | None = DEFAULT_RECALL_KS,
         ndcg_ks: int | Iterable[int] | None = DEFAULT_NDCG_KS,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     ):
         self.recall_ks = _validate_ks(recall_ks, "recall_ks")
         self.ndcg_ks = _validate_ks(ndcg_ks, "ndcg_ks")
+        self.memory_budget_mb = check_real(
+            "memory_budget_mb", memory_budget_mb, low=0.0, low_inclusive=False
+        )
         # name -> cut-off of the metrics added here; PML discovers "calculate_<name>" via dir()
         self.retrieval_metric_ks: dict[str, int] = {}
-        for prefix, ks, fn in (
-            ("recall_at_", self.recall_ks, self._calculate_recall_at_k),
-            ("ndcg_at_", self.ndcg_ks, self._calculate_ndcg_at_k),
-        ):
+        self._per_query: dict[str, Callable[[_Neighbours], torch.Tensor]] = {}
+        added: tuple[tuple[str, tuple[int, ...], Callable, Callable[..., torch.Tensor]], ...] = (
+            ("recall_at_", self.recall_ks, self._calculate_recall_at_k, _recall),
+            ("ndcg_at_", self.ndcg_ks, self._calculate_ndcg_at_k, _ndcg),
+        )
+        for prefix, ks, fn, metric in added:
             for cutoff in ks:
                 setattr(self, f"calculate_{prefix}{cutoff}", functools.partial(fn, cutoff))
                 self.retrieval_metric_ks[f"{prefix}{cutoff}"] = cutoff
-        self._pml_num_k: int | None = None
+                self._per_query[f"{prefix}{cutoff}"] = functools.partial(metric, cutoff)
+        for name, per_query in _PML_PER_QUERY.items():
+            # a subclass overriding one of PML's metrics gets the unstreamed path for it
+            if getattr(type(self), f"calculate_{name}") is getattr(
+                AccuracyCalculator, f"calculate_{name}"
+            ):
+                self._per_query[name] = per_query
         super().__init__(
             include=include,
             exclude=exclude,
@@ -194,8 +449,10 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             names = names + ["mean_reciprocal_rank"]
         return names + list(self.retrieval_metric_ks)
 
-    def determine_k(self, bin_counts, num_reference_embeddings, ref_includes_query):
-        """Neighbours to search: PML's k for its metrics, widened for Recall@k / nDCG@k."""
+    def _search_k(
+        self, bin_counts, num_reference_embeddings, ref_includes_query
+    ) -> tuple[int, int]:
+        """``(neighbours to search, neighbours PML's metrics see)``."""
         available = num_reference_embeddings - int(ref_includes_query)
         current = self.get_curr_metrics()
         needed = max(
@@ -212,32 +469,123 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             else 0
         )
         num_k = max(0, min(max(pml_k, needed), available))
-        self._pml_num_k = min(pml_k, num_k)
-        return num_k
+        return num_k, min(pml_k, num_k)
 
-    def _get_accuracy(self, function_dict, **kwargs):
-        if "knn_labels" not in kwargs or self._pml_num_k is None:
-            return super()._get_accuracy(function_dict, **kwargs)
-        pml_kwargs = dict(kwargs)
-        pml_kwargs["knn_labels"] = kwargs["knn_labels"][:, : self._pml_num_k]
-        pml_kwargs["knn_distances"] = kwargs["knn_distances"][:, : self._pml_num_k]
-        return {
-            name: fn(**(kwargs if name in self.retrieval_metric_ks else pml_kwargs))
-            for name, fn in function_dict.items()
-        }
+    def determine_k(self, bin_counts, num_reference_embeddings, ref_includes_query):
+        """Neighbours to search: PML's k for its metrics, widened for Recall@k / nDCG@k."""
+        return self._search_k(bin_counts, num_reference_embeddings, ref_includes_query)[0]
+
+    def chunk_size(self, num_neighbours: int) -> int:
+        """Queries per chunk for a search of ``num_neighbours`` neighbours (at least 1)."""
+        per_query = (num_neighbours + 1) * _BYTES_PER_NEIGHBOUR
+        return max(1, int(self.memory_budget_mb * 2**20 // per_query))
+
+    # ------------------------------------------------------------- PML's metric entry points
+    # Unstreamed: each computes its metric from a given ``knn_labels`` (PML's interface, used by
+    # PML's ``_get_accuracy`` and by callers that have the neighbours already).
+
+    def _unstreamed(
+        self,
+        name,
+        knn_labels,
+        query_labels,
+        not_lone_query_mask,
+        label_counts,
+        ref_includes_query=False,
+    ):
+        if not torch.any(torch.as_tensor(not_lone_query_mask)):
+            return pml_ac.nan_accuracy(label_counts[0], self.return_per_class)
+        knn_labels = knn_labels[not_lone_query_mask]
+        query_labels = query_labels[not_lone_query_mask]
+        counts = _query_counts(
+            query_labels, label_counts, ref_includes_query, self.label_comparison_fn
+        )
+        nb = _neighbours(knn_labels, query_labels, counts, self.label_comparison_fn)
+        fn = self._per_query.get(name) or _PML_PER_QUERY[name]
+        return self._average(fn(nb), query_labels)
+
+    def _average(self, values: torch.Tensor, labels: torch.Tensor):
+        return _average(
+            values,
+            labels,
+            self.avg_of_avgs,
+            self.return_per_class,
+            self.memory_budget_mb * 2**20,
+        )
+
+    def calculate_precision_at_1(
+        self, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs
+    ):
+        return self._unstreamed(
+            "precision_at_1", knn_labels, query_labels, not_lone_query_mask, label_counts
+        )
+
+    def calculate_r_precision(
+        self,
+        knn_labels,
+        query_labels,
+        not_lone_query_mask,
+        ref_includes_query,
+        label_counts,
+        **kwargs,
+    ):
+        return self._unstreamed(
+            "r_precision",
+            knn_labels,
+            query_labels,
+            not_lone_query_mask,
+            label_counts,
+            ref_includes_query,
+        )
+
+    def calculate_mean_average_precision_at_r(
+        self,
+        knn_labels,
+        query_labels,
+        not_lone_query_mask,
+        ref_includes_query,
+        label_counts,
+        **kwargs,
+    ):
+        return self._unstreamed(
+            "mean_average_precision_at_r",
+            knn_labels,
+            query_labels,
+            not_lone_query_mask,
+            label_counts,
+            ref_includes_query,
+        )
+
+    def calculate_mean_average_precision(
+        self,
+        knn_labels,
+        query_labels,
+        not_lone_query_mask,
+        ref_includes_query,
+        label_counts,
+        **kwargs,
+    ):
+        return self._unstreamed(
+            "mean_average_precision",
+            knn_labels,
+            query_labels,
+            not_lone_query_mask,
+            label_counts,
+            ref_includes_query,
+        )
+
+    def calculate_mean_reciprocal_rank(
+        self, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs
+    ):
+        return self._unstreamed(
+            "mean_reciprocal_rank", knn_labels, query_labels, not_lone_query_mask, label_counts
+        )
 
     def _calculate_recall_at_k(
         self, cutoff, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs
     ):
-        if not torch.any(not_lone_query_mask):
-            return pml_ac.nan_accuracy(label_counts[0], self.return_per_class)
-        return recall_at_k(
-            knn_labels[not_lone_query_mask],
-            query_labels[not_lone_query_mask],
-            cutoff,
-            self.avg_of_avgs,
-            self.return_per_class,
-            self.label_comparison_fn,
+        return self._unstreamed(
+            f"recall_at_{cutoff}", knn_labels, query_labels, not_lone_query_mask, label_counts
         )
 
     def _calculate_ndcg_at_k(
@@ -250,17 +598,131 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         label_counts,
         **kwargs,
     ):
-        if not torch.any(not_lone_query_mask):
-            return pml_ac.nan_accuracy(label_counts[0], self.return_per_class)
-        num_relevant = relevant_counts(
+        return self._unstreamed(
+            f"ndcg_at_{cutoff}",
+            knn_labels,
+            query_labels,
+            not_lone_query_mask,
+            label_counts,
+            ref_includes_query,
+        )
+
+    # ----------------------------------------------------------------------- the streamed path
+
+    def get_accuracy(
+        self,
+        query,
+        query_labels,
+        reference=None,
+        reference_labels=None,
+        ref_includes_query=False,
+        include=(),
+        exclude=(),
+    ):
+        """PML's ``get_accuracy`` (same arguments, checks and results), streamed over chunks."""
+        if reference is None:
+            reference, reference_labels, ref_includes_query = query, query_labels, True
+        query, reference, query_labels, reference_labels = (
+            c_f.numpy_to_torch(x).to(self.device).type(torch.float)
+            for x in (query, reference, query_labels, reference_labels)
+        )
+        if len(query) != len(query_labels) or len(reference) != len(reference_labels):
+            raise ValueError("embeddings and labels must have the same length")
+        if ref_includes_query and not (
+            torch.allclose(query, reference[: len(query)])
+            and torch.allclose(query_labels, reference_labels[: len(query)])
+        ):
+            raise ValueError(
+                "When ref_includes_query is True, the first len(query) elements of reference "
+                "must be equal to query.\nLikewise, the first len(query_labels) elements of "
+                "reference_labels must be equal to query_labels.\n"
+            )
+        self.curr_function_dict = self.get_function_dict(include, exclude)
+        kwargs: dict[str, Any] = {
+            "query": query,
+            "reference": reference,
+            "query_labels": query_labels,
+            "reference_labels": reference_labels,
+            "ref_includes_query": ref_includes_query,
+            "label_comparison_fn": self.label_comparison_fn,
+        }
+        results: dict[str, Any] = {}
+        knn_names = [m for m in self.get_curr_metrics() if m in self.requires_knn()]
+        if knn_names:
+            results.update(self._streamed_knn_metrics(knn_names, kwargs))
+        if any(m in self.requires_clustering() for m in self.get_curr_metrics()):
+            kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
+        for name, fn in self.curr_function_dict.items():
+            if name not in results:
+                results[name] = fn(**kwargs)
+        return {name: results[name] for name in self.curr_function_dict}
+
+    def _streamed_knn_metrics(self, names: list[str], kwargs: dict[str, Any]) -> dict[str, Any]:
+        query, reference = kwargs["query"], kwargs["reference"]
+        query_labels, reference_labels = kwargs["query_labels"], kwargs["reference_labels"]
+        ref_includes_query = kwargs["ref_includes_query"]
+        label_counts = label_match_counts(query_labels, reference_labels, self.label_comparison_fn)
+        lone_labels, not_lone = lone_query_labels(
             query_labels, label_counts, ref_includes_query, self.label_comparison_fn
         )
-        return ndcg_at_k(
-            knn_labels[not_lone_query_mask],
-            query_labels[not_lone_query_mask],
-            num_relevant[not_lone_query_mask],
-            cutoff,
-            self.avg_of_avgs,
-            self.return_per_class,
-            self.label_comparison_fn,
+        num_k, pml_k = self._search_k(label_counts[1], len(reference), ref_includes_query)
+        if not torch.any(not_lone):
+            c_f.LOGGER.warning("None of the query labels are in the reference set.")
+        streamed = [n for n in names if n in self._per_query]
+        others = [n for n in names if n not in self._per_query]
+        values: dict[str, list[torch.Tensor]] = {n: [] for n in streamed}
+        gathered: dict[str, list[torch.Tensor]] = {"knn_labels": [], "knn_distances": []}
+        counts = _query_counts(
+            query_labels, label_counts, ref_includes_query, self.label_comparison_fn
         )
+        step = self.chunk_size(num_k)
+        for start in range(0, len(query), step):
+            end = min(start + step, len(query))
+            distances, indices = self._search(
+                query[start:end], num_k, reference, start, ref_includes_query
+            )
+            knn_labels = reference_labels[indices]
+            if others:
+                gathered["knn_labels"].append(knn_labels[:, :pml_k])
+                gathered["knn_distances"].append(distances[:, :pml_k])
+            keep = not_lone[start:end]
+            if not streamed or not torch.any(keep):
+                continue
+            nb = _neighbours(
+                knn_labels[keep],
+                query_labels[start:end][keep],
+                _QueryCounts(*(c[start:end][keep] for c in counts)),
+                self.label_comparison_fn,
+                pml_k,
+            )
+            for name in streamed:
+                values[name].append(self._per_query[name](nb))
+            del nb, knn_labels, distances, indices
+        results: dict[str, Any] = {}
+        kept_labels = query_labels[not_lone]
+        for name in streamed:
+            if not torch.any(not_lone):
+                results[name] = pml_ac.nan_accuracy(label_counts[0], self.return_per_class)
+            else:
+                results[name] = self._average(torch.cat(values[name]), kept_labels)
+        if others:
+            full = dict(kwargs)
+            full.update(
+                label_counts=label_counts,
+                lone_query_labels=lone_labels,
+                not_lone_query_mask=not_lone,
+                knn_labels=torch.cat(gathered["knn_labels"]),
+                knn_distances=torch.cat(gathered["knn_distances"]),
+            )
+            results.update(
+                super()._get_accuracy({n: self.curr_function_dict[n] for n in others}, **full)
+            )
+        return results
+
+    def _search(self, query_chunk, num_k, reference, offset, ref_includes_query):
+        """``(distances, indices)`` of one chunk's ``num_k`` nearest references; in
+        self-retrieval one more is searched and the query's own index removed."""
+        if not ref_includes_query:
+            return self.knn_func(query_chunk, num_k, reference, False)
+        distances, indices = self.knn_func(query_chunk, num_k + 1, reference, False)
+        return _remove_self(distances, indices, offset)

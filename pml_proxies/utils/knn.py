@@ -5,8 +5,8 @@ PML's ``AccuracyCalculator`` defaults to ``FaissKNN`` / ``FaissKMeans`` and fail
 ``kmeans_func`` objects with PML's calling conventions:
 
 * :class:`TorchKNN`: exact, pure-torch k-nearest-neighbour search (squared Euclidean distance, the
-  semantics of faiss ``IndexFlatL2`` used by PML's default ``FaissKNN``), chunked over queries so
-  that memory stays bounded; runs on the tensors' device (CPU or CUDA).
+  semantics of faiss ``IndexFlatL2`` used by PML's default ``FaissKNN``), blocked over queries so
+  that memory stays bounded, with no cap on ``k``; runs on the tensors' device (CPU or CUDA).
 * :class:`DefaultKNN`: PML's ``FaissKNN`` when faiss can be imported (faiss-gpu searches CUDA
   tensors on the GPU, as in PML), otherwise :class:`TorchKNN`. CUDA tensors with a CPU-only faiss
   build go to :class:`TorchKNN` on the GPU (exact as well, and no device round trip).
@@ -17,11 +17,14 @@ PML's ``AccuracyCalculator`` defaults to ``FaissKNN`` / ``FaissKMeans`` and fail
 from __future__ import annotations
 
 import importlib
+import math
 
 import numpy as np
 import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.inference import return_results
+
+from ..functional.validation import check_int
 
 __all__ = [
     "DefaultKMeans",
@@ -30,6 +33,7 @@ __all__ = [
     "TorchKNN",
     "faiss_available",
     "faiss_gpu_available",
+    "smallest_k",
 ]
 
 
@@ -52,26 +56,57 @@ def faiss_gpu_available() -> bool:
     return get_num_gpus is not None and get_num_gpus() > 0
 
 
-def _squared_l2(query: torch.Tensor, reference: torch.Tensor, ref_sq: torch.Tensor) -> torch.Tensor:
-    """``||q - r||^2`` for every pair, by the same expansion faiss uses, clamped at 0."""
-    q_sq = query.pow(2).sum(dim=1, keepdim=True)
-    dist = torch.addmm(ref_sq.unsqueeze(0), query, reference.t(), beta=1.0, alpha=-2.0)
-    return dist.add_(q_sq).clamp_(min=0)
+def _group_size(num_references: int, k: int) -> int:
+    """Columns per group for the two-stage selection of :func:`smallest_k` (1: plain ``topk``).
+
+    The two stages scan ``num_references / g`` group minima and ``k g`` candidates; ``g =
+    sqrt(num_references / k)`` balances them. Below ``g = 4`` the gain does not pay its overhead.
+    """
+    if k < 1:
+        return 1
+    group = int(math.sqrt(num_references / k))
+    return group if group >= 4 else 1
+
+
+def smallest_k(scores: torch.Tensor, k: int, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest entries of each row of ``scores``, ascending: ``(values, columns)``.
+
+    With ``group > 1`` the ``W = group * G`` columns form ``G`` strided groups (column ``c`` is in
+    group ``c % G``); each row's ``k`` smallest values lie in the ``k`` groups with the smallest
+    minima (a group whose minimum exceeds the k-th smallest value holds none of them), so one
+    ``topk`` over the ``G`` minima and one over the ``k * group`` candidates replace a ``topk``
+    over all ``W`` columns, which is the slow part on CPU. The values returned are exactly those
+    of ``torch.topk``; among tied values the columns may differ (as between any two exact
+    searches). ``W`` must be a multiple of ``group`` and ``G >= k``.
+    """
+    rows, width = scores.shape
+    if group <= 1:
+        return torch.topk(scores, k, dim=1, largest=False, sorted=True)
+    num_groups = width // group
+    strided = scores.view(rows, group, num_groups)
+    _, group_ids = torch.topk(strided.amin(dim=1), k, dim=1, largest=False, sorted=False)
+    candidates = strided.gather(2, group_ids.unsqueeze(1).expand(rows, group, k))
+    values, position = torch.topk(candidates.view(rows, group * k), k, dim=1, largest=False)
+    columns = (position // k) * num_groups + group_ids.gather(1, position % k)
+    return values, columns
 
 
 class TorchKNN:
-    """Exact k-nearest-neighbour search in pure torch, a PML ``knn_func``.
+    """Exact k-nearest-neighbour search in pure torch, a PML ``knn_func`` without a neighbour cap.
 
     Distances are squared Euclidean distances, as returned by PML's default ``FaissKNN`` (faiss
     ``IndexFlatL2``); for L2-normalised embeddings this ranks exactly like cosine similarity.
-    Queries are processed in chunks so that one chunk's distance matrix has at most
-    ``max_chunk_elements`` entries. Ties are broken by ``torch.topk`` (unspecified order, as in
-    faiss).
+    Queries are processed in blocks whose ``block x references`` score matrix has at most
+    ``max_chunk_elements`` entries (one buffer, reused). Each block is ranked by
+    ``||r||^2 - 2 q.r`` (one ``addmm``; ``||q||^2`` is added to the ``k`` selected entries only)
+    and its ``k`` smallest entries are found by the two-stage selection of :func:`smallest_k`.
+    Ties are broken in an unspecified order, as in faiss. Like PML's ``FaissKNN``, each call logs
+    ``running k-nn with k=...`` and the embedding dimensionality at INFO level on PML's logger.
 
     Args:
-        batch_size: queries per chunk; ``None`` picks it from ``max_chunk_elements``.
-        max_chunk_elements: bound on ``chunk_queries x num_references`` when ``batch_size`` is
-            ``None`` (default ``2**24``: 64 MiB of float32 distances).
+        batch_size: queries per block; ``None`` picks it from ``max_chunk_elements``.
+        max_chunk_elements: bound on ``block x num_references`` when ``batch_size`` is ``None``
+            (default ``2**24``: 64 MiB of float32 scores).
 
     Call:
         ``knn(query, k, reference, ref_includes_query=False) -> (distances, indices)``, both
@@ -80,12 +115,10 @@ class TorchKNN:
     """
 
     def __init__(self, batch_size: int | None = None, max_chunk_elements: int = 2**24):
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        if max_chunk_elements < 1:
-            raise ValueError(f"max_chunk_elements must be positive, got {max_chunk_elements!r}")
+        if batch_size is not None:
+            batch_size = check_int("batch_size", batch_size, low=1)
         self.batch_size = batch_size
-        self.max_chunk_elements = int(max_chunk_elements)
+        self.max_chunk_elements = check_int("max_chunk_elements", max_chunk_elements, low=1)
 
     def __call__(
         self,
@@ -107,19 +140,38 @@ class TorchKNN:
                 f"k={k} neighbours requested but the reference set has {len(reference)} "
                 f"embeddings{' (the query itself excluded)' if ref_includes_query else ''}"
             )
+        c_f.LOGGER.info("running k-nn with k=%d", num_k)
+        c_f.LOGGER.info("embedding dimensionality is %d", query.shape[1])
+        with torch.no_grad():
+            distances, indices = self._search(query, num_k, reference)
+        return return_results(distances, indices, ref_includes_query)
+
+    def _search(
+        self, query: torch.Tensor, num_k: int, reference: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         reference = reference.to(device=query.device, dtype=query.dtype)
         ref_sq = reference.pow(2).sum(dim=1)
-        batch = self.batch_size or max(1, self.max_chunk_elements // max(1, len(reference)))
+        group = _group_size(len(reference), num_k)
+        padding = -len(reference) % group
+        if padding:  # dummy references at distance +inf make the width a multiple of group
+            reference = torch.cat([reference, reference.new_zeros(padding, reference.shape[1])])
+            ref_sq = torch.cat([ref_sq, ref_sq.new_full((padding,), math.inf)])
+        width = len(reference)
+        batch = self.batch_size or max(1, self.max_chunk_elements // width)
+        batch = min(batch, max(1, len(query)))
         distances = torch.empty(len(query), num_k, dtype=query.dtype, device=query.device)
         indices = torch.empty(len(query), num_k, dtype=torch.long, device=query.device)
-        with torch.no_grad():
-            for start in range(0, len(query), batch):
-                end = start + batch
-                dist = _squared_l2(query[start:end], reference, ref_sq)
-                distances[start:end], indices[start:end] = torch.topk(
-                    dist, num_k, dim=1, largest=False, sorted=True
-                )
-        return return_results(distances, indices, ref_includes_query)
+        scores = torch.empty(batch, width, dtype=query.dtype, device=query.device)
+        reference_t = reference.t()
+        for start in range(0, len(query), batch):
+            block = query[start : start + batch]
+            out = scores[: len(block)]
+            torch.addmm(ref_sq.unsqueeze(0), block, reference_t, alpha=-2.0, out=out)
+            values, columns = smallest_k(out, num_k, group)
+            q_sq = block.pow(2).sum(dim=1, keepdim=True)
+            distances[start : start + len(block)] = values.add_(q_sq).clamp_(min=0)
+            indices[start : start + len(block)] = columns
+        return distances, indices
 
 
 class DefaultKNN:
