@@ -205,10 +205,11 @@ def test_newton_steps_match_loops(dtype, stochastic, num_classes, batch, steps):
     loss = VCPALoss(
         num_classes, dim, temperature=tau, newton_steps=steps, stochastic=stochastic, seed=seed
     ).to(dtype)
-    if stochastic:  # start away from the prior, sigma below 1
+    if stochastic:  # start away from the prior, sigma below 1 (own generator: deterministic)
+        start = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            loss.proxy_mean.copy_(0.5 * torch.randn(num_classes, dim, dtype=dtype))
-            loss.proxy_std.uniform_(0.3, 0.8)
+            loss.proxy_mean.copy_(0.5 * torch.randn(num_classes, dim, generator=start, dtype=dtype))
+            loss.proxy_std.uniform_(0.3, 0.8, generator=start)
     mu0, sigma0 = loss.proxy_mean.clone().double(), loss.proxy_std.clone().double()
     # the loss's first draws are the eps of the Newton steps: randn on its seeded generator
     gen = torch.Generator().manual_seed(seed)

@@ -56,6 +56,8 @@ LOSS_CONFIGS: dict[str, LossConfig | None] = {
     "mpa_ap": LossConfig("mpa_ap.yaml", "AllPairsMultiProxyAnchorLoss"),
     "proxy_isa": LossConfig("proxy_isa.yaml", "ProxyISALoss"),
     "vcpa": LossConfig("vcpa.yaml", "VCPALoss"),
+    # the same space as the paper's VCPA; its newton_damping=0.25 stays fixed (registry kwargs)
+    "vcpa_damped": LossConfig("vcpa.yaml", "VCPALoss"),
     "proxy_anchor": LossConfig("proxy_anchor.yaml", "ProxyAnchorLoss"),
     # the registry calls SoftTriple's regulariser weight tau (its builder turns it into
     # weight_reg_weight of IntraClassCenterRegularizer, MLRC's SparseCentersRegularizer)
