@@ -175,3 +175,20 @@ def load_benchmark_data(
         test_classes=_class_names(test_base, test_classes),
         train_eval=_subset(val_base, tr_classes),
     )
+
+
+def load_config_data(config, progress: bool = False) -> BenchmarkData:
+    """The three class-disjoint splits of a ``BenchmarkConfig`` (the untuned benchmark and the
+    tuner both load their data here)."""
+    return load_benchmark_data(
+        config.dataset,
+        root=config.root,
+        image_size=config.image_size,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+        download=config.download,
+        max_train_classes=config.max_train_classes,
+        channels=config.channels,
+        dataset_kwargs=config.dataset_kwargs,
+        progress=progress,
+    )

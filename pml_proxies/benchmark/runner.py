@@ -24,7 +24,7 @@ import torch
 
 from . import report
 from .config import NON_PROTOCOL_FIELDS, BenchmarkConfig, ConfigError
-from .data import BenchmarkData, load_benchmark_data
+from .data import BenchmarkData, load_config_data
 from .losses import build_loss
 from .progress import is_terminal, progress_bar
 from .spec import RunSpec, build_run_spec
@@ -208,18 +208,8 @@ def _record_protocol(config: BenchmarkConfig, output: Path) -> None:
 # ------------------------------------------------------------------ the runs
 def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_only: bool) -> dict:
     info = RunInfo(threads=torch.get_num_threads())
-    data = load_benchmark_data(
-        config.dataset,
-        root=config.root,
-        image_size=config.image_size,
-        val_fraction=config.val_fraction,
-        split_seed=config.split_seed,
-        download=config.download,
-        max_train_classes=config.max_train_classes,
-        channels=specs[0].channels,
-        dataset_kwargs=config.dataset_kwargs,
-        progress=config.progress and is_terminal(),  # the data sets' own tqdm bars
-    )
+    # the data sets' own tqdm bars only on a terminal
+    data = load_config_data(config, progress=config.progress and is_terminal())
     _record_protocol(config, output)
     with open(output / CONFIG_FILE, "w") as f:
         json.dump(report.config_record(config), f, indent=2, default=str)

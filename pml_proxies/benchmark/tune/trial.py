@@ -73,20 +73,9 @@ def fold_classes(data, folds: int, seed: int) -> list[np.ndarray]:
 
 def load_data(config: BenchmarkConfig, progress: bool = False):
     """The benchmark's data of ``config`` (its three class-disjoint splits)."""
-    from ..data import load_benchmark_data
+    from ..data import load_config_data
 
-    return load_benchmark_data(
-        config.dataset,
-        root=config.root,
-        image_size=config.image_size,
-        val_fraction=config.val_fraction,
-        split_seed=config.split_seed,
-        download=config.download,
-        max_train_classes=config.max_train_classes,
-        channels=config.channels,
-        dataset_kwargs=config.dataset_kwargs,
-        progress=progress,
-    )
+    return load_config_data(config, progress)
 
 
 class BenchmarkObjective:
