@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from benchmark_helpers import tiny_config
 
 from pml_proxies.benchmark import BenchmarkConfig, build_run_spec, run_benchmark
 from pml_proxies.benchmark.cli import build_parser, main
@@ -27,22 +28,7 @@ from pml_proxies.benchmark.train import build_run, make_accuracy_calculator, tra
 
 
 def _tiny(output: Path, losses, **kw) -> BenchmarkConfig:
-    """A digits config that trains a run in about a second."""
-    base = dict(
-        dataset="digits",
-        losses=list(losses),
-        seeds=[0],
-        output=str(output),
-        epochs=2,
-        iterations_per_epoch=2,
-        embedding_size=16,
-        batch_size=16,
-        progress=False,
-        map_samples=50,
-        log_freq=1,
-    )
-    base.update(kw)
-    return BenchmarkConfig(**base)
+    return tiny_config(output, losses, **kw)
 
 
 # ------------------------------------------------------------------ the run specification

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import pytorch_metric_learning
 import torch
+from benchmark_helpers import tiny_config
 
 import pml_proxies
 from pml_proxies.benchmark import BenchmarkConfig, run_benchmark
@@ -24,21 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny(output, losses, **kw) -> BenchmarkConfig:
-    base = dict(
-        dataset="digits",
-        losses=list(losses),
-        seeds=[0],
-        output=str(output),
-        epochs=2,
-        iterations_per_epoch=3,
-        embedding_size=16,
-        batch_size=16,
-        progress=False,
-        map_samples=50,
-        log_freq=1,
-    )
-    base.update(kw)
-    return BenchmarkConfig(**base)
+    return tiny_config(output, losses, **{"iterations_per_epoch": 3, **kw})
 
 
 def _section(text: str, title: str) -> str:

@@ -360,6 +360,8 @@ def test_resume_seeds_and_eval_for_every_option(options):
 
 @pytest.mark.parametrize("options", OPTION_PARAMS)
 def test_failing_step_commits_nothing_for_every_option(options, monkeypatch):
+    """An error after the Newton steps (in the reducer) leaves the state, generator included,
+    as it was, for the paper's steps and every option."""
     emb, labels = make_batch(12, 8, 6, 0)
     loss = VCPALoss(6, 8, seed=0, **options)
     twin = VCPALoss(6, 8, seed=0, **options)
@@ -374,6 +376,7 @@ def test_failing_step_commits_nothing_for_every_option(options, monkeypatch):
     assert_same_state(before, state_of(loss))
     monkeypatch.undo()
     assert torch.equal(loss(emb, labels), twin(emb, labels))
+    assert_same_state(state_of(loss), state_of(twin))
 
 
 # --------------------------------------------------------------------------------- CUDA
