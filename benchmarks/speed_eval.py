@@ -14,12 +14,14 @@ Cases (D = 128, 100 embeddings per class, seeded Gaussian clusters, L2-normalise
 * ``ref-1M``: ``--ref-queries`` queries against ``--ref-size`` references (ours only: PML's label
   counting alone needs queries' classes x references bytes);
 * ``sop-k-None``: 60,502 x 512 self-retrieval with ``k=None`` (11,316 classes, as the SOP test
-  split), every kNN metric (ours only: PML holds the 60,502^2 neighbour matrix).
+  split), every kNN metric (ours only: PML holds the 60,502^2 neighbour matrix). Ours takes the
+  positive-rank path there (no neighbour lists), with either back-end.
 
 Usage::
 
     python benchmarks/speed_eval.py --sizes 10000,50000,200000 --ref-size 1000000 --sop
     python benchmarks/speed_eval.py --sizes 2000 --quick      # seconds; what the test runs
+    python benchmarks/speed_eval.py --sizes 0 --sop           # only the SOP-sized k=None case
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     sys.path.insert(0, spec["repo"])
     from pml_proxies.utils.accuracy_calculator import AccuracyCalculator
-    from pml_proxies.utils.knn import TorchKNN
+    from pml_proxies.utils.knn import DefaultKNN, TorchKNN
 
     query, query_labels = make_embeddings(
         spec["queries"], spec["dim"], spec["classes"], spec["seed"]
@@ -95,11 +97,10 @@ def worker(spec: dict) -> dict:
         include = tuple(m for m in spec["metrics"] if m in ALL_KNN_METRICS)
         calc = pml_ac.AccuracyCalculator(include=include, k=k, device=cpu)
     else:
-        knn = None if spec["calculator"] == "ours-faiss" else TorchKNN()
-        if knn is None:
-            from pytorch_metric_learning.utils.inference import FaissKNN
-
-            knn = FaissKNN()
+        # ours-faiss: the calculator's default DefaultKNN, which is PML's FaissKNN when faiss is
+        # installed; both are the calculator's own exact searches, so k=None takes the
+        # positive-rank path (which calls neither) in both
+        knn = DefaultKNN() if spec["calculator"] == "ours-faiss" else TorchKNN()
         kwargs = {"memory_budget_mb": spec["budget"]} if spec["budget"] else {}
         calc = AccuracyCalculator(
             include=tuple(spec["metrics"]), k=k, device=cpu, knn_func=knn, **kwargs
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.sizes = [int(s) for s in args.sizes.split(",") if s and int(s) > 0]  # "0": none
     args.calculators = [c for c in args.calculators.split(",") if c]
     unknown = set(args.calculators) - set(CALCULATORS)
     if unknown:

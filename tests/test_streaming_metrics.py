@@ -93,7 +93,9 @@ def test_streamed_equals_unchunked_and_pml(self_retrieval, k, averaging, dtype):
     ).get_accuracy(q, ql, r, rl, self_retrieval)
     assert len(spy.calls) >= 5  # many chunks
     assert all(not ref_in for _, _, ref_in in spy.calls)  # own index removed by the calculator
-    whole = calc(k=k, include=include, **averaging).get_accuracy(q, ql, r, rl, self_retrieval)
+    whole = calc(k=k, include=include, knn_func=CountingKNN(), **averaging).get_accuracy(
+        q, ql, r, rl, self_retrieval
+    )  # a user's knn_func: the neighbour-list path (tests/test_rank_path.py tests the other)
     same_values(streamed, whole)
     pml = pml_ac.AccuracyCalculator(
         k=k, include=PML_KNN_METRICS, device=CPU, knn_func=TorchKNN(), **averaging

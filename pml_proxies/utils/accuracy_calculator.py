@@ -13,7 +13,7 @@ from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ..functional.validation import check_real
-from .knn import DefaultKMeans, DefaultKNN
+from .knn import DefaultKMeans, DefaultKNN, TorchKNN
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
@@ -34,6 +34,18 @@ DEFAULT_MEMORY_BUDGET_MB = 1024.0
 # indices (twice: the self-match removal copies them), the neighbours' labels, the match mask and
 # the float64 temporaries of the rank metrics. Measured peaks stay below this (README, "Speed").
 _BYTES_PER_NEIGHBOUR = 64
+# Bytes held per (query, reference) pair by the positive-rank path: the float32 ranking scores and
+# the int32 count of positives ranked before each reference (the histogram input, offset in
+# place), plus headroom for the matmul's and searchsorted's temporaries.
+_RANK_BYTES_PER_REFERENCE = 12
+# Bytes per (query, positive slot) of the rank path: indices, scores, sorted scores, counts,
+# positions and the float64 temporaries of the metrics.
+_RANK_BYTES_PER_POSITIVE = 128
+# Searches of at least this fraction of the references use the positive-rank path (whose cost
+# does not depend on k). Measured (README, "Evaluation at scale"): 10,000 x 128 self-retrieval,
+# 100 classes, every kNN metric, TorchKNN, 1 thread: the neighbour lists win at k = 1,000, the
+# ranks at k = 3,000.
+RANK_PATH_MIN_FRACTION = 0.2
 
 
 def _validate_ks(ks: int | Iterable[int] | None, name: str) -> tuple[int, ...]:
@@ -213,13 +225,23 @@ def _recall(cutoff: int, nb: _Neighbours) -> torch.Tensor:
     return nb.same[:, :cutoff].any(dim=1).to(torch.float64)
 
 
+def _discounts(cutoff: int, device) -> torch.Tensor:
+    """``1 / log2(i + 1)`` for ranks ``i = 1 .. cutoff`` (float64)."""
+    ranks = torch.arange(1, cutoff + 1, dtype=torch.float64, device=device)
+    return 1.0 / torch.log2(ranks + 1.0)
+
+
+def _ideal_dcg(discounts: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
+    """The ideal DCG@k: ``min(k, R_q)`` positives first (``R_q`` clamped to >= 1)."""
+    ideal_len = num_relevant.clamp(min=1, max=len(discounts)).to(torch.long)
+    return torch.cumsum(discounts, dim=0)[ideal_len - 1]
+
+
 def _ndcg(cutoff: int, nb: _Neighbours) -> torch.Tensor:
     same = nb.same[:, :cutoff].to(torch.float64)
-    ranks = torch.arange(1, cutoff + 1, dtype=torch.float64, device=same.device)
-    discounts = 1.0 / torch.log2(ranks + 1.0)
+    discounts = _discounts(cutoff, same.device)
     dcg = same @ discounts[: same.shape[1]]  # 2^r - 1 = r for binary r
-    ideal_len = nb.num_relevant.clamp(min=1, max=cutoff).to(torch.long)
-    return dcg / torch.cumsum(discounts, dim=0)[ideal_len - 1]
+    return dcg / _ideal_dcg(discounts, nb.num_relevant)
 
 
 _PML_PER_QUERY: dict[str, Callable[[_Neighbours], torch.Tensor]] = {
@@ -229,6 +251,130 @@ _PML_PER_QUERY: dict[str, Callable[[_Neighbours], torch.Tensor]] = {
     "mean_average_precision": functools.partial(_average_precision, at_r=False),
     "mean_reciprocal_rank": _reciprocal_rank,
 }
+
+
+# ------------------------------------------- the same per-query values from positives' ranks
+
+
+class _Ranks(NamedTuple):
+    """What the per-query metrics read on the positive-rank path: each query's positives by
+    their 0-based position among all references (the query itself excluded), ascending."""
+
+    positions: torch.Tensor  # (n, m) long, nondecreasing along a row over the valid slots
+    valid: torch.Tensor  # (n, m) bool: the slot holds a positive (its first R_q slots)
+    pml_k: int  # positions PML's metrics see (PML's own k)
+    pml_counts: torch.Tensor  # (n,) PML's count_per_query (R-Precision, MAP, MAP@R)
+    num_relevant: torch.Tensor  # (n,) R_q (nDCG)
+
+
+def _seen(rk: _Ranks, limit) -> torch.Tensor:
+    """``(n, m)`` bool: a positive ranked before ``limit`` (an int or an ``(n,)`` tensor)."""
+    if isinstance(limit, torch.Tensor):
+        limit = limit[:, None]
+    return rk.valid & (rk.positions < limit)
+
+
+def _rank_precision_at_1(rk: _Ranks) -> torch.Tensor:
+    return torch.sum(_seen(rk, min(1, rk.pml_k)), dim=1).type(torch.float64) / 1
+
+
+def _rank_r_precision(rk: _Ranks) -> torch.Tensor:
+    limit = rk.pml_counts.clamp(max=rk.pml_k)
+    return torch.sum(_seen(rk, limit), dim=1).type(torch.float64) / limit
+
+
+def _rank_average_precision(rk: _Ranks, at_r: bool) -> torch.Tensor:
+    limit = rk.pml_counts.clamp(max=rk.pml_k) if at_r else rk.pml_k
+    seen = _seen(rk, limit)
+    # the j-th positive (0-based) at position p has precision (j + 1) / (p + 1) there
+    correct = torch.arange(1, seen.shape[1] + 1, device=seen.device).expand_as(seen)
+    precision = correct.type(torch.float64) / (rk.positions + 1)
+    return torch.sum(torch.where(seen, precision, 0.0), dim=1) / rk.pml_counts
+
+
+def _rank_reciprocal_rank(rk: _Ranks) -> torch.Tensor:
+    found = _seen(rk, rk.pml_k)[:, 0]
+    rank = rk.positions[:, 0] + 1.0  # default float dtype, as _reciprocal_rank
+    return torch.where(found, 1.0 / rank, torch.zeros_like(rank))
+
+
+def _rank_recall(cutoff: int, rk: _Ranks) -> torch.Tensor:
+    return _seen(rk, cutoff)[:, 0].to(torch.float64)
+
+
+def _rank_ndcg(cutoff: int, rk: _Ranks) -> torch.Tensor:
+    discounts = _discounts(cutoff, rk.positions.device)
+    seen = _seen(rk, cutoff)
+    gains = discounts[rk.positions.clamp(max=cutoff - 1)]
+    dcg = torch.sum(torch.where(seen, gains, 0.0), dim=1)
+    return dcg / _ideal_dcg(discounts, rk.num_relevant)
+
+
+_PML_PER_QUERY_FROM_RANKS: dict[str, Callable[[_Ranks], torch.Tensor]] = {
+    "precision_at_1": _rank_precision_at_1,
+    "r_precision": _rank_r_precision,
+    "mean_average_precision_at_r": functools.partial(_rank_average_precision, at_r=True),
+    "mean_average_precision": functools.partial(_rank_average_precision, at_r=False),
+    "mean_reciprocal_rank": _rank_reciprocal_rank,
+}
+
+
+def _class_blocks(
+    query_labels: torch.Tensor, reference_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, start, size)``: references sorted by label (stable) and, per query, where its
+    label's block starts in that order and how many references it holds (1-D labels)."""
+    sorted_labels, order = torch.sort(reference_labels, stable=True)
+    start = torch.searchsorted(sorted_labels, query_labels, side="left")
+    size = torch.searchsorted(sorted_labels, query_labels, side="right") - start
+    return order, start, size
+
+
+def _positive_positions(
+    query_chunk: torch.Tensor,
+    reference_t: torch.Tensor,
+    ref_sq: torch.Tensor,
+    positives: torch.Tensor,
+    num_positives: torch.Tensor,
+    own: torch.Tensor | None,
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions, valid)`` of one chunk's positives among all references, without sorting
+    a row: ``(n, m)``, ascending along each row over its ``num_positives`` valid slots.
+    ``buffers``: a float ``(>= n, N)`` and an int32 ``(>= n, N)`` tensor to reuse (one pair for
+    all chunks keeps the allocator from fragmenting memory over many chunks).
+
+    Scores are TorchKNN's ranking ``||r||^2 - 2 q.r``. ``positives`` ``(n, m)`` holds each
+    query's positive reference indices, padded with any one of them (``own``, the query's own
+    reference index in self-retrieval, is among them and is no positive). The positives' sorted
+    scores ``P`` split each row's other references: ``s = #{P < x}``, so a reference scoring
+    ``x`` precedes the j-th positive iff ``x <= P_j`` iff ``s <= j``; a per-row histogram of
+    ``s`` and its cumsum count them. A tie between a positive and another reference ranks the
+    other reference first (pessimistic); ties among positives do not change any metric.
+    """
+    rows, slots = positives.shape
+    if buffers is None:
+        buffers = (
+            query_chunk.new_empty(rows, reference_t.shape[1]),
+            torch.empty(rows, reference_t.shape[1], dtype=torch.int32, device=query_chunk.device),
+        )
+    scores, before = buffers[0][:rows], buffers[1][:rows]
+    torch.addmm(ref_sq.unsqueeze(0), query_chunk, reference_t, alpha=-2.0, out=scores)
+    inf = torch.tensor(torch.inf, dtype=scores.dtype, device=scores.device)
+    slot = torch.arange(slots, device=scores.device)
+    real = slot < num_positives[:, None]
+    if own is not None:
+        real = real & (positives != own[:, None])
+    positive_scores = torch.where(real, scores.gather(1, positives), inf)
+    sorted_scores = torch.sort(positive_scores, dim=1).values.contiguous()
+    scores.scatter_(1, positives, torch.inf)  # positives and the query itself rank after every P_j
+    torch.searchsorted(sorted_scores, scores, side="left", out_int32=True, out=before)
+    row_offset = torch.arange(rows, device=before.device, dtype=torch.int32) * (slots + 1)
+    before.add_(row_offset[:, None])
+    histogram = torch.bincount(before.view(-1), minlength=rows * (slots + 1))
+    others_before = torch.cumsum(histogram.view(rows, slots + 1)[:, :slots], dim=1)
+    valid = slot < real.sum(dim=1, keepdim=True)
+    return others_before + slot, valid
 
 
 class _QueryCounts(NamedTuple):
@@ -416,21 +562,27 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         # name -> cut-off of the metrics added here; PML discovers "calculate_<name>" via dir()
         self.retrieval_metric_ks: dict[str, int] = {}
         self._per_query: dict[str, Callable[[_Neighbours], torch.Tensor]] = {}
-        added: tuple[tuple[str, tuple[int, ...], Callable, Callable[..., torch.Tensor]], ...] = (
-            ("recall_at_", self.recall_ks, self._calculate_recall_at_k, _recall),
-            ("ndcg_at_", self.ndcg_ks, self._calculate_ndcg_at_k, _ndcg),
+        self._per_query_from_ranks: dict[str, Callable[[_Ranks], torch.Tensor]] = {}
+        added: tuple[tuple[str, tuple[int, ...], Callable, Callable, Callable], ...] = (
+            ("recall_at_", self.recall_ks, self._calculate_recall_at_k, _recall, _rank_recall),
+            ("ndcg_at_", self.ndcg_ks, self._calculate_ndcg_at_k, _ndcg, _rank_ndcg),
         )
-        for prefix, ks, fn, metric in added:
+        for prefix, ks, fn, metric, from_ranks in added:
             for cutoff in ks:
                 setattr(self, f"calculate_{prefix}{cutoff}", functools.partial(fn, cutoff))
                 self.retrieval_metric_ks[f"{prefix}{cutoff}"] = cutoff
                 self._per_query[f"{prefix}{cutoff}"] = functools.partial(metric, cutoff)
+                self._per_query_from_ranks[f"{prefix}{cutoff}"] = functools.partial(
+                    from_ranks, cutoff
+                )
         for name, per_query in _PML_PER_QUERY.items():
             # a subclass overriding one of PML's metrics gets the unstreamed path for it
             if getattr(type(self), f"calculate_{name}") is getattr(
                 AccuracyCalculator, f"calculate_{name}"
             ):
                 self._per_query[name] = per_query
+                self._per_query_from_ranks[name] = _PML_PER_QUERY_FROM_RANKS[name]
+        self.last_path: str | None = None
         super().__init__(
             include=include,
             exclude=exclude,
@@ -479,6 +631,29 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         """Queries per chunk for a search of ``num_neighbours`` neighbours (at least 1)."""
         per_query = (num_neighbours + 1) * _BYTES_PER_NEIGHBOUR
         return max(1, int(self.memory_budget_mb * 2**20 // per_query))
+
+    def rank_chunk_size(self, num_references: int, max_positives: int) -> int:
+        """Queries per chunk on the positive-rank path (at least 1)."""
+        per_query = (
+            num_references * _RANK_BYTES_PER_REFERENCE
+            + (max_positives + 1) * _RANK_BYTES_PER_POSITIVE
+        )
+        return max(1, int(self.memory_budget_mb * 2**20 // per_query))
+
+    def uses_rank_path(self, num_k: int, available: int, names, query_labels, reference_labels):
+        """True when the positive-rank path is exact and pays: every selected kNN metric is
+        streamed, the default label comparison on 1-D labels, the calculator's own exact
+        search (``DefaultKNN`` or ``TorchKNN``, not a subclass), and a search of at least
+        ``RANK_PATH_MIN_FRACTION`` of the references (every one with ``k=None``)."""
+        return (
+            num_k > 0
+            and num_k >= RANK_PATH_MIN_FRACTION * available
+            and all(n in self._per_query_from_ranks for n in names)
+            and self.label_comparison_fn is pml_ac.EQUALITY
+            and query_labels.dim() == 1
+            and reference_labels.dim() == 1
+            and type(self.knn_func) in (DefaultKNN, TorchKNN)
+        )
 
     # ------------------------------------------------------------- PML's metric entry points
     # Unstreamed: each computes its metric from a given ``knn_labels`` (PML's interface, used by
@@ -668,6 +843,25 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         num_k, pml_k = self._search_k(label_counts[1], len(reference), ref_includes_query)
         if not torch.any(not_lone):
             c_f.LOGGER.warning("None of the query labels are in the reference set.")
+        available = len(reference) - int(ref_includes_query)
+        if self.uses_rank_path(num_k, available, names, query_labels, reference_labels):
+            self.last_path = "rank"
+            # the log of PML's FaissKNN for the search this path replaces (once per call)
+            c_f.LOGGER.info("running k-nn with k=%d", num_k + int(ref_includes_query))
+            c_f.LOGGER.info("embedding dimensionality is %d", query.shape[1])
+            counts = _query_counts(
+                query_labels, label_counts, ref_includes_query, self.label_comparison_fn
+            )
+            per_query = self._values_from_ranks(names, kwargs, pml_k, counts)
+            kept_labels = query_labels[not_lone]
+            results: dict[str, Any] = {}
+            for name in names:
+                if not torch.any(not_lone):
+                    results[name] = pml_ac.nan_accuracy(label_counts[0], self.return_per_class)
+                else:
+                    results[name] = self._average(per_query[name][not_lone], kept_labels)
+            return results
+        self.last_path = "neighbours"
         streamed = [n for n in names if n in self._per_query]
         others = [n for n in names if n not in self._per_query]
         values: dict[str, list[torch.Tensor]] = {n: [] for n in streamed}
@@ -698,7 +892,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             for name in streamed:
                 values[name].append(self._per_query[name](nb))
             del nb, knn_labels, distances, indices
-        results: dict[str, Any] = {}
+        results = {}
         kept_labels = query_labels[not_lone]
         for name in streamed:
             if not torch.any(not_lone):
@@ -726,3 +920,46 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             return self.knn_func(query_chunk, num_k, reference, False)
         distances, indices = self.knn_func(query_chunk, num_k + 1, reference, False)
         return _remove_self(distances, indices, offset)
+
+    def _values_from_ranks(
+        self, names: list[str], kwargs: dict[str, Any], pml_k: int, counts: _QueryCounts
+    ) -> dict[str, torch.Tensor]:
+        """Per-query values of ``names`` for every query (lone ones included, to be dropped),
+        from the positions of each query's positives: no neighbour list, no sort of a row."""
+        query, reference = kwargs["query"], kwargs["reference"]
+        ref_includes_query = kwargs["ref_includes_query"]
+        order, block_start, block_size = _class_blocks(
+            kwargs["query_labels"], kwargs["reference_labels"]
+        )
+        slots = max(1, int(block_size.max())) if len(block_size) else 1
+        last = len(reference) - 1
+        slot = torch.arange(slots, device=query.device)
+        values: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        step = min(self.rank_chunk_size(len(reference), slots), max(1, len(query)))
+        with torch.no_grad():
+            reference = reference.to(query.dtype)
+            reference_t = reference.t()
+            ref_sq = reference.pow(2).sum(dim=1)
+            buffers = (
+                query.new_empty(step, len(reference)),
+                torch.empty(step, len(reference), dtype=torch.int32, device=query.device),
+            )
+            for start in range(0, len(query), step):
+                end = min(start + step, len(query))
+                first = block_start[start:end, None]
+                size = block_size[start:end, None]
+                members = torch.where(slot < size, first + slot, first).clamp(max=last)
+                own = torch.arange(start, end, device=query.device) if ref_includes_query else None
+                positions, valid = _positive_positions(
+                    query[start:end],
+                    reference_t,
+                    ref_sq,
+                    order[members],
+                    size[:, 0],
+                    own,
+                    buffers,
+                )
+                rk = _Ranks(positions, valid, pml_k, *(c[start:end] for c in counts))
+                for name in names:
+                    values[name].append(self._per_query_from_ranks[name](rk))
+        return {name: torch.cat(v) for name, v in values.items()}
