@@ -234,3 +234,17 @@ def test_positive_positions_by_hand():
     # order: r0 (pos, 0), r1 and r5 tied (1), r3 before r2 on the tie (4), r4
     assert valid.tolist() == [[True, True, False]]
     assert positions[valid].tolist() == [0, 4]
+
+
+def test_queries_that_are_the_first_references():
+    """ref_includes_query with more references than queries: each query's own index is skipped."""
+    q, ql, r, rl = make_data(True, seed=6)
+    ranked = calc(k=None, memory_budget_mb=TINY_MB)
+    acc = ranked.get_accuracy(q[:40], ql[:40], r, rl, True)
+    assert ranked.last_path == "rank"
+    listed = calc(k=None, knn_func=NeighbourListKNN())
+    assert_close(acc, listed.get_accuracy(q[:40], ql[:40], r, rl, True))
+    pml = pml_ac.AccuracyCalculator(
+        k=None, include=PML_KNN_METRICS, device=CPU, knn_func=TorchKNN()
+    ).get_accuracy(q[:40], ql[:40], r, rl, True)
+    assert_close({m: acc[m] for m in PML_KNN_METRICS}, pml)

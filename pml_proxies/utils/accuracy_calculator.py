@@ -498,7 +498,8 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     turns them into per-query values of every selected metric and drops them; the means (or
     per-class means) are taken once at the end over all queries. Peak memory is
     O(chunk x references + queries x metrics), for every ``k`` including ``None``; the chunk holds
-    ``memory_budget_mb / (64 bytes x (neighbours searched + 1))`` queries. The per-query values are
+    ``memory_budget_mb / (64 bytes x (neighbours searched + 1))`` queries (for a search of
+    neighbour lists; the positive-rank path below needs none). The per-query values are
     PML's formulas, so every metric equals PML's calculator (and the unchunked computation)
     given the same neighbours. Label counts and the lone-query test take O(N) memory (PML's take
     O(classes x N)). NMI / AMI cluster all queries at once (O(N) memory). A kNN metric added by a
@@ -511,6 +512,29 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     of a subclass) still see exactly their ``k`` nearest neighbours, so their values equal PML's.
     When only the metrics of this class are selected, the search uses just the neighbours they
     need (``k=None`` does not then rank every reference).
+
+    **Positive-rank path (k=None, large k).** Every streamed metric depends only on the
+    positions of each query's positives (references with its label) in its ranking, so when the
+    search would cover at least ``RANK_PATH_MIN_FRACTION`` (0.2) of the references (always for
+    ``k=None`` with a PML metric selected) no neighbour list is built: per chunk of queries one
+    matmul gives TorchKNN's ranking scores ``||r||^2 - 2 q.r`` against all references (the query
+    itself excluded in self-retrieval); each query's positives come from its label's block of
+    the label-sorted references and their scores are sorted (``(chunk, largest class)``); one
+    ``searchsorted`` of every reference score among them and a per-row histogram give, for the
+    j-th positive, the references ranked before it, hence its position, and every metric
+    follows from the positions with PML's formulas and denominators. No row is sorted and no
+    ``(chunk, N)`` metric matrix is built; the chunk holds ``memory_budget_mb / (12 bytes x
+    references + 128 bytes x (largest class + 1))`` queries. **Ties:** a reference of another
+    label at exactly the same distance as a positive ranks before it (pessimistic; the
+    neighbour-list path and PML order such ties arbitrarily, as ``topk`` / faiss return them);
+    without such ties the values equal the neighbour-list path's, precision@1, R-Precision,
+    MRR and Recall@k exactly, MAP, MAP@R and nDCG@k up to float64 summation order (gaps of a
+    few 1e-17 seen; the tests allow 1e-12). The path is taken only where it is exact: the default label comparison on 1-D
+    labels, the calculator's own exact search (``knn_func`` ``None``, a ``DefaultKNN`` or a
+    ``TorchKNN``, not a subclass: any other ``knn_func`` is always called) and no selected kNN
+    metric that needs the neighbour list (a subclass's); ``last_path`` tells which path the
+    latest ``get_accuracy`` took (``"rank"`` or ``"neighbours"``). With faiss installed the
+    rank path ranks with torch, not faiss (both exact L2; only near-ties may differ).
 
     ``mean_reciprocal_rank`` is listed in ``requires_knn()`` (PML omits it, so alone it raises a
     TypeError there).
