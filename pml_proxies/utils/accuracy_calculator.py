@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
     "DEFAULT_NDCG_KS",
     "DEFAULT_RECALL_KS",
+    "RANK_PATH_MIN_FRACTION",
     "AccuracyCalculator",
     "label_match_counts",
     "lone_query_labels",
@@ -960,6 +961,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         slot = torch.arange(slots, device=query.device)
         values: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         step = min(self.rank_chunk_size(len(reference), slots), max(1, len(query)))
+        step = max(1, min(step, (2**31 - 1) // (slots + 1)))  # the int32 histogram index
         with torch.no_grad():
             reference = reference.to(query.dtype)
             reference_t = reference.t()
