@@ -189,6 +189,8 @@ class ProxyISALoss(BaseProxyLoss):
         # None: host-side sizes on CPU, fixed-shape (sync-free) updates elsewhere; True/False
         # force one of the two (tests run both)
         self.sync_free_memory_updates: bool | None = None
+        # reusable work tensors of the state update (not state; see _scratch)
+        self._workspace: dict[str, torch.Tensor] = {}
 
         self.proxies = torch.nn.Parameter(torch.empty(C, D))
         self.weight_init_func(self.proxies)
@@ -472,12 +474,30 @@ class ProxyISALoss(BaseProxyLoss):
         """``sign * rows`` in fixed point, ``trunc(sign * rows * 2^bits)``: scaling by a power of
         two is exact and the truncation is toward zero, so a memory row always gives the same
         integers (and ``sign = -1`` exactly their negatives). ``dtype``: int64 (the sums' format)
-        or float64 (the same integers, exact there as well: their magnitude is below 2^53)."""
+        or float64 (the same integers, exact there as well: their magnitude is below 2^53; the
+        result is then a work tensor, valid until the next call)."""
         if dtype == torch.long:
             return (rows * (sign * 2.0**self.fixed_point_bits)).long()
         # one pass: rows / (sign * 2^-bits) is exact as well, truncated toward zero
         step = sign * 2.0**-self.fixed_point_bits
-        return torch.div(rows, step, rounding_mode="trunc").to(dtype)
+        out = self._scratch("quantised", rows.shape, dtype, rows.device)
+        if rows.dtype == dtype:
+            return torch.div(rows, step, rounding_mode="trunc", out=out)
+        scaled = self._scratch("scaled", rows.shape, rows.dtype, rows.device)
+        return out.copy_(torch.div(rows, step, rounding_mode="trunc", out=scaled))
+
+    def _scratch(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A work tensor of the state update, reused from step to step (contents undefined): on
+        CPU, allocating its large temporaries anew every step costs page faults that took as long
+        as the arithmetic. Not state: never saved, rebuilt on another device or dtype."""
+        numel = math.prod(shape)
+        buffer = self._workspace.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.device != device:
+            buffer = None
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._workspace[name] = buffer
+        return buffer[:numel].view(shape)
 
     def _dense_sum_changes(self, rewritten: int) -> bool:
         """Whether a step that rewrites ``rewritten`` memory slots accumulates the change of the
@@ -525,10 +545,10 @@ class ProxyISALoss(BaseProxyLoss):
         if not self._dense_sum_changes(sum(index.shape[0] for index, _ in added)):
             return {"rows": [(index, self._quantise(rows, sign)) for index, rows, sign in changes]}
         sums = self.memory_class_sums
-        dense = torch.zeros(sums.shape, dtype=torch.float64, device=sums.device)
+        dense = self._scratch("dense", sums.shape, torch.float64, sums.device).zero_()
         for index, rows, sign in changes:
             dense.index_add_(0, index, self._quantise(rows, sign, torch.float64))
-        return {"dense": dense.long()}
+        return {"dense": self._scratch("change", sums.shape, sums.dtype, sums.device).copy_(dense)}
 
     def _write_push(self, push: dict) -> None:
         """Write a staged memory update (nothing here can fail on an index: all were used in
@@ -642,8 +662,9 @@ class ProxyISALoss(BaseProxyLoss):
         current = self.learned_similarities
         if self.num_classes <= labels.shape[0]:
             # fewer classes than samples: compute every class, update those of the batch
-            counts = self.memory_class_counts
-            dots = (self.memory_class_sums.to(proxies.dtype) * proxies).sum(1)
+            counts, sums = self.memory_class_counts, self.memory_class_sums
+            converted = self._scratch("converted", sums.shape, proxies.dtype, sums.device)
+            dots = converted.copy_(sums).mul_(proxies).sum(1)
             estimate = dots.mul_(scale).div_(counts.clamp(min=1)).to(current.dtype)
             update = torch.zeros_like(counts, dtype=torch.bool).index_fill_(0, labels, True)
             torch.where(update.logical_and_(counts > 0), estimate, current, out=current)
