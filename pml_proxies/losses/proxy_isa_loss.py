@@ -490,14 +490,18 @@ class ProxyISALoss(BaseProxyLoss):
         """A work tensor of the state update, reused from step to step (contents undefined): on
         CPU, allocating its large temporaries anew every step costs page faults that took as long
         as the arithmetic. Not state: never saved, rebuilt on another device or dtype."""
+        view = self._workspace.get(name)
+        if view is not None and (view.shape, view.dtype, view.device) == (shape, dtype, device):
+            return view  # the steady state: no new tensor, not even a view
+        storage = self._workspace.get(name + ".storage")
         numel = math.prod(shape)
-        buffer = self._workspace.get(name)
-        if buffer is None or buffer.dtype != dtype or buffer.device != device:
-            buffer = None
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype, device=device)
-            self._workspace[name] = buffer
-        return buffer[:numel].view(shape)
+        if storage is None or storage.dtype != dtype or storage.device != device:
+            storage = None
+        if storage is None or storage.numel() < numel:
+            storage = torch.empty(numel, dtype=dtype, device=device)
+            self._workspace[name + ".storage"] = storage
+        view = self._workspace[name] = storage[:numel].view(shape)
+        return view
 
     def _dense_sum_changes(self, rewritten: int) -> bool:
         """Whether a step that rewrites ``rewritten`` memory slots accumulates the change of the
