@@ -9,6 +9,9 @@ repeats the whole measurement and prints the median ratio with its range over th
 
     python benchmarks/speed_proxy_isa.py --repeats 15 --device cpu --sizes 100,11318
     python benchmarks/speed_proxy_isa.py --sizes 100 --threads 1 --clock cpu --repeats 41 --runs 5
+
+``--breakdown`` adds ProxyISALoss in eval mode (forward + backward with the same weights, no state
+update), which splits its cost into the loss and the state update.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ def main(argv=None) -> None:
         default="wall",
         help="wall time, or process CPU time (steadier on a loaded machine; use --threads 1)",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time ProxyISALoss in eval mode (no state update)",
+    )
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -88,7 +96,11 @@ def main(argv=None) -> None:
         isa_unchecked = ProxyISALoss(
             num_classes, args.dim, memory_size=args.memory_size, check_inputs=False
         ).to(device)
-        for loss in (isa, isa_unchecked):
+        variants = [isa, isa_unchecked]
+        if args.breakdown:
+            isa_eval = ProxyISALoss(num_classes, args.dim, memory_size=args.memory_size).to(device)
+            variants.append(isa_eval.eval())
+        for loss in variants:
             loss.proxies.data.copy_(pa.proxies.data)
             fill_steady_state(loss)
         gen = torch.Generator().manual_seed(1)
@@ -102,6 +114,10 @@ def main(argv=None) -> None:
                 isa_unchecked, embeddings, labels
             ),
         }
+        if args.breakdown:
+            steps["ProxyISALoss (eval: no state update)"] = forward_backward(
+                variants[2], embeddings, labels
+            )
         runs = [
             interleaved_times(steps, device, args.repeats, f"C={num_classes}", args.clock)
             for _ in range(args.runs)
@@ -119,7 +135,7 @@ def main(argv=None) -> None:
                     "range": f"{min(ratios):.2f}-{max(ratios):.2f}",
                 }
             )
-        del pa, isa, isa_unchecked, steps
+        del pa, isa, isa_unchecked, variants, steps
     print(format_table(rows, ["C", "loss", "ms", "vs ProxyAnchor", "range"]))
 
 

@@ -189,6 +189,8 @@ class ProxyISALoss(BaseProxyLoss):
         # None: host-side sizes on CPU, fixed-shape (sync-free) updates elsewhere; True/False
         # force one of the two (tests run both)
         self.sync_free_memory_updates: bool | None = None
+        # reusable work tensors of the state update (not state; see _scratch)
+        self._workspace: dict[str, torch.Tensor] = {}
 
         self.proxies = torch.nn.Parameter(torch.empty(C, D))
         self.weight_init_func(self.proxies)
@@ -295,6 +297,11 @@ class ProxyISALoss(BaseProxyLoss):
         rows = get("memory_embeddings").to(self.memory_embeddings.dtype)
         if bool((rows[~filled] != 0).any()):
             fail("empty memory slots (label -1) must hold zero rows")
+        # the memory holds L2-normalised embeddings (what keeps the float64 accumulation of the
+        # per-class sums exact, see _dense_sum_changes); 1.01 leaves room for rounding
+        largest = float(torch.linalg.vector_norm(rows.double(), dim=1).max()) if T else 0.0
+        if largest > 1.01:
+            fail(f"memory_embeddings must hold L2-normalised rows, got a row of norm {largest:.4g}")
         sums = torch.zeros(C, D, dtype=torch.long)
         for start in range(0, T, 4096):  # chunks: no (T, D) int64 temporary
             chunk = slice(start, start + 4096)
@@ -374,13 +381,12 @@ class ProxyISALoss(BaseProxyLoss):
         cw = self.class_weights(dtype, needed)
         outlier_threshold = cw["outlier"]
 
-        # per-class sample counts of the batch (index_add: no host sync)
-        counts = torch.zeros(C, dtype=dtype, device=x.device).index_add_(
-            0, labels, torch.ones(B, dtype=dtype, device=x.device)
-        )
+        # per-class sample counts of the batch (exact integers; no host sync)
+        counts = pos_mask.sum(0, dtype=dtype)
 
         # positive weights: one per sample (its positive pair)
-        pos_sims = detached.gather(1, labels.unsqueeze(1)).squeeze(1)
+        label_column = labels.unsqueeze(1)
+        pos_sims = detached.gather(1, label_column).squeeze(1)
         pos_outlier_threshold = outlier_threshold[labels]
         outliers = pos_sims < pos_outlier_threshold if self._filter_on else None
         pos_weights = None
@@ -391,9 +397,7 @@ class ProxyISALoss(BaseProxyLoss):
         neg_weights = None
         if self.negative_weighting != "none":
             neg_weights = torch.where(
-                detached < outlier_threshold,
-                cw["inverse_effective_number"],
-                torch.ones((), dtype=dtype, device=x.device),
+                detached < outlier_threshold, cw["inverse_effective_number"], 1.0
             )
 
         pos_term, neg_term = proxy_math.proxy_anchor_terms(
@@ -417,7 +421,7 @@ class ProxyISALoss(BaseProxyLoss):
             neg_divisor = (neg_counts > 0).sum()
             neg_weight_sum = None
         else:
-            at_pos = neg_weights.gather(1, labels.unsqueeze(1)).squeeze(1)
+            at_pos = neg_weights.gather(1, label_column).squeeze(1)
             neg_weight_sum = neg_weights.sum(0) - torch.zeros_like(counts).index_add_(
                 0, labels, at_pos
             )
@@ -449,15 +453,15 @@ class ProxyISALoss(BaseProxyLoss):
         """Apply the step's state update (called once the whole forward succeeded).
 
         Everything that can fail is done first, out of place: the new counters, the new memory
-        rows and the new per-class memory counts (which also checks every class index used
-        below). Only then are the buffers written, so a commit that raises changes nothing."""
+        rows, the new per-class memory counts (which also checks every class index used below)
+        and the change of the per-class sums. Only then are the buffers written, so a commit that
+        raises changes nothing."""
         keep = None if outliers is None else ~outliers
         kept = torch.ones_like(labels) if keep is None else keep.long()
         sample_counts = self.sample_counts.index_add(0, labels, kept)
         beta = (self.volume_bound - 1.0) / self.volume_bound
-        # E = (1 - beta^n) / (1 - beta), in float64
-        power = torch.pow(beta, sample_counts.double())
-        effective_numbers = power.neg_().add_(1.0).div_(1.0 - beta)
+        # E = (1 - beta^n) / (1 - beta) = (beta^n - 1) / (beta - 1), in float64
+        effective_numbers = torch.float_power(beta, sample_counts).sub_(1.0).div_(beta - 1.0)
         push = self._stage_push(entries, labels, keep) if self._memory_on else None
         # ---- writes only from here on
         self.sample_counts.copy_(sample_counts)
@@ -466,11 +470,50 @@ class ProxyISALoss(BaseProxyLoss):
             self._write_push(push)
             self._update_learned_similarities(labels, proxies)
 
-    def _quantise(self, rows: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-        """``sign * rows`` in int64 fixed point: scaling by a power of two is exact and the
-        conversion truncates toward zero, so a memory row always gives the same integers (and
-        ``sign = -1`` exactly their negatives, without an int64 pass)."""
-        return (rows * (sign * 2.0**self.fixed_point_bits)).long()
+    def _quantise(self, rows: torch.Tensor, sign: float = 1.0, dtype=torch.long) -> torch.Tensor:
+        """``sign * rows`` in fixed point, ``trunc(sign * rows * 2^bits)``: scaling by a power of
+        two is exact and the truncation is toward zero, so a memory row always gives the same
+        integers (and ``sign = -1`` exactly their negatives). ``dtype``: int64 (the sums' format)
+        or float64 (the same integers, exact there as well: their magnitude is below 2^53; the
+        result is then a work tensor, valid until the next call)."""
+        if dtype == torch.long:
+            return (rows * (sign * 2.0**self.fixed_point_bits)).long()
+        # one pass: rows / (sign * 2^-bits) is exact as well, truncated toward zero
+        step = sign * 2.0**-self.fixed_point_bits
+        out = self._scratch("quantised", rows.shape, dtype, rows.device)
+        if rows.dtype == dtype:
+            return torch.div(rows, step, rounding_mode="trunc", out=out)
+        scaled = self._scratch("scaled", rows.shape, rows.dtype, rows.device)
+        return out.copy_(torch.div(rows, step, rounding_mode="trunc", out=scaled))
+
+    def _scratch(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A work tensor of the state update, reused from step to step (contents undefined): on
+        CPU, allocating its large temporaries anew every step costs page faults that took as long
+        as the arithmetic. Not state: never saved, rebuilt on another device or dtype."""
+        view = self._workspace.get(name)
+        if view is not None and (view.shape, view.dtype, view.device) == (shape, dtype, device):
+            return view  # the steady state: no new tensor, not even a view
+        storage = self._workspace.get(name + ".storage")
+        numel = math.prod(shape)
+        if storage is None or storage.dtype != dtype or storage.device != device:
+            storage = None
+        if storage is None or storage.numel() < numel:
+            storage = torch.empty(numel, dtype=dtype, device=device)
+            self._workspace[name + ".storage"] = storage
+        view = self._workspace[name] = storage[:numel].view(shape)
+        return view
+
+    def _dense_sum_changes(self, rewritten: int) -> bool:
+        """Whether a step that rewrites ``rewritten`` memory slots accumulates the change of the
+        per-class sums in a dense ``(C, D)`` float64 buffer (few classes: cheaper) rather than
+        row by row into the int64 sums (many classes).
+
+        Both give the same integers: a step's change of a class coordinate is a sum of at most
+        ``2 * rewritten`` fixed-point values, each an integer of magnitude at most
+        ``2^(bits + 1)`` (memory rows are L2-normalised, so ``|x_d| <= 1`` up to rounding; the load
+        check rejects rows of norm above 1.01); with ``rewritten <= 2^(51 - bits)`` every partial
+        sum is an integer of magnitude at most 2^53, exact in float64 in any order."""
+        return self.num_classes <= 2 * rewritten and rewritten <= 2 ** (51 - self.fixed_point_bits)
 
     def _stage_push(self, entries, labels, keep) -> dict | None:
         """The memory update that pushes the kept rows (in batch order) into the ring buffer, as
@@ -481,58 +524,62 @@ class ProxyISALoss(BaseProxyLoss):
         (free there) and the rows go to at most two contiguous slices (:meth:`_stage_host_sizes`);
         on other devices a host read is a sync, so fixed-shape index operations choose the slots
         on the device (:meth:`_stage_fixed_shape`). ``sync_free_memory_updates`` forces one
-        (tests run both against the same reference). Either way :meth:`_stage_slots` computes
-        what the chosen slots lose and gain."""
+        (tests run both against the same reference). Either way the rows leaving and entering
+        the slots give the change of the per-class sums (:meth:`_stage_sums`)."""
         sync_free = self.sync_free_memory_updates
         if sync_free is None:
             sync_free = entries.device.type != "cpu"
+        push: dict | None
         if sync_free:
-            return self._stage_fixed_shape(entries, labels, keep)
-        return self._stage_host_sizes(entries, labels, keep)
-
-    def _stage_slots(self, slots, rows, labels, class_counts) -> dict:
-        """What overwriting ``slots`` (a slice or an index tensor) with ``rows`` / ``labels``
-        changes: the fixed-point rows leaving and entering the per-class sums, and
-        ``class_counts`` updated out of place (label -1 marks a slot that stays empty; its
-        row is zero)."""
-        if isinstance(slots, slice):
-            old_rows, old_labels = self.memory_embeddings[slots], self.memory_labels[slots]
+            push = self._stage_fixed_shape(entries, labels, keep)
         else:
-            old_rows = self.memory_embeddings.index_select(0, slots)
-            old_labels = self.memory_labels.index_select(0, slots)
-        rows = rows.to(old_rows.dtype)
-        old_index, new_index = old_labels.clamp(min=0), labels.clamp(min=0)
-        class_counts = class_counts.index_put(
-            (old_index,), -(old_labels >= 0).long(), accumulate=True
-        ).index_put_((new_index,), (labels >= 0).long(), accumulate=True)
-        return {
-            "slots": slots,
-            "rows": rows,
-            "labels": labels,
-            "removed": (old_index, self._quantise(old_rows, -1.0)),
-            "added": (new_index, self._quantise(rows)),
-            "class_counts": class_counts,
-        }
+            push = self._stage_host_sizes(entries, labels, keep)
+        if push is not None:
+            push["sums"] = self._stage_sums(push.pop("removed"), push.pop("added"))
+        return push
+
+    def _stage_sums(self, removed: list, added: list) -> dict:
+        """The change of ``memory_class_sums`` when the ``removed`` rows leave and the ``added``
+        rows enter the memory (lists of ``(class index, rows)``; an empty slot counts as a zero
+        row of class 0): summed per class into a dense int64 ``(C, D)`` change (``"dense"``,
+        exact through float64, see :meth:`_dense_sum_changes`), or as fixed-point int64 rows
+        with their classes (``"rows"``), added to the sums when written."""
+        changes = [(index, rows, -1.0) for index, rows in removed]
+        changes += [(index, rows, 1.0) for index, rows in added]
+        if not self._dense_sum_changes(sum(index.shape[0] for index, _ in added)):
+            return {"rows": [(index, self._quantise(rows, sign)) for index, rows, sign in changes]}
+        sums = self.memory_class_sums
+        dense = self._scratch("dense", sums.shape, torch.float64, sums.device).zero_()
+        for index, rows, sign in changes:
+            dense.index_add_(0, index, self._quantise(rows, sign, torch.float64))
+        return {"dense": self._scratch("change", sums.shape, sums.dtype, sums.device).copy_(dense)}
 
     def _write_push(self, push: dict) -> None:
         """Write a staged memory update (nothing here can fail on an index: all were used in
-        :meth:`_stage_slots`)."""
+        staging)."""
         sums = self.memory_class_sums
-        for piece in push["pieces"]:
-            sums.index_put_((piece["removed"][0],), piece["removed"][1], accumulate=True)
-            sums.index_put_((piece["added"][0],), piece["added"][1], accumulate=True)
-            slots = piece["slots"]
+        if "dense" in push["sums"]:
+            sums.add_(push["sums"]["dense"])
+        else:
+            for index, rows in push["sums"]["rows"]:
+                sums.index_put_((index,), rows, accumulate=True)
+        for slots, rows, labels in push["writes"]:
             if isinstance(slots, slice):
-                self.memory_embeddings[slots].copy_(piece["rows"])
-                self.memory_labels[slots].copy_(piece["labels"])
+                self.memory_embeddings[slots].copy_(rows)
+                self.memory_labels[slots].copy_(labels)
             else:
-                self.memory_embeddings.index_copy_(0, slots, piece["rows"])
-                self.memory_labels.index_copy_(0, slots, piece["labels"])
+                self.memory_embeddings.index_copy_(0, slots, rows)
+                self.memory_labels.index_copy_(0, slots, labels)
         self.memory_class_counts.copy_(push["class_counts"])
-        self.memory_write_position.copy_(push["write_position"])
-        self.memory_count.copy_(push["count"])
+        for buffer, value in ((self.memory_write_position, push["write_position"]),
+                              (self.memory_count, push["count"])):  # fmt: skip
+            # a host value (host-sizes path) or a device tensor (fixed-shape path)
+            buffer.fill_(value) if isinstance(value, int) else buffer.copy_(value)
 
     def _stage_host_sizes(self, entries, labels, keep) -> dict | None:
+        """:meth:`_stage_push` with the sizes read on the host: the kept rows go to at most two
+        contiguous slices; since a consistent memory holds its entries in slots
+        ``[0, memory_count)``, only the slots below the count lose a row."""
         T = self.memory_size
         if keep is not None:
             kept = keep.nonzero().squeeze(1)
@@ -541,32 +588,43 @@ class ProxyISALoss(BaseProxyLoss):
         pushed = entries.shape[0]
         if pushed == 0:
             return None
-        position = int(self.memory_write_position)
+        position, count = int(self.memory_write_position), int(self.memory_count)
         start = position
         if pushed > T:  # only the last T rows survive, from slot position + pushed - T on
             entries, labels = entries[pushed - T :], labels[pushed - T :]
             start = (position + pushed - T) % T
         n = entries.shape[0]
+        rows = entries.to(self.memory_embeddings.dtype)
         first = min(n, T - start)
-        pieces = [self._stage_slots(slice(start, start + first), entries[:first], labels[:first],
-                                    self.memory_class_counts)]  # fmt: skip
-        if first < n:
-            rest = slice(0, n - first)
-            pieces.append(
-                self._stage_slots(rest, entries[first:], labels[first:], pieces[0]["class_counts"])
-            )
+        slices = [slice(start, start + first)] + ([slice(0, n - first)] if first < n else [])
+        writes, removed, offset = [], [], 0
+        for slots in slices:
+            length = slots.stop - slots.start
+            part = slice(offset, offset + length)
+            writes.append((slots, rows[part], labels[part]))
+            filled = slice(slots.start, min(slots.stop, count))
+            if filled.start < filled.stop:
+                removed.append((self.memory_labels[filled], self.memory_embeddings[filled]))
+            offset += length
+        ones = torch.ones_like(labels)
+        class_counts = self.memory_class_counts.index_add(0, labels, ones)
+        for index, _ in removed:
+            class_counts.index_add_(0, index, ones[: index.shape[0]], alpha=-1)
         return {
-            "pieces": pieces,
-            "class_counts": pieces[-1]["class_counts"],
-            "write_position": torch.full_like(self.memory_write_position, (position + pushed) % T),
-            "count": torch.full_like(self.memory_count, min(int(self.memory_count) + pushed, T)),
+            "writes": writes,
+            "removed": removed,
+            "added": [(labels, rows)],
+            "class_counts": class_counts,
+            "write_position": (position + pushed) % T,
+            "count": min(count + pushed, T),
         }
 
     def _stage_fixed_shape(self, entries, labels, keep) -> dict:
         """The slots of :meth:`_stage_push` chosen with fixed-shape device operations (no host
         sync): ``L = min(B, T)`` slots from the write position on are rewritten, each with the
         last kept row that a sequential FIFO would leave there, or with its own old content when
-        fewer than ``L`` rows were kept (unchanged slots cancel exactly in the per-class sums)."""
+        fewer than ``L`` rows were kept (unchanged slots cancel exactly in the per-class sums;
+        label -1 marks a slot that stays empty, its row is zero)."""
         T, B = self.memory_size, entries.shape[0]
         L = min(B, T)
         device = entries.device
@@ -589,10 +647,15 @@ class ProxyISALoss(BaseProxyLoss):
         new_rows = entries.index_select(0, src).to(old_rows.dtype)
         rows = torch.where(valid.unsqueeze(1), new_rows, old_rows)
         new_labels = torch.where(valid, labels.index_select(0, src), old_labels)
-        piece = self._stage_slots(slots, rows, new_labels, self.memory_class_counts)
+        old_index, new_index = old_labels.clamp(min=0), new_labels.clamp(min=0)
+        class_counts = self.memory_class_counts.index_put(
+            (old_index,), -(old_labels >= 0).long(), accumulate=True
+        ).index_put_((new_index,), (new_labels >= 0).long(), accumulate=True)
         return {
-            "pieces": [piece],
-            "class_counts": piece["class_counts"],
+            "writes": [(slots, rows, new_labels)],
+            "removed": [(old_index, old_rows)],
+            "added": [(new_index, rows)],
+            "class_counts": class_counts,
             "write_position": (self.memory_write_position + n_keep) % T,
             "count": (self.memory_count + n_keep).clamp(max=T),
         }
@@ -600,22 +663,22 @@ class ProxyISALoss(BaseProxyLoss):
     def _update_learned_similarities(self, labels, proxies) -> None:
         """``s_c = h * mean_{memory entries of c} cos(entry, p_c)`` for the batch's classes."""
         scale = self.hardness_scale * 2.0**-self.fixed_point_bits
+        current = self.learned_similarities
         if self.num_classes <= labels.shape[0]:
             # fewer classes than samples: compute every class, update those of the batch
-            counts = self.memory_class_counts
-            dots = (self.memory_class_sums.to(proxies.dtype) * proxies).sum(1)
-            present = torch.zeros_like(counts, dtype=torch.bool).index_fill_(0, labels, True)
-            current = self.learned_similarities
-            estimate = (dots * scale / counts.clamp(min=1)).to(current.dtype)
-            current.copy_(torch.where(present & (counts > 0), estimate, current))
+            counts, sums = self.memory_class_counts, self.memory_class_sums
+            converted = self._scratch("converted", sums.shape, proxies.dtype, sums.device)
+            dots = converted.copy_(sums).mul_(proxies).sum(1)
+            estimate = dots.mul_(scale).div_(counts.clamp(min=1)).to(current.dtype)
+            update = torch.zeros_like(counts, dtype=torch.bool).index_fill_(0, labels, True)
+            torch.where(update.logical_and_(counts > 0), estimate, current, out=current)
             return
         counts = self.memory_class_counts.index_select(0, labels)
         sums = self.memory_class_sums.index_select(0, labels).to(proxies.dtype)
         dots = (sums * proxies.index_select(0, labels)).sum(1)
-        current = self.learned_similarities.index_select(0, labels)
-        estimate = (dots * scale / counts.clamp(min=1)).to(current.dtype)
-        updated = torch.where(counts > 0, estimate, current)
-        self.learned_similarities.index_put_((labels,), updated)
+        estimate = dots.mul_(scale).div_(counts.clamp(min=1)).to(current.dtype)
+        updated = torch.where(counts > 0, estimate, current.index_select(0, labels))
+        current.index_put_((labels,), updated)
 
     # ----------------------------------------------------------------- helpers
     def _rank_order(self, batch_size: int, device: torch.device):
