@@ -24,6 +24,7 @@ class LineProgress:
         stream: TextIO | None = None,
         period: float = LINE_PERIOD_S,
         final_line: bool = True,
+        total: int | None = None,
     ) -> None:
         self.iterable = iterable
         self.desc = desc
@@ -31,10 +32,12 @@ class LineProgress:
         self.period = period
         self.final_line = final_line
         self.postfix = ""
-        try:
-            self.total: int | None = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            self.total = None
+        self.total: int | None = total
+        if total is None:
+            try:
+                self.total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                pass
 
     def set_postfix(self, refresh: bool = False, **values: Any) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -92,14 +95,15 @@ def progress_bar(
     position: int = 0,
     leave: bool = True,
     stream: TextIO | None = None,
+    total: int | None = None,
 ):
     """A tqdm bar when ``stream`` (default stderr) is a terminal, :class:`LineProgress` lines
     otherwise (a per-epoch bar, ``leave=False``, writes only its periodic lines), nothing when
-    ``enabled`` is false."""
+    ``enabled`` is false. ``total``: the number of items of an iterable without ``len``."""
     if not enabled:
         return _Silent(iterable)
     if is_terminal(stream):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, leave=leave, position=position, file=stream)
-    return LineProgress(iterable, desc, stream=stream, final_line=leave)
+        return tqdm(iterable, desc=desc, leave=leave, position=position, file=stream, total=total)
+    return LineProgress(iterable, desc, stream=stream, final_line=leave, total=total)
