@@ -86,6 +86,23 @@ def test_line_progress_counts_a_generator_with_a_total():
         bar.set_postfix_str("mpa seed 0 done")
     text = stream.getvalue()
     assert "\x1b" not in text and text.splitlines()[-1].startswith("benchmark: 3/3, ")
+    # waiting for a slow item (a parallel run): refresh() writes a line when one is due
+    stream = io.StringIO()
+
+    def items():
+        yield 1
+        bar.refresh()
+        yield 2
+
+    bar = LineProgress(items(), "benchmark", stream=stream, period=0.0, total=2)
+    bar.refresh()  # before the iteration: nothing
+    assert stream.getvalue() == ""
+    assert list(bar) == [1, 2]
+    assert stream.getvalue().splitlines().count("benchmark: 1/2, 0 s") == 2
+    slow = LineProgress(items(), "benchmark", stream=io.StringIO(), period=60.0)
+    bar = slow
+    list(slow)
+    assert slow.stream.getvalue().splitlines() == ["benchmark: 2, 0 s"]  # only the final line
 
 
 # ------------------------------------------------------------------ evaluation image cache

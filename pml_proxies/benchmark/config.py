@@ -141,7 +141,7 @@ class BenchmarkConfig:
     m_per_class: int = _opt(4, "images per class in a batch (MPerClassSampler m)",
                             "data and sampling", type=int)  # fmt: skip
     # schedule
-    epochs: int = _opt(10, "epochs", "schedule", type=int, default_text="10; --quick 2")
+    epochs: int = _opt(8, "epochs", "schedule", type=int, default_text="8; --quick 2")
     iterations_per_epoch: int = _opt(
         40, "iterations (batches) per epoch", "schedule", type=int, default_text="40; --quick 4"
     )

@@ -52,10 +52,13 @@ def train_parallel(
     config: BenchmarkConfig,
     runs: Sequence[tuple[str, int, Path]],
     jobs: int,
+    on_wait: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, dict | RunFailure]]:
     """Train ``runs`` (``(loss, seed, run folder)``) with ``jobs`` spawned workers; yields
-    ``(index in runs, result dict or RunFailure)`` as each run finishes. Closing the generator
-    (or an exception in the consumer, e.g. ``KeyboardInterrupt``) stops every worker."""
+    ``(index in runs, result dict or RunFailure)`` as each run finishes; ``on_wait()`` is called
+    about twice a second while none finishes (a progress display's refresh). Closing the
+    generator (or an exception in the consumer, e.g. ``KeyboardInterrupt``) stops every
+    worker."""
     import pml_proxies
 
     ctx = multiprocessing.get_context("spawn")
@@ -78,6 +81,8 @@ def train_parallel(
             try:
                 message = results.get(timeout=0.5)
             except queue.Empty:
+                if on_wait is not None:
+                    on_wait()
                 if any(w.is_alive() for w in workers):
                     yield from _dead_workers(workers, running, pending, runs)
                     continue

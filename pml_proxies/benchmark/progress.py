@@ -15,7 +15,7 @@ LINE_PERIOD_S = 5.0
 class LineProgress:
     """Iterate ``iterable``, writing ``desc: i/n, elapsed, postfix`` to ``stream`` at most once
     every ``period`` seconds (and once at the end). Offers tqdm's ``set_postfix`` /
-    ``set_postfix_str``."""
+    ``set_postfix_str`` / ``refresh`` (a line while waiting for a slow item, if one is due)."""
 
     def __init__(
         self,
@@ -32,6 +32,9 @@ class LineProgress:
         self.period = period
         self.final_line = final_line
         self.postfix = ""
+        self._start: float | None = None
+        self._last = 0.0
+        self._done = 0
         self.total: int | None = total
         if total is None:
             try:
@@ -52,18 +55,22 @@ class LineProgress:
         stream.write(f"{self.desc}: {done}{total}, {time.time() - start:.0f} s{tail}\n")
         stream.flush()
 
+    def refresh(self) -> None:
+        """Write a line if ``period`` seconds passed since the last one (while waiting for the
+        next item)."""
+        if self._start is not None and time.time() - self._last >= self.period:
+            self._write(self._done, self._start)
+            self._last = time.time()
+
     def __iter__(self) -> Iterator:
-        start = last = time.time()
-        done = 0
+        self._start = self._last = time.time()
+        self._done = 0
         for item in self.iterable:
             yield item
-            done += 1
-            now = time.time()
-            if now - last >= self.period:
-                self._write(done, start)
-                last = now
+            self._done += 1
+            self.refresh()
         if self.final_line:
-            self._write(done, start)
+            self._write(self._done, self._start)
 
 
 class _Silent:
@@ -76,6 +83,9 @@ class _Silent:
         pass
 
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        pass
+
+    def refresh(self) -> None:
         pass
 
     def __iter__(self) -> Iterator:

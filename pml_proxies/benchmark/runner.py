@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,7 +245,9 @@ def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_onl
             todo.append(i)
     info.jobs = config.jobs_for(len(todo)) if todo else 1
     failures = []
-    outcomes = _train([specs[i] for i in todo], data, output, config, info.jobs)
+    outcomes = _train(
+        [specs[i] for i in todo], data, output, config, info.jobs, on_wait=lambda: bar.refresh()
+    )
     bar = progress_bar(outcomes, desc="benchmark", enabled=config.progress, total=len(todo))
     with contextlib.closing(outcomes):  # an interruption stops the workers
         for k, outcome in bar:
@@ -256,9 +258,8 @@ def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_onl
             else:
                 info.trained += 1
                 results[todo[k]] = outcome
-            bar.set_postfix_str(
-                f"{spec.loss} seed {spec.seed} {'failed' if isinstance(outcome, RunFailure) else 'done'}"
-            )
+            status = "failed" if isinstance(outcome, RunFailure) else "done"
+            bar.set_postfix_str(f"{spec.loss} seed {spec.seed} {status}")
     info.total_s = time.time() - info.start
     if not results:
         if failures:
@@ -291,14 +292,19 @@ def _finished(spec: RunSpec, output: Path, info: RunInfo, report_only: bool) -> 
 
 
 def _train(
-    specs: list[RunSpec], data: BenchmarkData, output: Path, config: BenchmarkConfig, jobs: int
+    specs: list[RunSpec],
+    data: BenchmarkData,
+    output: Path,
+    config: BenchmarkConfig,
+    jobs: int,
+    on_wait: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, dict | RunFailure]]:
     """Train ``specs``; yields ``(index in specs, result or RunFailure)`` as runs finish:
     in this process with ``jobs == 1``, else in ``jobs`` worker processes
     (:func:`~pml_proxies.benchmark.parallel.train_parallel`, the same results)."""
     if jobs > 1:
         runs = [(s.loss, s.seed, run_dir(output, s.loss, s.seed)) for s in specs]
-        yield from train_parallel(config, runs, jobs)
+        yield from train_parallel(config, runs, jobs, on_wait)
         return
     for i, spec in enumerate(specs):
         try:
