@@ -35,6 +35,7 @@ class LineProgress:
         self._start: float | None = None
         self._last = 0.0
         self._done = 0
+        self._written = -1  # the count of the last line written
         self.total: int | None = total
         if total is None:
             try:
@@ -61,15 +62,17 @@ class LineProgress:
         if self._start is not None and time.time() - self._last >= self.period:
             self._write(self._done, self._start)
             self._last = time.time()
+            self._written = self._done
 
     def __iter__(self) -> Iterator:
         self._start = self._last = time.time()
         self._done = 0
+        self._written = -1
         for item in self.iterable:
             yield item
             self._done += 1
             self.refresh()
-        if self.final_line:
+        if self.final_line and self._written != self._done:  # not twice the same count
             self._write(self._done, self._start)
 
 
