@@ -121,7 +121,7 @@ def train_parallel(
                 loss, seed, _ = runs[index]
                 yield index, RunFailure(loss, seed, *payload)
     finally:
-        _stop(workers)
+        _stop(workers, graceful=not pending)
         for q in (tasks, results):
             q.cancel_join_thread()
             q.close()
@@ -158,7 +158,13 @@ def _dead_workers(workers, running: dict[int, int], pending: set, runs) -> Itera
             yield index, RunFailure(loss, seed, f"its worker process died (exit code {w.exitcode})")
 
 
-def _stop(workers) -> None:
+def _stop(workers, graceful: bool) -> None:
+    """Stop ``workers``: with ``graceful`` (every run finished) let them exit on their own first;
+    terminate the others, then kill what is still alive after :data:`STOP_TIMEOUT_S`."""
+    deadline = time.time() + STOP_TIMEOUT_S
+    if graceful:
+        for w in workers:
+            w.join(max(0.0, deadline - time.time()))
     for w in workers:
         if w.is_alive():
             w.terminate()
