@@ -21,6 +21,7 @@ def tiny_config(output: Path | str, losses, **kw) -> BenchmarkConfig:
         progress=False,
         map_samples=50,
         log_freq=1,
+        jobs=1,  # in this process (parallel runs: tests/test_benchmark_jobs.py)
     )
     base.update(kw)
     return BenchmarkConfig(**base)

@@ -236,6 +236,7 @@ def _quick_config(tmp_path, losses, **kw):
         progress=False,
         map_samples=200,
         log_freq=2,
+        jobs=1,  # in this process (parallel runs: tests/test_benchmark_jobs.py)
     )
     base.update(kw)
     return BenchmarkConfig(**base)

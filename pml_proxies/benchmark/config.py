@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -21,6 +22,7 @@ NON_PROTOCOL_FIELDS = (
     "seeds",
     "workers",
     "threads",
+    "jobs",
     "device",
     "output",
     "progress",
@@ -59,6 +61,14 @@ def _opt(default: Any, help: str, group: str = "general", **cli: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _device_default() -> str:
@@ -131,7 +141,7 @@ class BenchmarkConfig:
     m_per_class: int = _opt(4, "images per class in a batch (MPerClassSampler m)",
                             "data and sampling", type=int)  # fmt: skip
     # schedule
-    epochs: int = _opt(10, "epochs", "schedule", type=int, default_text="10; --quick 2")
+    epochs: int = _opt(8, "epochs", "schedule", type=int, default_text="8; --quick 2")
     iterations_per_epoch: int = _opt(
         40, "iterations (batches) per epoch", "schedule", type=int, default_text="40; --quick 4"
     )
@@ -189,6 +199,11 @@ class BenchmarkConfig:
         None, "torch CPU threads", "evaluation and execution", type=int,
         default_text="1 for small_cnn on CPU, else torch's",
     )  # fmt: skip
+    jobs: int | None = _opt(
+        None, "parallel runs: worker processes that each train one (loss, seed) run at a time "
+        "(results do not depend on it)", "evaluation and execution", type=int,
+        default_text="small_cnn on CPU: CPU cores // threads, at most the runs to train; else 1",
+    )  # fmt: skip
     log_freq: int = _opt(10, "record-keeper logging period in iterations",
                          "evaluation and execution", type=int)  # fmt: skip
     progress: bool = _opt(True, "progress bars", "evaluation and execution", cli=False)
@@ -233,6 +248,19 @@ class BenchmarkConfig:
         if self.trunk == "small_cnn" and str(self.device).startswith("cpu"):
             return 1
         return None
+
+    def jobs_for(self, runs: int) -> int:
+        """Worker processes for ``runs`` runs to train: ``jobs`` if given (at most ``runs``);
+        by default, for the small CNN on CPU, as many as the CPU cores hold at
+        :attr:`threads_or_default` threads each (at least 1, at most ``runs``); 1 otherwise
+        (a pretrained trunk uses every core in one run, and parallel runs on one GPU only
+        compete for it)."""
+        if self.jobs is not None:
+            return max(1, min(self.jobs, runs))
+        if self.trunk != "small_cnn" or not str(self.device).startswith("cpu"):
+            return 1
+        threads = self.threads_or_default or 1
+        return max(1, min(available_cores() // threads, runs))
 
     @property
     def channels(self) -> int:
@@ -469,6 +497,7 @@ _CHECKS = (
     ("device", _device_check),
     ("workers", _positive_int(0)),
     ("threads", _optional(_positive_int(1))),
+    ("jobs", _optional(_positive_int(1))),
     ("log_freq", _positive_int(1)),
     ("progress", check_bool),
     ("map_method", lambda n, v: check_choice(n, v, MAP_METHODS)),

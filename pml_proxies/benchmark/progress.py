@@ -15,7 +15,7 @@ LINE_PERIOD_S = 5.0
 class LineProgress:
     """Iterate ``iterable``, writing ``desc: i/n, elapsed, postfix`` to ``stream`` at most once
     every ``period`` seconds (and once at the end). Offers tqdm's ``set_postfix`` /
-    ``set_postfix_str``."""
+    ``set_postfix_str`` / ``refresh`` (a line while waiting for a slow item, if one is due)."""
 
     def __init__(
         self,
@@ -24,6 +24,7 @@ class LineProgress:
         stream: TextIO | None = None,
         period: float = LINE_PERIOD_S,
         final_line: bool = True,
+        total: int | None = None,
     ) -> None:
         self.iterable = iterable
         self.desc = desc
@@ -31,10 +32,16 @@ class LineProgress:
         self.period = period
         self.final_line = final_line
         self.postfix = ""
-        try:
-            self.total: int | None = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            self.total = None
+        self._start: float | None = None
+        self._last = 0.0
+        self._done = 0
+        self._written = -1  # the count of the last line written
+        self.total: int | None = total
+        if total is None:
+            try:
+                self.total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                pass
 
     def set_postfix(self, refresh: bool = False, **values: Any) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -49,18 +56,24 @@ class LineProgress:
         stream.write(f"{self.desc}: {done}{total}, {time.time() - start:.0f} s{tail}\n")
         stream.flush()
 
+    def refresh(self) -> None:
+        """Write a line if ``period`` seconds passed since the last one (while waiting for the
+        next item)."""
+        if self._start is not None and time.time() - self._last >= self.period:
+            self._write(self._done, self._start)
+            self._last = time.time()
+            self._written = self._done
+
     def __iter__(self) -> Iterator:
-        start = last = time.time()
-        done = 0
+        self._start = self._last = time.time()
+        self._done = 0
+        self._written = -1
         for item in self.iterable:
             yield item
-            done += 1
-            now = time.time()
-            if now - last >= self.period:
-                self._write(done, start)
-                last = now
-        if self.final_line:
-            self._write(done, start)
+            self._done += 1
+            self.refresh()
+        if self.final_line and self._written != self._done:  # not twice the same count
+            self._write(self._done, self._start)
 
 
 class _Silent:
@@ -73,6 +86,9 @@ class _Silent:
         pass
 
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        pass
+
+    def refresh(self) -> None:
         pass
 
     def __iter__(self) -> Iterator:
@@ -92,14 +108,15 @@ def progress_bar(
     position: int = 0,
     leave: bool = True,
     stream: TextIO | None = None,
+    total: int | None = None,
 ):
     """A tqdm bar when ``stream`` (default stderr) is a terminal, :class:`LineProgress` lines
     otherwise (a per-epoch bar, ``leave=False``, writes only its periodic lines), nothing when
-    ``enabled`` is false."""
+    ``enabled`` is false. ``total``: the number of items of an iterable without ``len``."""
     if not enabled:
         return _Silent(iterable)
     if is_terminal(stream):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, leave=leave, position=position, file=stream)
-    return LineProgress(iterable, desc, stream=stream, final_line=leave)
+        return tqdm(iterable, desc=desc, leave=leave, position=position, file=stream, total=total)
+    return LineProgress(iterable, desc, stream=stream, final_line=leave, total=total)

@@ -341,7 +341,8 @@ def report_markdown(
     env_lines = [
         f"* versions: {', '.join(f'{k} {v}' for k, v in env.items())}",
         f"* git commit: {commit or 'not run from a git checkout'}",
-        f"* device: {device_description(config.device)}; torch CPU threads: {info.threads}",
+        f"* device: {device_description(config.device)}; torch CPU threads: "
+        f"{info.threads} per run; runs trained at once (--jobs): {info.jobs}",
         f"* started {start}; this invocation took {info.total_s:.0f} s ({info.trained} run(s) "
         f"trained, {info.reused} finished run(s) reused); training time of all reported runs: "
         f"{train_s:.0f} s",

@@ -13,10 +13,13 @@ Integrity rules of an output folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from . import report
 from .config import NON_PROTOCOL_FIELDS, BenchmarkConfig, ConfigError
 from .data import BenchmarkData, load_config_data
 from .losses import build_loss
+from .parallel import RunFailure, train_parallel
 from .progress import is_terminal, progress_bar
 from .spec import RunSpec, build_run_spec
 from .train import inspect_run, run_dir, train_and_evaluate
@@ -45,11 +49,13 @@ class FolderBusy(RuntimeError):
 
 @dataclass
 class RunInfo:
-    """Facts of one invocation for the report: start time, total time, threads."""
+    """Facts of one invocation for the report: start time, total time, threads (per run),
+    jobs (runs trained at once)."""
 
     start: float = field(default_factory=time.time)
     total_s: float = 0.0
     threads: int = 1
+    jobs: int = 1
     trained: int = 0
     reused: int = 0
     redone: list[str] = field(default_factory=list)
@@ -62,8 +68,9 @@ def _note(message: str) -> None:
 def run_benchmark(config: BenchmarkConfig, report_only: bool = False) -> dict:
     """Train and evaluate every loss x seed of ``config``, then write the report.
 
-    Finished runs (``runs/<loss>/seed_<s>/result.json`` with a matching protocol fingerprint) are
-    reused: an interrupted benchmark resumes where it stopped. ``report_only`` trains nothing and
+    The runs to train are trained ``config.jobs_for(n)`` at a time (worker processes,
+    :mod:`~pml_proxies.benchmark.parallel`; the results do not depend on it). Finished runs
+    (``runs/<loss>/seed_<s>/result.json`` with a matching protocol fingerprint) are reused: an interrupted benchmark resumes where it stopped. ``report_only`` trains nothing and
     rebuilds the report and plots from the finished runs (missing ones are left out).
 
     Returns:
@@ -74,6 +81,8 @@ def run_benchmark(config: BenchmarkConfig, report_only: bool = False) -> dict:
         ConfigError: no loss, or a loss argument its constructor rejects.
         ProtocolMismatch: the output folder holds runs of another protocol.
         FolderBusy: another benchmark is running on the output folder.
+        RunsFailed: some runs raised (each is noted with its loss and seed when it fails); the
+            other runs were trained and the report written first.
     """
     specs = resolve_specs(config)
     output = Path(config.output)
@@ -206,6 +215,18 @@ def _record_protocol(config: BenchmarkConfig, output: Path) -> None:
 
 
 # ------------------------------------------------------------------ the runs
+class RunsFailed(RuntimeError):
+    """Some runs raised; the others finished and are in the report. ``failures``: one
+    :class:`~pml_proxies.benchmark.parallel.RunFailure` per failed run."""
+
+    def __init__(self, failures: list[RunFailure]) -> None:
+        super().__init__(
+            f"{len(failures)} run(s) failed (the report holds the others; the same command "
+            "trains the failed ones again): " + "; ".join(str(f) for f in failures)
+        )
+        self.failures = failures
+
+
 def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_only: bool) -> dict:
     info = RunInfo(threads=torch.get_num_threads())
     # the data sets' own tqdm bars only on a terminal
@@ -214,36 +235,88 @@ def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_onl
     with open(output / CONFIG_FILE, "w") as f:
         json.dump(report.config_record(config), f, indent=2, default=str)
 
-    results = []
-    bar = progress_bar(specs, desc="benchmark", enabled=config.progress)
-    for spec in bar:
-        bar.set_postfix_str(f"{spec.loss} seed {spec.seed}")
-        result = _finished_or_train(spec, data, output, info, report_only)
+    results: dict[int, dict] = {}
+    todo = []
+    for i, spec in enumerate(specs):
+        result = _finished(spec, output, info, report_only)
         if result is not None:
-            results.append(result)
+            results[i] = result
+        elif not report_only:
+            todo.append(i)
+    info.jobs = config.jobs_for(len(todo)) if todo else 1
+    failures = []
+    outcomes = _train(
+        [specs[i] for i in todo], data, output, config, info.jobs, on_wait=lambda: bar.refresh()
+    )
+    bar = progress_bar(outcomes, desc="benchmark", enabled=config.progress, total=len(todo))
+    with contextlib.closing(outcomes):  # an interruption stops the workers
+        for k, outcome in bar:
+            spec = specs[todo[k]]
+            if isinstance(outcome, RunFailure):
+                _note(f"{outcome} (the other runs go on)")
+                failures.append(outcome)
+            else:
+                info.trained += 1
+                results[todo[k]] = outcome
+            status = "failed" if isinstance(outcome, RunFailure) else "done"
+            bar.set_postfix_str(f"{spec.loss} seed {spec.seed} {status}")
     info.total_s = time.time() - info.start
     if not results:
+        if failures:
+            raise RunsFailed(failures)
         raise ValueError(f"{output} holds no finished run of these losses and seeds to report")
-    done = {(r["loss"], r["seed"]) for r in results}
-    specs = [s for s in specs if (s.loss, s.seed) in done]
-    files, runs, summary = report.write_report(config, data, specs, results, output, info)
+    order = sorted(results)
+    files, runs, summary = report.write_report(
+        config, data, [specs[i] for i in order], [results[i] for i in order], output, info
+    )
+    if failures:
+        raise RunsFailed(failures)
     return {"runs": runs, "summary": summary, "files": files, "skipped": info.reused}
 
 
-def _finished_or_train(
-    spec: RunSpec, data: BenchmarkData, output: Path, info: RunInfo, report_only: bool
-) -> dict | None:
+def _finished(spec: RunSpec, output: Path, info: RunInfo, report_only: bool) -> dict | None:
+    """The finished run of ``spec``, or ``None`` (a damaged or unfinished one is noted: left out
+    with ``report_only``, else trained again)."""
     directory = run_dir(output, spec.loss, spec.seed)
     result, problem = inspect_run(directory)
     if result is not None:  # its fingerprint was checked by check_folder
         info.reused += 1
         return result
-    if report_only:
-        if problem is not None:
-            _note(f"{problem}: left out of the report")
-        return None
     if problem is not None:
-        _note(f"{problem}: the run is trained again")
-        info.redone.append(str(directory.relative_to(output)))
-    info.trained += 1
-    return train_and_evaluate(spec, data, directory, position=1)
+        if report_only:
+            _note(f"{problem}: left out of the report")
+        else:
+            _note(f"{problem}: the run is trained again")
+            info.redone.append(str(directory.relative_to(output)))
+    return None
+
+
+def _train(
+    specs: list[RunSpec],
+    data: BenchmarkData,
+    output: Path,
+    config: BenchmarkConfig,
+    jobs: int,
+    on_wait: Callable[[], None] | None = None,
+) -> Iterator[tuple[int, dict | RunFailure]]:
+    """Train ``specs``; yields ``(index in specs, result or RunFailure)`` as runs finish:
+    in this process with ``jobs == 1``, else in ``jobs`` worker processes
+    (:func:`~pml_proxies.benchmark.parallel.train_parallel`, the same results)."""
+    if jobs > 1:
+        runs = [(s.loss, s.seed, run_dir(output, s.loss, s.seed)) for s in specs]
+        yield from train_parallel(config, runs, jobs, on_wait)
+        return
+    for i, spec in enumerate(specs):
+        try:
+            result = train_and_evaluate(
+                spec, data, run_dir(output, spec.loss, spec.seed), position=1
+            )
+        except Exception as e:  # noqa: BLE001 - reported with its run; the others go on
+            yield (
+                i,
+                RunFailure(
+                    spec.loss, spec.seed, f"{type(e).__name__}: {e}", traceback.format_exc()
+                ),
+            )
+        else:
+            yield i, result

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,20 +52,74 @@ def make_accuracy_calculator(spec: RunSpec):
     )
 
 
+#: bytes of evaluation images kept in memory per data set (and process); a larger data set is
+#: read through its DataLoader at every pass
+EVAL_CACHE_BYTES = 256 * 2**20
+_EVAL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _EvalImages:
+    """The evaluation-transformed items of one data set, each computed once per process (the
+    evaluation transform is deterministic: every pass sees the same tensors, batched as the
+    DataLoader batches them); ``usable`` is false when the set would exceed
+    :data:`EVAL_CACHE_BYTES`."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.items: dict[int, tuple[torch.Tensor, int]] = {}
+        image, label = dataset[0]
+        self.usable = (
+            isinstance(image, torch.Tensor)
+            and image.element_size() * image.nelement() * len(dataset) <= EVAL_CACHE_BYTES
+        )
+        if self.usable:
+            self.items[0] = (image, label)
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of ``indices``: what the DataLoader's default collate gives."""
+        for i in indices:
+            if i not in self.items:
+                self.items[i] = self.dataset[i]
+        images, labels = zip(*(self.items[i] for i in indices))
+        return torch.stack(images, 0), torch.tensor(labels)
+
+
+def _eval_images(dataset, config: BenchmarkConfig) -> _EvalImages | None:
+    if config.workers > 0 or len(dataset) == 0:  # workers decode in parallel: no cache
+        return None
+    try:
+        cache = _EVAL_CACHE.get(dataset)
+    except TypeError:  # not weak-referenceable
+        return None
+    if cache is None:
+        cache = _EVAL_CACHE[dataset] = _EvalImages(dataset)
+    return cache if cache.usable else None
+
+
+def _eval_batches(dataset, config: BenchmarkConfig, indices: Sequence[int] | None):
+    """The evaluation batches of ``dataset`` (rows ``indices``, default all) in order: from the
+    per-process cache of evaluation images when it holds the set, else from a DataLoader."""
+    cache = _eval_images(dataset, config)
+    if cache is None:
+        subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+        yield from DataLoader(
+            subset, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.workers
+        )
+        return
+    rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    for start in range(0, len(rows), config.eval_batch_size):
+        yield cache.batch(rows[start : start + config.eval_batch_size])
+
+
 @torch.no_grad()
 def compute_embeddings(
-    model, dataset, config: BenchmarkConfig
+    model, dataset, config: BenchmarkConfig, indices: Sequence[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised embeddings and labels of ``dataset`` (eval mode, no augmentation)."""
+    """L2-normalised embeddings and labels of ``dataset`` (rows ``indices``, default all; eval
+    mode, no augmentation)."""
     model.eval()
-    loader = DataLoader(
-        dataset,
-        batch_size=config.eval_batch_size,
-        shuffle=False,
-        num_workers=config.workers,
-    )
     embs, labels = [], []
-    for x, y in loader:
+    for x, y in _eval_batches(dataset, config, indices):
         e = model(x.to(config.device, non_blocking=True)).float()
         embs.append(torch.nn.functional.normalize(e, dim=1).cpu())
         labels.append(torch.as_tensor(y))
@@ -503,9 +558,7 @@ def _save_map_data(model, data, emb, labels, loss, config, out: Path, num_classe
     train_eval = data.train_eval
     if train_eval is not None and len(train_eval) > 0:
         rows = _subsample(len(train_eval), config.map_samples)
-        train_emb, train_labels = compute_embeddings(
-            model, torch.utils.data.Subset(train_eval, rows.tolist()), config
-        )
+        train_emb, train_labels = compute_embeddings(model, train_eval, config, rows.tolist())
         arrays["train_embeddings"] = train_emb.numpy().astype(np.float32)
         arrays["train_labels"] = train_labels.numpy().astype(np.int64)
     proxies = get_proxies(loss, num_classes)

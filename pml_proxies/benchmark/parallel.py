@@ -1,0 +1,226 @@
+"""Parallel benchmark runs (``--jobs N``): N worker processes each train one (loss, seed) run at a
+time.
+
+* Workers are *spawned* (a fresh interpreter: no forked torch state, the same on every OS). Each
+  loads the data itself, sets torch's CPU threads as a sequential run does
+  (:attr:`~pml_proxies.benchmark.config.BenchmarkConfig.threads_or_default`) and trains a run
+  with the same :func:`~pml_proxies.benchmark.train.train_and_evaluate` and the same spec as the
+  sequential loop, so a run's result does not depend on ``jobs``. A worker checks that it
+  imported the parent's ``pml_proxies`` (the parent's ``sys.path`` is passed on by spawn).
+* A run that raises is reported with its loss and seed; the other runs go on
+  (:class:`RunFailure`). A worker that dies (killed, out of memory) fails its run the same way.
+* Ctrl-C (or any error) in the parent stops every worker (terminate, then kill) before the
+  exception goes on: no orphan process trains on. Workers ignore SIGINT themselves (the parent
+  decides) and exit when their parent is gone. A run stopped midway has no ``result.json``
+  (written atomically at the very end), so the next invocation trains it again.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import BenchmarkConfig
+
+#: seconds the parent waits for a terminated worker before killing it
+STOP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class RunFailure:
+    """A run that raised (or whose worker died): ``error`` is one line, ``details`` the
+    traceback where there is one."""
+
+    loss: str
+    seed: int
+    error: str
+    details: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.loss} seed {self.seed}: {self.error}"
+
+
+def train_parallel(
+    config: BenchmarkConfig,
+    runs: Sequence[tuple[str, int, Path]],
+    jobs: int,
+    on_wait: Callable[[], None] | None = None,
+) -> Iterator[tuple[int, dict | RunFailure]]:
+    """Train ``runs`` (``(loss, seed, run folder)``) with ``jobs`` spawned workers; yields
+    ``(index in runs, result dict or RunFailure)`` as each run finishes; ``on_wait()`` is called
+    about twice a second while none finishes (a progress display's refresh). Closing the
+    generator (or an exception in the consumer, e.g. ``KeyboardInterrupt``) stops every
+    worker."""
+    import pml_proxies
+
+    ctx = multiprocessing.get_context("spawn")
+    tasks = ctx.Queue()
+    results = ctx.Queue()
+    for index, (loss, seed, directory) in enumerate(runs):
+        tasks.put((index, loss, seed, str(directory)))
+    jobs = max(1, min(jobs, len(runs)))
+    for _ in range(jobs):
+        tasks.put(None)
+    worker_config = replace(config, progress=False)
+    workers = _start(
+        ctx, jobs, _worker, (worker_config, tasks, results, os.getpid(), pml_proxies.__file__)
+    )
+    pending = set(range(len(runs)))
+    running: dict[int, int] = {}  # worker pid -> run index
+    ready = False  # a worker has started
+    try:
+        while pending:
+            try:
+                message = results.get(timeout=0.5)
+            except queue.Empty:
+                if on_wait is not None:
+                    on_wait()
+                if any(w.is_alive() for w in workers):
+                    yield from _dead_workers(workers, running, pending, runs)
+                    continue
+                try:  # every worker has exited: what they sent before is readable now
+                    message = results.get(timeout=1.0)
+                except queue.Empty:
+                    if not ready:
+                        codes = ", ".join(str(w.exitcode) for w in workers)
+                        raise RuntimeError(
+                            f"the worker processes exited before training (exit codes {codes}); "
+                            "a script that runs the benchmark with jobs > 1 must guard its code "
+                            "with `if __name__ == '__main__':` (spawned workers import the main "
+                            "module), or use jobs=1"
+                        ) from None
+                    yield from _dead_workers(workers, running, pending, runs)
+                    for index in sorted(pending):
+                        loss, seed, _ = runs[index]
+                        yield index, RunFailure(loss, seed, "not trained: every worker stopped")
+                    return
+            kind, pid, index, payload = message
+            if kind == "fatal":  # a worker could not start (data, wrong package): stop all
+                raise RuntimeError(payload)
+            if kind == "ready":
+                ready = True
+                continue
+            if kind == "started":
+                running[pid] = index
+                continue
+            running.pop(pid, None)
+            if index not in pending:  # already failed: its worker was seen dead first
+                continue
+            pending.discard(index)
+            if kind == "done":
+                yield index, payload
+            else:
+                loss, seed, _ = runs[index]
+                yield index, RunFailure(loss, seed, *payload)
+    finally:
+        _stop(workers, graceful=not pending)
+        for q in (tasks, results):
+            q.cancel_join_thread()
+            q.close()
+
+
+def _start(ctx, n: int, target: Callable, args: tuple) -> list:
+    """Start ``n`` processes with SIGINT ignored from their first instruction (a spawned
+    interpreter keeps an ignored SIGINT ignored), so that Ctrl-C reaches only the parent."""
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: the workers ignore SIGINT once started
+        pass
+    try:
+        workers = [ctx.Process(target=target, args=args, daemon=True) for _ in range(n)]
+        for w in workers:
+            w.start()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return workers
+
+
+def _dead_workers(workers, running: dict[int, int], pending: set, runs) -> Iterator:
+    """Fail the run of each worker that died while training it (a worker exits normally, code
+    0, only after its last run's result was sent)."""
+    for w in workers:
+        if w.exitcode in (None, 0) or w.pid not in running:
+            continue
+        index = running.pop(w.pid)
+        if index in pending:
+            pending.discard(index)
+            loss, seed, _ = runs[index]
+            yield index, RunFailure(loss, seed, f"its worker process died (exit code {w.exitcode})")
+
+
+def _stop(workers, graceful: bool) -> None:
+    """Stop ``workers``: with ``graceful`` (every run finished) let them exit on their own first;
+    terminate the others, then kill what is still alive after :data:`STOP_TIMEOUT_S`."""
+    deadline = time.time() + STOP_TIMEOUT_S
+    if graceful:
+        for w in workers:
+            w.join(max(0.0, deadline - time.time()))
+    for w in workers:
+        if w.is_alive():
+            w.terminate()
+    deadline = time.time() + STOP_TIMEOUT_S
+    for w in workers:
+        w.join(max(0.0, deadline - time.time()))
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this worker when its parent is gone (e.g. killed with SIGKILL)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _worker(config, tasks, results, parent_pid: int, parent_package: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    pid = os.getpid()
+    try:
+        import pml_proxies
+
+        if os.path.realpath(pml_proxies.__file__) != os.path.realpath(parent_package):
+            raise RuntimeError(
+                f"a worker process imported pml_proxies from {pml_proxies.__file__}, the parent "
+                f"from {parent_package}; run with the same sys.path (PYTHONPATH) or --jobs 1"
+            )
+        import torch
+
+        from .data import load_config_data
+
+        if config.threads_or_default is not None:
+            torch.set_num_threads(config.threads_or_default)
+        data = load_config_data(config, progress=False)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops
+        results.put(("fatal", pid, None, f"a worker could not start: {type(e).__name__}: {e}"))
+        return
+    from .spec import build_run_spec
+    from .train import train_and_evaluate
+
+    results.put(("ready", pid, None, None))
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        index, loss, seed, directory = task
+        results.put(("started", pid, index, None))
+        try:
+            result = train_and_evaluate(build_run_spec(config, loss, seed), data, Path(directory))
+        except Exception as e:  # noqa: BLE001 - reported with its run; the others go on
+            results.put(
+                ("failed", pid, index, (f"{type(e).__name__}: {e}", traceback.format_exc()))
+            )
+        else:
+            results.put(("done", pid, index, result))
