@@ -42,9 +42,10 @@ def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
 def cosine_similarity(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
     """``(B, N)`` cosine similarities of ``embeddings (B, D)`` to ``proxies (N, D)``.
 
-    Same formula as PML's ``CosineSimilarity`` (L2-normalise both, then a matrix product).
+    Same formula as PML's ``CosineSimilarity`` (L2-normalise both, then a matrix product), with
+    the fused first-order backward of :func:`unit_cosine_similarity`.
     """
-    return F.normalize(embeddings, p=2, dim=1) @ F.normalize(proxies, p=2, dim=1).t()
+    return unit_cosine_similarity(embeddings, proxies)[2]
 
 
 class _UnitCosine(torch.autograd.Function):
