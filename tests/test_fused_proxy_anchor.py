@@ -204,3 +204,6 @@ def test_unit_cosine_gradcheck():
     # one input only
     assert torch.autograd.gradcheck(lambda a: fn(a, p.detach()), (x,))
     assert torch.autograd.gradcheck(lambda b: fn(x.detach(), b), (p,))
+    (grad,) = torch.autograd.grad(fn(x, p).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # first-order only
+        torch.autograd.grad(grad.sum(), x)

@@ -11,7 +11,7 @@ Everything here is vectorised, differentiable and free of host syncs. The losses
 * :func:`log1p_sum_exp` -- ``log(1 + sum_{masked} exp(z))`` computed stably (the Proxy-Anchor
   ``log(1 + sum exp)`` term), 0 where the mask is empty;
 * :func:`proxy_anchor_terms` -- the per-class positive and negative Proxy-Anchor terms, with
-  optional per-pair exponent scales (Proxy-ISA) and PML miner weights;
+  optional per-pair exponent scales (Proxy-ISA) and PML miner weights (a fused backward);
 * :func:`softmax_with_zero_logit` -- ``exp(z) / (1 + sum exp(z))``, the derivative of
   :func:`log1p_sum_exp` (the Proxy-Anchor weights ``h / (1 + sum h)``), stably.
 """
@@ -51,7 +51,7 @@ def cosine_similarity(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.
 class _UnitCosine(torch.autograd.Function):
     """Unit embeddings, unit proxies and their cosines ``S = x^ p^T``, with a fused backward.
 
-    The forward is :func:`cosine_similarity`'s (``F.normalize`` of both, then a matrix product;
+    The forward is PML's ``CosineSimilarity`` (``F.normalize`` of both, then a matrix product;
     the same values). With ``g = dL/dS`` and ``r = sum g * S`` (over classes for a sample, over
     samples for a proxy), ``dL/dx_b = (sum_c g_bc p^_c - r_b x^_b) / |x_b|`` and
     ``dL/dp_c = (sum_b g_bc x^_b - r_c p^_c) / |p_c|``: two matrix products and two in-place
