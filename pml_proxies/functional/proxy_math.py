@@ -229,52 +229,54 @@ class _ProxyAnchorTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sims, pos_mask, alpha, margin, pos_scale, neg_scale, miner_weights):
-        def scaled(scale, value):  # value * scale as a tensor (0-d without a scale)
-            return sims.new_full((), value) if scale is None else scale * value
-
+        # 0 / 1 masks as numbers: arithmetic on them is exact (x * 1 + y * 0 = x) and much
+        # cheaper than torch.where on a boolean mask on CPU
+        pos = pos_mask.to(sims.dtype)
+        neg = 1 - pos
+        pos_slope = alpha if pos_scale is None else pos_scale * alpha
+        neg_slope = alpha if neg_scale is None else neg_scale * alpha
         # dz/dS: -a+ on positives, a- on negatives
-        slope = torch.where(pos_mask, scaled(pos_scale, -alpha), scaled(neg_scale, alpha))
+        slope = torch.mul(neg, neg_slope).sub_(pos * pos_slope)
         if pos_scale is None and neg_scale is None:
             logits = torch.mul(slope, sims).add_(alpha * margin)
         else:
-            intercept = torch.where(
-                pos_mask, scaled(pos_scale, alpha * margin), scaled(neg_scale, alpha * margin)
-            )
-            logits = torch.addcmul(intercept, slope, sims)
+            intercept = torch.mul(neg, neg_slope * margin).add_(pos * (pos_slope * margin))
+            logits = intercept.addcmul_(slope, sims)
         if miner_weights is not None:
             logits.add_((miner_weights - 1).unsqueeze(1))
-        minus_inf = sims.new_full((), float("-inf"))
-        # per-(column, mask) maxima, with the zero logit (an empty mask gives 0)
-        pos_max = torch.where(pos_mask, logits, minus_inf).amax(dim=0).clamp_(min=0)
-        neg_max = torch.where(pos_mask, minus_inf, logits).amax(dim=0).clamp_(min=0)
-        zero = sims.new_zeros(())
-        exps = logits.sub_(torch.where(pos_mask, pos_max, neg_max)).exp_()
-        pos_sum = torch.where(pos_mask, exps, zero).sum(dim=0)
-        neg_sum = torch.where(pos_mask, zero, exps).sum(dim=0)
+        # per-(column, mask) maxima, with the zero logit (an empty mask gives 0): entries of the
+        # other mask are pushed to about -finfo.max, below any logit
+        lowest = -torch.finfo(sims.dtype).max
+        pos_max = torch.add(logits, neg, alpha=lowest).amax(dim=0).clamp_(min=0)
+        neg_max = torch.add(logits, pos, alpha=lowest).amax(dim=0).clamp_(min=0)
+        exps = logits.sub_(torch.mul(pos, pos_max).addcmul_(neg, neg_max)).exp_()
+        pos_sum = torch.mul(exps, pos).sum(dim=0)
+        neg_sum = torch.mul(exps, neg).sum(dim=0)
         pos_term = pos_max + torch.log1p(pos_sum + torch.expm1(-pos_max))
         neg_term = neg_max + torch.log1p(neg_sum + torch.expm1(-neg_max))
         # 1 / (1 + sum h) in the shifted scale: the weights are exps * this, per column
         pos_norm = pos_sum.add_(pos_max.neg_().exp_()).reciprocal_()
         neg_norm = neg_sum.add_(neg_max.neg_().exp_()).reciprocal_()
-        ctx.save_for_backward(sims, pos_mask, exps, slope, pos_norm, neg_norm, pos_scale, neg_scale)
+        ctx.save_for_backward(sims, pos, neg, exps, slope, pos_norm, neg_norm, pos_scale, neg_scale)
         ctx.alpha, ctx.margin = alpha, margin
         return pos_term, neg_term
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_pos, grad_neg):
-        sims, pos_mask, exps, slope, pos_norm, neg_norm, pos_scale, neg_scale = ctx.saved_tensors
+        sims, pos, neg, exps, slope, pos_norm, neg_norm, pos_scale, neg_scale = ctx.saved_tensors
         # dL/dz = weight * incoming gradient, per column and mask
-        grad_logits = torch.where(pos_mask, grad_pos * pos_norm, grad_neg * neg_norm).mul_(exps)
+        grad_logits = torch.mul(pos, grad_pos * pos_norm).addcmul_(neg, grad_neg * neg_norm)
+        grad_logits.mul_(exps)
         needs = ctx.needs_input_grad
         grad_sims = grad_pos_scale = grad_neg_scale = grad_miner = None
         if needs[4]:
             # dz/dw+ = alpha (margin - S) on positives
-            dz = torch.sub(ctx.margin, sims).mul_(ctx.alpha).mul_(pos_mask).mul_(grad_logits)
+            dz = torch.sub(ctx.margin, sims).mul_(ctx.alpha).mul_(pos).mul_(grad_logits)
             grad_pos_scale = dz.sum_to_size(pos_scale.shape)
         if needs[5]:
             # dz/dw- = alpha (S + margin) on negatives
-            dz = torch.add(sims, ctx.margin).mul_(ctx.alpha).mul_(~pos_mask).mul_(grad_logits)
+            dz = torch.add(sims, ctx.margin).mul_(ctx.alpha).mul_(neg).mul_(grad_logits)
             grad_neg_scale = dz.sum_to_size(neg_scale.shape)
         if needs[6]:
             grad_miner = grad_logits.sum(dim=1)
