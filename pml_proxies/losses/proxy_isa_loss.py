@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..functional import distributed, proxy_math
@@ -328,9 +327,8 @@ class ProxyISALoss(BaseProxyLoss):
 
     def _similarities(self, embeddings: torch.Tensor):
         """Unit embeddings, unit proxies (in the embeddings' dtype) and their cosines ``s_ic``."""
-        x = F.normalize(embeddings, p=2, dim=1)
-        p = F.normalize(self.parameter_in(self.proxies, embeddings.dtype), p=2, dim=1)
-        return x, p, x @ p.t()
+        proxies = self.parameter_in(self.proxies, embeddings.dtype)
+        return proxy_math.unit_cosine_similarity(embeddings, proxies)
 
     def class_weights(self, dtype: torch.dtype, names=None) -> dict:
         """Per-class quantities of the current state (``(C,)`` each, detached): ``nu``,
