@@ -33,6 +33,19 @@ def test_same_value_and_gradient_as_pml(dtype, divisor):
     assert outs[1][0].dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_divisor_with_constant_losses_keeps_the_graph(dtype):
+    # losses that do not depend on the embeddings: the zero must still reach them (as PML's
+    # zero_loss), so that backward works and gives zero gradients
+    emb = torch.randn(5, 4, dtype=dtype, requires_grad=True)
+    for reducer in (DivisorReducer(), SyncFreeDivisorReducer()):
+        losses = torch.ones(5, dtype=dtype)
+        out = reducer(_loss_dict(losses, torch.tensor(0)), emb, torch.zeros(5, dtype=torch.long))
+        assert out.requires_grad and float(out) == 0.0
+        (grad,) = torch.autograd.grad(out, emb)
+        assert torch.equal(grad, torch.zeros_like(emb))
+
+
 def test_every_loss_uses_it_by_default_with_pml_values():
     torch.manual_seed(0)
     emb = torch.randn(12, 8)

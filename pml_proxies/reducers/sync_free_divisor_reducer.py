@@ -11,8 +11,8 @@ class SyncFreeDivisorReducer(DivisorReducer):
 
     PML's reducer branches in Python on ``divisor != 0`` and on ``torch.isnan(output)`` (a float16
     retry); with a tensor divisor on CUDA each branch is a host sync per sub-loss. This one selects
-    with ``torch.where`` instead: the value is the same (``sum / divisor``, or a zero that keeps the
-    graph when the divisor is 0), and the float16 retry is not needed because every loss of this
+    with ``torch.where`` instead: the value is the same (``sum / divisor``, or a zero with a zero gradient
+    when the divisor is 0, connected to the graph as PML's), and the float16 retry is not needed because every loss of this
     package reduces float32 (or float64) terms. It is the default reducer of every loss here; pass
     PML's ``DivisorReducer()`` as ``reducer=`` to get PML's exact code path.
     """
@@ -25,4 +25,7 @@ class SyncFreeDivisorReducer(DivisorReducer):
             return total / divisor if divisor != 0 else self.zero_loss(embeddings)
         nonzero = divisor != 0
         safe = torch.where(nonzero, divisor, torch.ones_like(divisor)).to(total.dtype)
-        return torch.where(nonzero, total / safe, self.zero_loss(embeddings).to(total.dtype))
+        # the zero must keep the graph only when ``total`` does not (constant losses); otherwise a
+        # constant zero does, without PML's ``sum(embeddings * 0)`` pass over (B, D) and back
+        zero = total.new_zeros(()) if total.requires_grad else self.zero_loss(embeddings)
+        return torch.where(nonzero, total / safe, zero.to(total.dtype))
