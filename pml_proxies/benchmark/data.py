@@ -5,9 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 from torch.utils.data import Dataset
+
+
+class LabeledDataset(Protocol):
+    """What the splits need of a data set: ``ds[i] -> (image, label)`` and the per-sample
+    class ids ``ds.labels`` (e.g. any :class:`pml_proxies.datasets.base.BaseDataset`)."""
+
+    @property
+    def labels(self) -> ArrayLike: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 class RelabeledSubset(Dataset):
@@ -18,7 +30,9 @@ class RelabeledSubset(Dataset):
         original_labels: the base dataset's labels of these samples.
     """
 
-    def __init__(self, base: Dataset, indices: np.ndarray, label_map: dict[int, int]) -> None:
+    def __init__(
+        self, base: LabeledDataset, indices: np.ndarray, label_map: dict[int, int]
+    ) -> None:
         self.base = base
         self.indices = np.asarray(indices, dtype=np.int64)
         base_labels = np.asarray(base.labels, dtype=np.int64)

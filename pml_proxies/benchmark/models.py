@@ -13,6 +13,8 @@ Every pretrained trunk expects ImageNet-normalised RGB input (what
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,9 @@ class _ToRGB(nn.Module):
 class EfficientNetLite0Trunk(nn.Module):
     """EfficientNet-Lite0 feature extractor (1280 channels). The Lite models were trained on
     inputs scaled as ``(x*255 - 127) / 128``; ImageNet-normalised input is converted to that."""
+
+    mean: torch.Tensor  # buffers (registered in __init__)
+    std: torch.Tensor
 
     def __init__(self, image_size: int = 224, pretrained: bool = True) -> None:
         super().__init__()
@@ -140,6 +145,10 @@ class BNInceptionTrunk(nn.Module):
     """BN-Inception of ``pretrainedmodels`` (MLRC's trunk); converts ImageNet-normalised RGB to
     its BGR x255 mean-subtracted input."""
 
+    mean: torch.Tensor  # buffers (registered in __init__)
+    std: torch.Tensor
+    bgr_mean: torch.Tensor
+
     def __init__(self, pretrained: bool = True) -> None:
         super().__init__()
         try:
@@ -203,7 +212,10 @@ class EmbeddingNet(nn.Module):
     def __init__(self, trunk: nn.Module, pooling: str, embedding_size: int) -> None:
         super().__init__()
         self.trunk = nn.Sequential(trunk, GlobalPool(pooling))
-        self.embedder = nn.Linear(trunk.out_channels, embedding_size)
+        # a plain int attribute of every trunk; torch types unknown Module attributes as
+        # Tensor | Module (its __getattr__, which plain attributes never reach)
+        in_features = cast(int, trunk.out_channels)
+        self.embedder = nn.Linear(in_features, embedding_size)
         nn.init.kaiming_normal_(self.embedder.weight, mode="fan_out")
         nn.init.zeros_(self.embedder.bias)
 

@@ -347,7 +347,7 @@ def report_markdown(
         f"trained, {info.reused} finished run(s) reused); training time of all reported runs: "
         f"{train_s:.0f} s",
     ]
-    trained_by = sorted({r.get("command") for r in results if r.get("command")} - {command})
+    trained_by = sorted({r["command"] for r in results if r.get("command")} - {command})
     if trained_by:
         env_lines.append("* the runs were trained by: " + "; ".join(f"`{c}`" for c in trained_by))
     if info.redone:
@@ -434,7 +434,7 @@ def write_report(
     runs.to_csv(files["runs_csv"], index=False)
     summary.to_csv(files["summary_csv"], index=False)
     files["summary_md"].write_text(table_md + "\n")
-    first_seed = {}
+    first_seed: dict[str, int] = {}
     for r in sorted(results, key=lambda r: config.seeds.index(r["seed"])):
         first_seed.setdefault(r["loss"], r["seed"])
     _plot(plot_metric_bars, summary, files["metrics_png"])

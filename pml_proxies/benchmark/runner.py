@@ -19,9 +19,10 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from .parallel import RunFailure, train_parallel
 from .progress import is_terminal, progress_bar
 from .spec import RunSpec, build_run_spec
 from .train import inspect_run, run_dir, train_and_evaluate
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 PROTOCOL_FILE = "protocol.json"
 CONFIG_FILE = "config.json"
@@ -184,7 +188,7 @@ class folder_lock:  # noqa: N801 - used as a context manager
 
     def __init__(self, output: Path) -> None:
         self.output = Path(output)
-        self._lock = None
+        self._lock: BaseFileLock | None = None
 
     def __enter__(self) -> folder_lock:
         from filelock import FileLock, Timeout
@@ -298,7 +302,7 @@ def _train(
     config: BenchmarkConfig,
     jobs: int,
     on_wait: Callable[[], None] | None = None,
-) -> Iterator[tuple[int, dict | RunFailure]]:
+) -> Generator[tuple[int, dict | RunFailure], None, None]:
     """Train ``specs``; yields ``(index in specs, result or RunFailure)`` as runs finish:
     in this process with ``jobs == 1``, else in ``jobs`` worker processes
     (:func:`~pml_proxies.benchmark.parallel.train_parallel`, the same results)."""

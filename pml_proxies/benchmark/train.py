@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from .losses import build_loss, get_proxies
 from .models import EmbeddingNet, build_trunk, freeze_batchnorm
 from .progress import progress_bar
 from .spec import RunSpec, build_run_spec
+
+if TYPE_CHECKING:
+    from record_keeper import RecordKeeper
 
 RESULT_FILE = "result.json"
 
@@ -259,7 +263,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     loader: DataLoader
     calculator: object
-    record_keeper: object
+    record_keeper: RecordKeeper
     device: torch.device
     batch_size: int
     m_per_class: int
@@ -347,8 +351,9 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
 def fit_one_epoch(run: _Run, spec: RunSpec, epoch: int, position: int = 0) -> float:
     """Train one epoch (warm-up freezing, gradient clipping, logging); the mean batch loss."""
     config = spec.config
-    if hasattr(run.loss, "set_epoch"):
-        run.loss.set_epoch(epoch)
+    set_epoch = getattr(run.loss, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
     trunk_frozen = epoch <= spec.trunk.warmup_epochs
     _set_trunk_trainable(run.model, not trunk_frozen)
     if not trunk_frozen and spec.trunk.freeze_bn:
@@ -516,6 +521,7 @@ def _save_records(run: _Run, row: dict, epoch: int) -> None:
 def select(run: _Run, selection: _Selection, epochs: int) -> None:
     """Load the best validation epoch's weights (no validation split: keep the last epoch)."""
     if selection.model is not None:
+        assert selection.loss is not None  # offer() keeps both
         run.model.load_state_dict(selection.model)
         run.loss.load_state_dict(selection.loss)
     else:

@@ -6,6 +6,7 @@ table. The search part is a function of the stored trials only, so every worker 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -55,7 +56,7 @@ def search_summary(studies: dict, spaces: dict[str, list[SpaceEntry]], n_trials:
     """One dict per loss: status, counts, times, best value and parameters."""
     optuna = optuna_or_exit()
     S = optuna.trial.TrialState
-    rows = []
+    rows: list[dict[str, Any]] = []
     for loss, space in spaces.items():
         study = studies.get(loss)
         if not space:
@@ -182,6 +183,7 @@ def write_plots(studies: dict, folder: Path) -> dict[str, dict[str, str]]:
     import warnings
 
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as ovm
 
@@ -219,10 +221,12 @@ def write_plots(studies: dict, folder: Path) -> dict[str, dict[str, str]]:
 
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             path = folder / f"{loss}_{kind}.png"
-            ax.figure.set_size_inches(7, 4.5)
-            ax.figure.tight_layout()
-            ax.figure.savefig(path, dpi=90)
-            plt.close(ax.figure)
+            figure = ax.figure
+            assert isinstance(figure, Figure)  # Optuna draws on a figure of its own
+            figure.set_size_inches(7, 4.5)
+            figure.tight_layout()
+            figure.savefig(path, dpi=90)
+            plt.close(figure)
             files[kind] = f"{folder.name}/{path.name}"
         out[loss] = files
     return out

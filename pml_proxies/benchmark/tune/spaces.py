@@ -133,7 +133,7 @@ def _load_yaml(path: Path) -> tuple[dict, str]:
 # ------------------------------------------------------------------ parsing the ranges
 def _ranges(node: Any, prefix: str = "") -> list[tuple[str, str, list]]:
     """Every ``(dotted path, kind, [low, high])`` under ``node`` (a YAML mapping)."""
-    out = []
+    out: list[tuple[str, str, list]] = []
     if not isinstance(node, dict):
         return out
     for key, value in node.items():

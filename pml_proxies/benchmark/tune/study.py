@@ -104,7 +104,7 @@ def make_storage(
     )
     retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None)
     retry = retry or storages.RetryFailedTrialCallback
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         engine_kwargs=engine_kwargs,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
