@@ -16,17 +16,6 @@ import torch.nn.functional as F
 
 from pml_proxies.losses import ProxyISALoss
 
-BUFFERS = (
-    "sample_counts",
-    "effective_numbers",
-    "learned_similarities",
-    "memory_embeddings",
-    "memory_labels",
-    "memory_write_position",
-    "memory_count",
-    "memory_class_counts",
-    "memory_class_sums",
-)
 # small V and large h: the filter marks outliers, the weights move
 CONFIG = dict(volume_bound=4.0, hardness_scale=0.5, memory_start_epoch=1, filter_start_epoch=1)
 
@@ -166,8 +155,7 @@ def test_state_update_equals_per_row_reference_bit_for_bit(case, sync_free, dtyp
             results.append((value.detach(), X1.grad, model.proxies.grad.clone()))
         for got, expected in zip(*results):
             assert torch.equal(got, expected), f"loss or gradient differs at step {step}"
-        for name in BUFFERS:
-            got, expected = getattr(loss, name), getattr(reference, name)
+        for (name, got), (_, expected) in zip(loss.named_buffers(), reference.named_buffers()):
             assert torch.equal(got, expected), f"{name} differs at step {step}"
         kept = int(reference.sample_counts.sum()) - n_before
         outliers += B - kept
@@ -204,8 +192,8 @@ def test_largest_dense_step_is_exact(monkeypatch):
         for model in (loss, reference):
             model(X, y)
         assert choices == [dense]
-        for name in BUFFERS:
-            assert torch.equal(getattr(loss, name), getattr(reference, name)), name
+        for (name, got), (_, expected) in zip(loss.named_buffers(), reference.named_buffers()):
+            assert torch.equal(got, expected), name
         assert int(loss.memory_class_sums[0, 0]) == (T - rewritten) * 2**40 - rewritten // 2 * 2**40
 
 

@@ -7,26 +7,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from metric_helpers import CPU, OURS, PML_KNN_METRICS, TINY_MB
 from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 
 from pml_proxies.utils import accuracy_calculator as ac_module
 from pml_proxies.utils.accuracy_calculator import AccuracyCalculator
 from pml_proxies.utils.knn import DefaultKNN, TorchKNN
 
-CPU = torch.device("cpu")
-PML_KNN_METRICS = (
-    "precision_at_1",
-    "r_precision",
-    "mean_average_precision_at_r",
-    "mean_average_precision",
-    "mean_reciprocal_rank",
-)
-OURS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "ndcg_at_3", "ndcg_at_10")
 ALL = PML_KNN_METRICS + OURS
 # float64 means of per-query sums taken in another order (MAP, MAP@R, nDCG): rounding only
 SUM_ORDER_ATOL = 1e-12
 EXACT = ("precision_at_1", "r_precision", "mean_reciprocal_rank") + OURS[:4]
-TINY_MB = 0.01  # 10 KiB: a few queries per chunk
 
 
 class NeighbourListKNN(TorchKNN):

@@ -11,23 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from metric_helpers import CPU, OURS, PML_KNN_METRICS, TINY_MB
 from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import inference as pml_inference
 
 from pml_proxies.utils import accuracy_calculator as ac_module
 from pml_proxies.utils.accuracy_calculator import AccuracyCalculator
 from pml_proxies.utils.knn import TorchKNN, smallest_k
-
-CPU = torch.device("cpu")
-PML_KNN_METRICS = (
-    "precision_at_1",
-    "r_precision",
-    "mean_average_precision_at_r",
-    "mean_average_precision",
-    "mean_reciprocal_rank",
-)
-OURS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "ndcg_at_3", "ndcg_at_10")
-TINY_MB = 0.01  # 10 KiB: a few queries per chunk
 
 
 class CountingKNN:

@@ -572,7 +572,10 @@ class ProxyISALoss(BaseProxyLoss):
         for buffer, value in ((self.memory_write_position, push["write_position"]),
                               (self.memory_count, push["count"])):  # fmt: skip
             # a host value (host-sizes path) or a device tensor (fixed-shape path)
-            buffer.fill_(value) if isinstance(value, int) else buffer.copy_(value)
+            if isinstance(value, int):
+                buffer.fill_(value)
+            else:
+                buffer.copy_(value)
 
     def _stage_host_sizes(self, entries, labels, keep) -> dict | None:
         """:meth:`_stage_push` with the sizes read on the host: the kept rows go to at most two

@@ -13,7 +13,7 @@ from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ..functional.validation import check_real
-from .knn import DefaultKMeans, DefaultKNN, TorchKNN
+from .knn import DefaultKMeans, DefaultKNN, TorchKNN, ranking_scores
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
@@ -345,8 +345,8 @@ def _positive_positions(
     ``buffers``: a float ``(>= n, N)`` and an int32 ``(>= n, N)`` tensor to reuse (one pair for
     all chunks keeps the allocator from fragmenting memory over many chunks).
 
-    Scores are TorchKNN's ranking ``||r||^2 - 2 q.r``. ``positives`` ``(n, m)`` holds each
-    query's positive reference indices, padded with any one of them (``own``, the query's own
+    Scores are TorchKNN's ranking ``||r||^2 - 2 q.r`` (:func:`~.knn.ranking_scores`).
+    ``positives`` ``(n, m)`` holds each query's positive reference indices, padded with any one of them (``own``, the query's own
     reference index in self-retrieval, is among them and is no positive). The positives' sorted
     scores ``P`` split each row's other references: ``s = #{P < x}``, so a reference scoring
     ``x`` precedes the j-th positive iff ``x <= P_j`` iff ``s <= j``; a per-row histogram of
@@ -360,7 +360,7 @@ def _positive_positions(
             torch.empty(rows, reference_t.shape[1], dtype=torch.int32, device=query_chunk.device),
         )
     scores, before = buffers[0][:rows], buffers[1][:rows]
-    torch.addmm(ref_sq.unsqueeze(0), query_chunk, reference_t, alpha=-2.0, out=scores)
+    ranking_scores(query_chunk, reference_t, ref_sq, scores)
     inf = torch.tensor(torch.inf, dtype=scores.dtype, device=scores.device)
     slot = torch.arange(slots, device=scores.device)
     real = slot < num_positives[:, None]

@@ -33,6 +33,7 @@ __all__ = [
     "TorchKNN",
     "faiss_available",
     "faiss_gpu_available",
+    "ranking_scores",
     "smallest_k",
 ]
 
@@ -66,6 +67,16 @@ def _group_size(num_references: int, k: int) -> int:
         return 1
     group = int(math.sqrt(num_references / k))
     return group if group >= 4 else 1
+
+
+def ranking_scores(
+    queries: torch.Tensor, reference_t: torch.Tensor, ref_sq: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``out = ||r||^2 - 2 q.r``: each query's squared Euclidean distances to the references
+    minus its own ``||q||^2`` (a constant along a row, so the same ranking), from one ``addmm``
+    into ``out``. ``reference_t`` is ``references.t()``, ``ref_sq`` their squared norms. The
+    ranking of :class:`TorchKNN` and of the calculator's positive-rank path."""
+    return torch.addmm(ref_sq.unsqueeze(0), queries, reference_t, alpha=-2.0, out=out)
 
 
 def smallest_k(scores: torch.Tensor, k: int, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +177,7 @@ class TorchKNN:
         for start in range(0, len(query), batch):
             block = query[start : start + batch]
             out = scores[: len(block)]
-            torch.addmm(ref_sq.unsqueeze(0), block, reference_t, alpha=-2.0, out=out)
+            ranking_scores(block, reference_t, ref_sq, out)
             values, columns = smallest_k(out, num_k, group)
             q_sq = block.pow(2).sum(dim=1, keepdim=True)
             distances[start : start + len(block)] = values.add_(q_sq).clamp_(min=0)
