@@ -110,14 +110,46 @@ def make_storage(
         grace_period=grace_period,
         **{key: retry(max_retry=max_retry)},
     )
-    for attempt in range(5):
+    for attempt in range(SCHEMA_ATTEMPTS):
         try:
             return RDBStorage(url, **kwargs)
         except Exception as e:  # noqa: BLE001 - two processes creating a fresh schema at once
-            if attempt == 4 or "already exists" not in str(e):
+            if attempt == SCHEMA_ATTEMPTS - 1 or not _schema_race(e):
                 raise
             time.sleep(1 + attempt)
     raise AssertionError("unreachable")
+
+
+#: how often ``make_storage`` tries to open a storage whose schema another process is creating
+SCHEMA_ATTEMPTS = 5
+#: messages of the errors two processes get when they create one fresh Optuna schema at once
+#: (a table, Optuna's version row or Alembic's revision row written by the other one first)
+_SCHEMA_RACE_MESSAGES = ("already exists", "UNIQUE constraint failed", "duplicate key value")
+
+
+def _schema_race(error: BaseException) -> bool:
+    """Whether ``error`` is another process winning the race to create the schema (a retry
+    then finds the schema complete)."""
+    return any(m in str(error) for m in _SCHEMA_RACE_MESSAGES)
+
+
+#: how long a worker waits for the creator of a study to write its settings
+SETTINGS_WAIT_S = 30.0
+
+
+def _settings_of(study, keys: list[str], wait_s: float, poll_s: float = 0.2) -> dict:
+    """``study``'s user attributes once all of ``keys`` are written, or after ``wait_s`` s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        attrs = study.user_attrs
+        if all(key in attrs for key in keys) or time.monotonic() >= deadline:
+            return attrs
+        time.sleep(poll_s)
+
+
+def _write_attrs(study, attrs: dict) -> None:
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
 
 
 def study_name(prefix: str, loss: str) -> str:
@@ -149,13 +181,22 @@ class SearchSettings:
     command: str = ""
 
 
-def open_study(storage, prefix: str, loss: str, space: list[SpaceEntry], s: SearchSettings):
+def open_study(
+    storage,
+    prefix: str,
+    loss: str,
+    space: list[SpaceEntry],
+    s: SearchSettings,
+    wait_s: float = SETTINGS_WAIT_S,
+):
     """Create or load the study of ``loss``; refuse one created with another space, budget or
-    protocol (it would mix trials of two searches)."""
+    protocol (it would mix trials of two searches).
+
+    Workers started at once race to create the study: the one whose ``create_study`` succeeds
+    writes the settings, the others wait (at most ``wait_s`` seconds) until every setting is
+    written before comparing; settings still missing then (the creator died) are written."""
     optuna = optuna_or_exit()
     name = study_name(prefix, loss)
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                load_if_exists=True)  # fmt: skip
     expected = {
         "loss": loss,
         "space": space_attr(space),
@@ -163,13 +204,18 @@ def open_study(storage, prefix: str, loss: str, space: list[SpaceEntry], s: Sear
         "protocol": s.protocol,
         "prune": s.prune,
     }
-    attrs = study.user_attrs
-    if "space" not in attrs:
-        for key, value in {**expected, "command": s.command, "seed": s.seed}.items():
-            study.set_user_attr(key, value)
+    written = {**expected, "command": s.command, "seed": s.seed}
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage)
+    else:  # this process created it: only the creator writes the settings
+        _write_attrs(study, written)
         return study
+    attrs = _settings_of(study, list(expected), wait_s)
+    _write_attrs(study, {k: v for k, v in written.items() if k not in attrs})  # creator died
     for key, value in expected.items():
-        if attrs.get(key) != value:
+        if key in attrs and attrs[key] != value:
             raise ValueError(
                 f"study {name!r} in this storage was created with {key}={attrs.get(key)!r}, "
                 f"not {value!r}: use another --study-name (or --output) for a new search"
