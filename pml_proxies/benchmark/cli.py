@@ -212,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         _usage_error(parser, e)
     except ValueError as e:  # a loss argument the spec builder refused
         parser.error(f"argument --loss-param: {e}")
+    from .interrupt import catching_interrupts
+
     try:
-        out = run_benchmark(config, report_only=args.report_only)
+        with catching_interrupts():
+            out = run_benchmark(config, report_only=args.report_only)
     except (ProtocolMismatch, FolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ProtocolMismatch) else 3

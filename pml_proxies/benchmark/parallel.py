@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import BenchmarkConfig
+from .interrupt import check as check_interrupt
 
 #: seconds the parent waits for a terminated worker before killing it
 STOP_TIMEOUT_S = 5.0
@@ -78,6 +79,7 @@ def train_parallel(
     ready = False  # a worker has started
     try:
         while pending:
+            check_interrupt()
             try:
                 message = results.get(timeout=0.5)
             except queue.Empty:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from .config import BenchmarkConfig
 from .data import BenchmarkData
+from .interrupt import check as check_interrupt
 from .losses import build_loss, get_proxies
 from .models import EmbeddingNet, build_trunk, freeze_batchnorm
 from .progress import progress_bar
@@ -112,6 +113,7 @@ def _eval_batches(dataset, config: BenchmarkConfig, indices: Sequence[int] | Non
         return
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     for start in range(0, len(rows), config.eval_batch_size):
+        check_interrupt()
         yield cache.batch(rows[start : start + config.eval_batch_size])
 
 
@@ -368,6 +370,7 @@ def fit_one_epoch(run: _Run, spec: RunSpec, epoch: int, position: int = 0) -> fl
         leave=False,
     )
     for x, y in bar:
+        check_interrupt()  # a Ctrl-C swallowed by a finalizer stops here
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
         emb = run.model(x)

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    from .runner import TuneOptions, run_tune
+    from .runner import TuneOptions
     from .spaces import format_spaces, parse_space_overrides, resolve_spaces
 
     try:
@@ -193,31 +193,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     objective = _load_objective(args.objective) if args.objective else None
     start = time.time()
+    from ..interrupt import catching_interrupts
+
     try:
-        if not args.report_only:
-            if search_workers > 1:
-                from .runner import _storage
-
-                _storage(config, options)  # create the schema once, before the workers race
-                codes = _spawn_workers(argv, search_workers, Path(config.output) / "logs")
-                bad = [i for i, c in enumerate(codes) if c != 0]
-                if bad:
-                    print(f"workers {bad} exited with errors (see {config.output}/logs/)",
-                          file=sys.stderr)  # fmt: skip
-            else:
-                from .runner import search
-
-                search(config, spaces, options, objective)
-        if args.worker_only:
-            return 0
-        out = run_tune(config, spaces, options)
+        with catching_interrupts():
+            out = _search_and_report(args, argv, config, spaces, options, objective, search_workers)
     except KeyboardInterrupt:
         print(f"\ninterrupted: run the same command again to resume ({config.output})",
               file=sys.stderr)  # fmt: skip
         return 130
+    if out is None:  # --worker-only
+        return 0
     print(out["report_md"].read_text())
     print(f"report: {out['report_md']} ({time.time() - start:.0f} s)")
     return 0
+
+
+def _search_and_report(args, argv, config, spaces, options, objective, search_workers: int):
+    """This process's share of the search (or the local workers'), then the report (none with
+    ``--worker-only``)."""
+    if not args.report_only:
+        if search_workers > 1:
+            from .runner import _storage
+
+            _storage(config, options)  # create the schema once, before the workers race
+            codes = _spawn_workers(argv, search_workers, Path(config.output) / "logs")
+            bad = [i for i, c in enumerate(codes) if c != 0]
+            if bad:
+                print(f"workers {bad} exited with errors (see {config.output}/logs/)",
+                      file=sys.stderr)  # fmt: skip
+        else:
+            from .runner import search
+
+            search(config, spaces, options, objective)
+    if args.worker_only:
+        return None
+    from .runner import run_tune
+
+    return run_tune(config, spaces, options)
 
 
 __all__ = ["main", "build_parser", "LOSSES"]

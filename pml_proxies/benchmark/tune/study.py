@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..interrupt import check as check_interrupt
 from .spaces import SpaceEntry
 from .trial import Objective, TrialConfig
 
@@ -328,6 +329,7 @@ def run_worker(
                 raise
 
         while True:
+            check_interrupt()  # between trials: a Ctrl-C a finalizer swallowed
             optuna.storages.fail_stale_trials(study)
             c = counts(study)
             if c["done"] >= n:
