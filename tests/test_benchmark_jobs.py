@@ -169,8 +169,8 @@ def test_worker_trains_the_sequential_spec_and_reports_failures(tmp_path, in_pro
     tasks, results = queue.Queue(), queue.Queue()
     config = tiny_config(tmp_path, ["proxy_anchor"])
     (tmp_path / "blocked").write_text("a file where the run folder's parent should be")
-    tasks.put((0, "proxy_anchor", 0, str(tmp_path / "blocked" / "seed_0")))
-    tasks.put((1, "proxy_anchor", 0, str(tmp_path / "ok")))
+    tasks.put((0, config, "proxy_anchor", 0, str(tmp_path / "blocked" / "seed_0")))
+    tasks.put((1, config, "proxy_anchor", 0, str(tmp_path / "ok")))
     tasks.put(None)
     in_process_worker(config, tasks, results, os.getppid(), pml_proxies.__file__)
     messages = [results.get_nowait() for _ in range(results.qsize())]
@@ -180,6 +180,20 @@ def test_worker_trains_the_sequential_spec_and_reports_failures(tmp_path, in_pro
     spec = build_run_spec(config, "proxy_anchor", 0)
     assert messages[4][3]["config_fingerprint"] == spec.fingerprint
     assert inspect_run(tmp_path / "ok")[0] is not None
+
+
+def test_a_spec_is_rebuilt_identically_from_its_own_config(tmp_path):
+    """Workers receive a run's config (its overrides applied) and rebuild the spec from it: a
+    tuned run (loss overrides, proxy lr) trains with the parent's spec."""
+    config = tiny_config(tmp_path, ["mpa"], loss_params={"mpa": {"centers_per_class": 3}})
+    for spec in (
+        build_run_spec(config, "mpa", 1),
+        build_run_spec(config, "mpa", 2, loss_overrides={"alpha": 8.5}, proxy_lr_mult=0.25),
+        build_run_spec(
+            config, "multi_similarity", 0, loss_overrides={"miner_kwargs": {"epsilon": 0.3}}
+        ),
+    ):
+        assert build_run_spec(spec.config, spec.loss, spec.seed) == spec
 
 
 # ------------------------------------------------------------------ end to end (spawned workers)
@@ -285,3 +299,28 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@pytest.mark.slow
+def test_tuned_reruns_with_jobs_2_give_the_sequential_results_and_are_reused(tmp_path):
+    from pml_proxies.benchmark.tune.runner import _reproduce
+
+    best = [("proxy_anchor", {"alpha": 16.0, "margin": 0.2, "proxy_lr": 0.01}),
+            ("multi_similarity", {"alpha": 1.5, "beta": 8.0, "miner.epsilon": 0.4})]  # fmt: skip
+    got = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        config = tiny_config(out, ["proxy_anchor", "multi_similarity"], seeds=[0, 1], jobs=jobs)
+        results = _reproduce(config, best, out)
+        assert [(r["loss"], r["seed"]) for r in results] == [
+            ("proxy_anchor", 0), ("proxy_anchor", 1), ("multi_similarity", 0),
+            ("multi_similarity", 1),
+        ]  # fmt: skip
+        got[jobs] = _results(out)
+        stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_*/result.json")}
+        again = _reproduce(config, best, out)  # everything reused, nothing trained
+        assert [r["config_fingerprint"] for r in again] == [
+            r["config_fingerprint"] for r in results
+        ]
+        assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert got[1] == got[2] and len(got[1]) == 4

@@ -27,9 +27,13 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import BenchmarkConfig
 from .interrupt import check as check_interrupt
+
+if TYPE_CHECKING:
+    from .spec import RunSpec
 
 #: seconds the parent waits for a terminated worker before killing it
 STOP_TIMEOUT_S = 5.0
@@ -51,11 +55,11 @@ class RunFailure:
 
 def train_parallel(
     config: BenchmarkConfig,
-    runs: Sequence[tuple[str, int, Path]],
+    runs: Sequence[tuple[RunSpec, Path]],
     jobs: int,
     on_wait: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, dict | RunFailure]]:
-    """Train ``runs`` (``(loss, seed, run folder)``) with ``jobs`` spawned workers; yields
+    """Train ``runs`` (``(spec, run folder)``) with ``jobs`` spawned workers; yields
     ``(index in runs, result dict or RunFailure)`` as each run finishes; ``on_wait()`` is called
     about twice a second while none finishes (a progress display's refresh). Closing the
     generator (or an exception in the consumer, e.g. ``KeyboardInterrupt``) stops every
@@ -65,8 +69,9 @@ def train_parallel(
     ctx = multiprocessing.get_context("spawn")
     tasks = ctx.Queue()
     results = ctx.Queue()
-    for index, (loss, seed, directory) in enumerate(runs):
-        tasks.put((index, loss, seed, str(directory)))
+    for index, (spec, directory) in enumerate(runs):
+        # a spec is rebuilt in the worker from its own config (the run's overrides applied)
+        tasks.put((index, spec.config, spec.loss, spec.seed, str(directory)))
     jobs = max(1, min(jobs, len(runs)))
     for _ in range(jobs):
         tasks.put(None)
@@ -101,8 +106,11 @@ def train_parallel(
                         ) from None
                     yield from _dead_workers(workers, running, pending, runs)
                     for index in sorted(pending):
-                        loss, seed, _ = runs[index]
-                        yield index, RunFailure(loss, seed, "not trained: every worker stopped")
+                        spec = runs[index][0]
+                        yield (
+                            index,
+                            RunFailure(spec.loss, spec.seed, "not trained: every worker stopped"),
+                        )
                     return
             kind, pid, index, payload = message
             if kind == "fatal":  # a worker could not start (data, wrong package): stop all
@@ -120,8 +128,8 @@ def train_parallel(
             if kind == "done":
                 yield index, payload
             else:
-                loss, seed, _ = runs[index]
-                yield index, RunFailure(loss, seed, *payload)
+                spec = runs[index][0]
+                yield index, RunFailure(spec.loss, spec.seed, *payload)
     finally:
         _stop(workers, graceful=not pending)
         for q in (tasks, results):
@@ -156,8 +164,13 @@ def _dead_workers(workers, running: dict[int, int], pending: set, runs) -> Itera
         index = running.pop(w.pid)
         if index in pending:
             pending.discard(index)
-            loss, seed, _ = runs[index]
-            yield index, RunFailure(loss, seed, f"its worker process died (exit code {w.exitcode})")
+            spec = runs[index][0]
+            yield (
+                index,
+                RunFailure(
+                    spec.loss, spec.seed, f"its worker process died (exit code {w.exitcode})"
+                ),
+            )
 
 
 def _stop(workers, graceful: bool) -> None:
@@ -216,10 +229,11 @@ def _worker(config, tasks, results, parent_pid: int, parent_package: str) -> Non
         task = tasks.get()
         if task is None:
             return
-        index, loss, seed, directory = task
+        index, run_config, loss, seed, directory = task
         results.put(("started", pid, index, None))
         try:
-            result = train_and_evaluate(build_run_spec(config, loss, seed), data, Path(directory))
+            spec = build_run_spec(replace(run_config, progress=False), loss, seed)
+            result = train_and_evaluate(spec, data, Path(directory))
         except Exception as e:  # noqa: BLE001 - reported with its run; the others go on
             results.put(
                 ("failed", pid, index, (f"{type(e).__name__}: {e}", traceback.format_exc()))

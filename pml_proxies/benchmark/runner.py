@@ -249,7 +249,7 @@ def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_onl
             todo.append(i)
     info.jobs = config.jobs_for(len(todo)) if todo else 1
     failures = []
-    outcomes = _train(
+    outcomes = train_runs(
         [specs[i] for i in todo], data, output, config, info.jobs, on_wait=lambda: bar.refresh()
     )
     bar = progress_bar(outcomes, desc="benchmark", enabled=config.progress, total=len(todo))
@@ -295,21 +295,24 @@ def _finished(spec: RunSpec, output: Path, info: RunInfo, report_only: bool) -> 
     return None
 
 
-def _train(
+def train_runs(
     specs: list[RunSpec],
-    data: BenchmarkData,
+    data: BenchmarkData | None,
     output: Path,
     config: BenchmarkConfig,
     jobs: int,
     on_wait: Callable[[], None] | None = None,
 ) -> Generator[tuple[int, dict | RunFailure], None, None]:
     """Train ``specs``; yields ``(index in specs, result or RunFailure)`` as runs finish:
-    in this process with ``jobs == 1``, else in ``jobs`` worker processes
-    (:func:`~pml_proxies.benchmark.parallel.train_parallel`, the same results)."""
+    in this process with ``jobs == 1`` (on ``data``), else in ``jobs`` worker processes that
+    load the data themselves (:func:`~pml_proxies.benchmark.parallel.train_parallel`, the same
+    results). Closing the generator stops the workers."""
     if jobs > 1:
-        runs = [(s.loss, s.seed, run_dir(output, s.loss, s.seed)) for s in specs]
+        runs = [(s, run_dir(output, s.loss, s.seed)) for s in specs]
         yield from train_parallel(config, runs, jobs, on_wait)
         return
+    if data is None:
+        raise ValueError("train_runs needs the data to train in this process (jobs == 1)")
     for i, spec in enumerate(specs):
         try:
             result = train_and_evaluate(

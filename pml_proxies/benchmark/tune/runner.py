@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import BenchmarkConfig
+from ..parallel import RunFailure
 from . import report as tune_report
 from .spaces import SpaceEntry
 from .study import SearchSettings, default_storage, make_storage, run_worker
@@ -77,32 +79,55 @@ def search(
     )
 
 
-def _reproduce(config: BenchmarkConfig, loss: str, params: dict, output: Path) -> list[dict]:
-    """The untuned protocol with ``params``: every seed of ``config``, test classes evaluated
-    once at the epoch selected on validation; finished runs of the same spec are reused."""
+def _reproduce(config: BenchmarkConfig, best: list[tuple[str, dict]], output: Path) -> list[dict]:
+    """The untuned protocol with each ``(loss, best parameters)`` of ``best``: every seed of
+    ``config``, test classes evaluated once at the epoch selected on validation. Finished runs of
+    the same spec are reused; the others are trained as the benchmark trains them (``--jobs``
+    worker processes, the same results as one at a time). Results: losses outer, seeds inner.
+
+    Raises:
+        ValueError: a run folder holds a run of another protocol (nothing is trained).
+        RunsFailed: some runs raised (the others were trained and are kept).
+    """
     import torch
 
-    from ..train import inspect_run, run_dir, train_and_evaluate
+    from ..runner import RunsFailed, train_runs
+    from ..train import inspect_run, run_dir
 
-    results, data = [], None
-    for seed in config.seeds:
-        spec = trial_spec(config, loss, params, seed)
-        previous, _ = inspect_run(run_dir(output, loss, seed))
-        if previous is not None and previous.get("config_fingerprint") == spec.fingerprint:
-            results.append(previous)
-            continue
-        if previous is not None:
-            raise ValueError(f"{run_dir(output, loss, seed)} holds a run of another protocol")
-        if data is None:
-            data = load_data(config, config.progress)
-        threads = torch.get_num_threads()
+    specs = [
+        trial_spec(config, loss, params, seed) for loss, params in best for seed in config.seeds
+    ]
+    results: dict[int, dict] = {}
+    todo = []
+    for i, spec in enumerate(specs):
+        previous, _ = inspect_run(run_dir(output, spec.loss, spec.seed))
+        if previous is None:
+            todo.append(i)
+        elif previous.get("config_fingerprint") == spec.fingerprint:
+            results[i] = previous
+        else:
+            raise ValueError(
+                f"{run_dir(output, spec.loss, spec.seed)} holds a run of another protocol"
+            )
+    if todo:
+        jobs = config.jobs_for(len(todo))
+        data = load_data(config, config.progress) if jobs == 1 else None
+        threads, failures = torch.get_num_threads(), []
         if config.threads_or_default is not None:
             torch.set_num_threads(config.threads_or_default)
         try:
-            results.append(train_and_evaluate(spec, data, run_dir(output, loss, seed)))
+            outcomes = train_runs([specs[i] for i in todo], data, output, config, jobs)
+            with contextlib.closing(outcomes):  # an interruption stops the workers
+                for k, outcome in outcomes:
+                    if isinstance(outcome, RunFailure):
+                        failures.append(outcome)
+                    else:
+                        results[todo[k]] = outcome
         finally:
             torch.set_num_threads(threads)
-    return results
+        if failures:
+            raise RunsFailed(failures)
+    return [results[i] for i in sorted(results)]
 
 
 def run_tune(
@@ -152,10 +177,12 @@ def run_tune(
 
         run_benchmark(dataclasses.replace(config, output=str(out / "defaults")))
     if options.reproduce:
-        results = []
-        for r in rows:
-            if r["status"] == "done" or r["status"].startswith("no space"):
-                results += _reproduce(config, r["loss"], r["params"], out / "tuned")
+        best = [
+            (r["loss"], r["params"])
+            for r in rows
+            if r["status"] == "done" or r["status"].startswith("no space")
+        ]
+        results = _reproduce(config, best, out / "tuned")
         if results:
             body.append(_tuned_section(config, results, losses, out))
     defaults = out / "defaults" / "summary.md"
