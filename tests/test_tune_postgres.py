@@ -20,6 +20,8 @@ optuna = pytest.importorskip("optuna")
 
 from tune_helpers import REPO, popen, run, trials, wait_for  # noqa: E402
 
+from pml_proxies.benchmark.tune.study import postgres_driver_url  # noqa: E402
+
 pytestmark = pytest.mark.slow
 URL_ENV = "PML_PROXIES_TEST_POSTGRES_URL"
 S = optuna.trial.TrialState
@@ -75,6 +77,10 @@ def test_two_workers_share_one_study(postgres_url, tmp_path):
     logs = [(tmp_path / "a" / "logs" / f"worker_{i}.log").read_text() for i in range(2)]
     for i, log in enumerate(logs):
         assert f"[worker {i}] proxy_anchor:" in log
+    command = optuna.load_study(
+        study_name=f"{name}/proxy_anchor", storage=postgres_driver_url(postgres_url)
+    ).user_attrs["command"]
+    assert "--workers 2" in command and "--worker-only" not in command  # the command typed
     for loss in losses:
         all_trials = trials(postgres_url, f"{name}/{loss}")
         numbers = [t.number for t in all_trials]

@@ -144,8 +144,10 @@ def test_worker_argv_drops_the_local_worker_count():
     from pml_proxies.benchmark.tune.cli import _worker_argv
 
     argv = ["--trials", "3", "--workers", "2", "--worker-index=5", "--storage", "u"]
+    typed = "pml-proxies-benchmark tune --trials 3 --workers 2 --worker-index=5 --storage u"
     assert _worker_argv(argv, 1) == [
         "--trials", "3", "--storage", "u", "--worker-only", "--workers", "1", "--worker-index", "1",
+        "--started-by", typed,
     ]  # fmt: skip
 
 

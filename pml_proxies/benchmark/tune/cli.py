@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--worker-only", action="store_true",
                    help="search only (join a study from another machine): no re-runs, no report")  # fmt: skip
     g.add_argument("--worker-index", type=int, default=0, help="sampler offset of this worker")
+    # set by `--workers K` for its local workers: the command recorded in the studies is the
+    # one the user typed, not the worker's
+    g.add_argument("--started-by", default=None, help=argparse.SUPPRESS)
     g.add_argument("--report-only", action="store_true",
                    help="no search: re-run the best trials (unless --no-reproduce) and report")  # fmt: skip
     g.add_argument("--no-reproduce", action="store_true", help="skip the --seeds re-runs")
@@ -104,20 +107,27 @@ def _load_objective(target: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _command(argv: list[str]) -> str:
+    """The command line of ``argv`` as typed (shell-quoted)."""
+    return f"{PROG} " + " ".join(shlex.quote(a) for a in argv)
+
+
 def _worker_argv(argv: list[str], index: int) -> list[str]:
-    """``argv`` for local worker ``index``: search only, one process."""
+    """``argv`` for local worker ``index``: search only, one process, started by ``argv``."""
     out, skip = [], False
+    local = ("--workers", "--worker-index", "--started-by")
     for item in argv:
         if skip:
             skip = False
             continue
-        if item in ("--workers", "--worker-index"):
+        if item in local:
             skip = True
             continue
-        if item.startswith(("--workers=", "--worker-index=")):
+        if item.startswith(tuple(f"{flag}=" for flag in local)):
             continue
         out.append(item)
-    return [*out, "--worker-only", "--workers", "1", "--worker-index", str(index)]
+    return [*out, "--worker-only", "--workers", "1", "--worker-index", str(index),
+            "--started-by", _command(argv)]  # fmt: skip
 
 
 def _spawn_workers(argv: list[str], k: int, logs: Path) -> list[int]:
@@ -164,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.loader_workers:
             args.workers = args.loader_workers
         config: BenchmarkConfig = config_from_args(args, argv)
-        config = dataclasses.replace(
-            config, command=f"{PROG} " + " ".join(shlex.quote(a) for a in argv)
-        )
+        config = dataclasses.replace(config, command=args.started_by or _command(argv))
         spaces = resolve_spaces(config.losses, overrides, args.configs)
     except ConfigError as e:
         parser.error(f"argument --{e.field.replace('_', '-')}: {e.message}")
