@@ -15,7 +15,7 @@ import pandas as pd
 
 from .metrics import metric_label, metric_order
 from .plots import plot_embedding_maps, plot_metric_bars, plot_training_curves  # noqa: F401
-from .stats import mean_confidence_interval
+from .stats import mean_confidence_interval, paired_difference, paired_verdict
 
 if TYPE_CHECKING:
     from .config import BenchmarkConfig
@@ -62,6 +62,72 @@ def summary_table(runs: pd.DataFrame, loss_order: list[str], confidence: float =
             row[f"{m}_ci95"] = half
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: the loss every other loss is compared with, seed by seed, when it is among the run's losses
+BASELINE = "proxy_anchor"
+
+
+def comparison_metrics(primary: str, runs: pd.DataFrame) -> list[str]:
+    """The metrics of the paired comparison: the primary (model-selection) metric, then P@1."""
+    return [m for m in dict.fromkeys([primary, "precision_at_1"]) if m in runs.columns]
+
+
+def comparison_table(
+    runs: pd.DataFrame,
+    loss_order: list[str],
+    metrics: list[str],
+    baseline: str = BASELINE,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Per loss other than ``baseline``: the seed-paired difference to ``baseline`` of each of
+    ``metrics`` (columns ``<metric>_diff``, ``<metric>_ci95``), the number of paired seeds and the
+    verdict on ``metrics[0]`` (:func:`~pml_proxies.benchmark.stats.paired_verdict`). Empty when
+    ``baseline`` was not run."""
+    columns = ["loss", "paired_seeds", *[f"{m}_{k}" for m in metrics for k in ("diff", "ci95")]]
+    if baseline not in set(runs["loss"]):
+        return pd.DataFrame(columns=[*columns, "verdict"])
+    base = runs[runs["loss"] == baseline].set_index("seed")
+    rows = []
+    for loss in [n for n in loss_order if n in set(runs["loss"]) and n != baseline]:
+        sub = runs[runs["loss"] == loss].set_index("seed")
+        row: dict[str, Any] = {"loss": loss}
+        for m in metrics:
+            mean, half, n = paired_difference(sub[m].to_dict(), base[m].to_dict(), confidence)
+            row.setdefault("paired_seeds", n)  # of the first metric, the verdict's
+            row.update({f"{m}_diff": mean, f"{m}_ci95": half})
+        row["verdict"] = paired_verdict(row[f"{metrics[0]}_diff"], row[f"{metrics[0]}_ci95"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*columns, "verdict"])
+
+
+def comparison_markdown(table: pd.DataFrame, metrics: list[str], baseline: str = BASELINE) -> str:
+    """The paired comparison as a Markdown table with a sentence saying how to read it."""
+    if table.empty:
+        return f"(not computed: {baseline} was not run)"
+    out = pd.DataFrame({"loss": table["loss"], "paired seeds": table["paired_seeds"]})
+    for m in metrics:
+        out[f"{metric_label(m)} - {baseline}"] = [
+            _fmt_signed(a, b) for a, b in zip(table[f"{m}_diff"], table[f"{m}_ci95"])
+        ]
+    out[f"{metric_label(metrics[0])} verdict"] = table["verdict"]
+    return "\n".join(
+        [
+            f"Each loss minus {baseline} on the same seeds (a seed fixes the initial network and "
+            'the batches), x100, mean ± 95% CI half width over the seeds; "above" or '
+            f'"below": the interval of {metric_label(metrics[0])} excludes 0.',
+            "",
+            to_markdown(out),
+        ]
+    )
+
+
+def _fmt_signed(mean: float, half: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    if math.isnan(half):
+        return f"{100 * mean:+.1f}"
+    return f"{100 * mean:+.1f} ± {100 * half:.1f}"
 
 
 def _fmt(mean: float, half: float) -> str:
@@ -329,6 +395,7 @@ def report_markdown(
     files: dict[str, Path],
     output: Path,
     info: RunInfo,
+    comparison_md: str = "",
 ) -> str:
     """``report.md``: command, environment, protocol, results, selected epochs,
     hyper-parameters, caveats, plots, files (paths relative to the output folder)."""
@@ -384,6 +451,11 @@ def report_markdown(
             "",
             table_md,
             "",
+            *(
+                [f"## Against {BASELINE} (seed-paired differences)", "", comparison_md, ""]
+                if comparison_md
+                else []
+            ),  # fmt: skip
             "## Selected epochs (best validation epoch / epochs trained)",
             "",
             epochs_md,
@@ -422,6 +494,8 @@ def write_report(
     loss_order = list(dict.fromkeys(s.loss for s in specs))
     summary = summary_table(runs, loss_order)
     table_md = to_markdown(display_table(summary))
+    metrics = comparison_metrics(config.primary_metric, runs)
+    comparison = comparison_table(runs, loss_order, metrics)
     files = {
         "runs_csv": output / "runs.csv",
         "summary_csv": output / "summary.csv",
@@ -434,6 +508,11 @@ def write_report(
     runs.to_csv(files["runs_csv"], index=False)
     summary.to_csv(files["summary_csv"], index=False)
     files["summary_md"].write_text(table_md + "\n")
+    comparison_md = ""
+    if not comparison.empty:
+        files["comparison_csv"] = output / "comparison.csv"
+        comparison.to_csv(files["comparison_csv"], index=False)
+        comparison_md = comparison_markdown(comparison, metrics)
     first_seed: dict[str, int] = {}
     for r in sorted(results, key=lambda r: config.seeds.index(r["seed"])):
         first_seed.setdefault(r["loss"], r["seed"])
@@ -446,7 +525,9 @@ def write_report(
         method=config.map_method,
     )
     files["report_md"].write_text(
-        report_markdown(config, data, specs, results, summary, table_md, files, output, info)
+        report_markdown(
+            config, data, specs, results, summary, table_md, files, output, info, comparison_md
+        )
     )
     return files, runs, summary
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -34,3 +34,32 @@ def mean_confidence_interval(
     sem = float(x.std(ddof=1)) / math.sqrt(n)
     half = float(scipy_stats.t.ppf(0.5 + confidence / 2.0, df=n - 1)) * sem
     return mean, half, mean - half, mean + half
+
+
+def paired_difference(
+    values: Mapping[int, float], baseline: Mapping[int, float], confidence: float = 0.95
+) -> tuple[float, float, int]:
+    """Mean and Student-t confidence half width of the per-seed differences ``values[s] -
+    baseline[s]`` over the seeds ``s`` both have (a seed fixes the initial network and the
+    batches, so the difference removes what the seeds share); NaN values are dropped.
+
+    Returns:
+        ``(mean difference, half width, number of paired seeds)``; the half width is NaN with
+        fewer than two paired seeds.
+    """
+    seeds = sorted(set(values) & set(baseline))
+    diffs = [float(values[s]) - float(baseline[s]) for s in seeds]
+    mean, half, _, _ = mean_confidence_interval(diffs, confidence)
+    return mean, half, int(np.count_nonzero(~np.isnan(np.asarray(diffs, dtype=np.float64))))
+
+
+def paired_verdict(mean: float, half: float) -> str:
+    """``"above"`` / ``"below"`` when the interval ``mean ± half`` excludes 0, ``"no difference
+    shown"`` when it holds 0, ``"not tested (one seed)"`` without an interval."""
+    if math.isnan(mean) or math.isnan(half):
+        return "not tested (one seed)"
+    if mean - half > 0:
+        return "above"
+    if mean + half < 0:
+        return "below"
+    return "no difference shown"

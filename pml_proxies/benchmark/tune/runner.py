@@ -205,7 +205,19 @@ def _tuned_section(config: BenchmarkConfig, results: list[dict], losses: list[st
     summary, table = tune_report.results_table(results, losses)
     tuned = out / "tuned"
     tuned.mkdir(parents=True, exist_ok=True)
-    bench_report.runs_table(results).to_csv(tuned / "runs.csv", index=False)
+    runs = bench_report.runs_table(results)
+    runs.to_csv(tuned / "runs.csv", index=False)
+    metrics = bench_report.comparison_metrics(config.primary_metric, runs)
+    comparison = bench_report.comparison_table(runs, list(summary["loss"]), metrics)
+    compared = []
+    if not comparison.empty:
+        comparison.to_csv(tuned / "comparison.csv", index=False)
+        compared = [
+            f"### Tuned against tuned {bench_report.BASELINE} (seed-paired differences)",
+            "",
+            bench_report.comparison_markdown(comparison, metrics),
+            "",
+        ]
     summary.to_csv(tuned / "summary.csv", index=False)
     (tuned / "summary.md").write_text(table + "\n")
     bench_report.plot_metric_bars(summary, tuned / "metrics.png")
@@ -219,6 +231,7 @@ def _tuned_section(config: BenchmarkConfig, results: list[dict], losses: list[st
             "",
             table,
             "",
+            *compared,
             "![tuned metrics](tuned/metrics.png)",
             "",
             "![tuned curves](tuned/training_curves.png)",
