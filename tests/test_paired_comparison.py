@@ -108,3 +108,11 @@ def test_the_report_compares_every_loss_with_proxy_anchor(tmp_path, with_baselin
     assert row[f"{m}_diff"] == pytest.approx(want[0], abs=1e-12)
     assert row[f"{m}_ci95"] == pytest.approx(want[1], rel=1e-8, abs=1e-12)
     assert row["verdict"] == paired_verdict(want[0], want[1])
+
+
+def test_a_difference_that_rounds_to_zero_is_not_printed_negative():
+    table = pd.DataFrame([{"loss": "mpa", "paired_seeds": 1, "precision_at_1_diff": -1e-4,
+                           "precision_at_1_ci95": math.nan, "verdict": "not tested (one seed)"}])  # fmt: skip
+    assert "| mpa | 1 | +0.0 | not tested (one seed) |" in report.comparison_markdown(
+        table, ["precision_at_1"]
+    )

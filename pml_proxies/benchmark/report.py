@@ -125,9 +125,10 @@ def comparison_markdown(table: pd.DataFrame, metrics: list[str], baseline: str =
 def _fmt_signed(mean: float, half: float) -> str:
     if math.isnan(mean):
         return "-"
+    value = 100 * mean if abs(100 * mean) >= 0.05 else 0.0  # no "-0.0"
     if math.isnan(half):
-        return f"{100 * mean:+.1f}"
-    return f"{100 * mean:+.1f} ± {100 * half:.1f}"
+        return f"{value:+.1f}"
+    return f"{value:+.1f} ± {100 * half:.1f}"
 
 
 def _fmt(mean: float, half: float) -> str:
