@@ -324,3 +324,14 @@ def test_tuned_reruns_with_jobs_2_give_the_sequential_results_and_are_reused(tmp
         ]
         assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert got[1] == got[2] and len(got[1]) == 4
+
+
+def test_torch_threads_are_set_in_the_block_and_restored_after_an_error(tmp_path):
+    before = torch.get_num_threads()
+    inside = 2 if before == 1 else 1  # differs from the threads before
+    config = tiny_config(tmp_path, ["mpa"], threads=inside)
+    with pytest.raises(RuntimeError, match="inside"):
+        with train.torch_threads(config):
+            assert torch.get_num_threads() == inside
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before

@@ -4,6 +4,7 @@ documented tie rule (a negative tied with a positive ranks first) on data full o
 
 import math
 
+import metric_helpers
 import numpy as np
 import pytest
 import torch
@@ -40,11 +41,8 @@ def make_data(self_retrieval, seed=0, n_query=60, n_ref=150, dim=6, dtype=torch.
 
 
 def calc(**kwargs):
-    kwargs.setdefault("device", CPU)
-    kwargs.setdefault("knn_func", TorchKNN())
-    kwargs.setdefault("ndcg_ks", (3, 10))
     kwargs.setdefault("include", ALL)
-    return AccuracyCalculator(**kwargs)
+    return metric_helpers.calc(**kwargs)
 
 
 def assert_close(a, b, exact=EXACT):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from metric_helpers import CPU, OURS, PML_KNN_METRICS, TINY_MB
+from metric_helpers import CPU, OURS, PML_KNN_METRICS, TINY_MB, calc
 from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import inference as pml_inference
 
@@ -49,13 +49,6 @@ def make_data(self_retrieval, seed=0, n_query=60, n_ref=150, dim=6, dtype=torch.
     q = centers[ql] + torch.randn(n_query, dim, generator=g, dtype=dtype)
     r = centers[rl] + torch.randn(n_ref, dim, generator=g, dtype=dtype)
     return q, ql, r, rl
-
-
-def calc(**kwargs):
-    kwargs.setdefault("device", CPU)
-    kwargs.setdefault("knn_func", TorchKNN())
-    kwargs.setdefault("ndcg_ks", (3, 10))
-    return AccuracyCalculator(**kwargs)
 
 
 def same_values(a, b):

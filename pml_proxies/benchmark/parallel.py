@@ -106,11 +106,7 @@ def train_parallel(
                         ) from None
                     yield from _dead_workers(workers, running, pending, runs)
                     for index in sorted(pending):
-                        spec = runs[index][0]
-                        yield (
-                            index,
-                            RunFailure(spec.loss, spec.seed, "not trained: every worker stopped"),
-                        )
+                        yield index, _failure(runs, index, "not trained: every worker stopped")
                     return
             kind, pid, index, payload = message
             if kind == "fatal":  # a worker could not start (data, wrong package): stop all
@@ -128,13 +124,18 @@ def train_parallel(
             if kind == "done":
                 yield index, payload
             else:
-                spec = runs[index][0]
-                yield index, RunFailure(spec.loss, spec.seed, *payload)
+                yield index, _failure(runs, index, *payload)
     finally:
         _stop(workers, graceful=not pending)
         for q in (tasks, results):
             q.cancel_join_thread()
             q.close()
+
+
+def _failure(runs: Sequence[tuple[RunSpec, Path]], index: int, *error: str) -> RunFailure:
+    """The failure of run ``index`` of ``runs`` (``error``: the one line, then the details)."""
+    spec = runs[index][0]
+    return RunFailure(spec.loss, spec.seed, *error)
 
 
 def _start(ctx, n: int, target: Callable, args: tuple) -> list:
@@ -164,13 +165,7 @@ def _dead_workers(workers, running: dict[int, int], pending: set, runs) -> Itera
         index = running.pop(w.pid)
         if index in pending:
             pending.discard(index)
-            spec = runs[index][0]
-            yield (
-                index,
-                RunFailure(
-                    spec.loss, spec.seed, f"its worker process died (exit code {w.exitcode})"
-                ),
-            )
+            yield index, _failure(runs, index, f"its worker process died (exit code {w.exitcode})")
 
 
 def _stop(workers, graceful: bool) -> None:

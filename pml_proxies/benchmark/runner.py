@@ -33,7 +33,7 @@ from .losses import build_loss
 from .parallel import RunFailure, train_parallel
 from .progress import is_terminal, progress_bar
 from .spec import RunSpec, build_run_spec
-from .train import inspect_run, run_dir, train_and_evaluate
+from .train import inspect_run, run_dir, torch_threads, train_and_evaluate
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -91,20 +91,15 @@ def run_benchmark(config: BenchmarkConfig, report_only: bool = False) -> dict:
     specs = resolve_specs(config)
     output = Path(config.output)
     check_folder(config, specs, output)  # reads only: nothing is written on refusal
-    threads = torch.get_num_threads()
-    if config.threads_or_default is not None:
-        torch.set_num_threads(config.threads_or_default)
     fresh = not output.exists()
     try:
-        with folder_lock(output):
+        with torch_threads(config), folder_lock(output):
             check_folder(config, specs, output)  # again, under the lock
             return _run(config, specs, output, report_only)
     except BaseException:
         if fresh and not (output / "runs").exists():  # e.g. the data set failed to load
             shutil.rmtree(output, ignore_errors=True)
         raise
-    finally:
-        torch.set_num_threads(threads)
 
 
 def resolve_specs(config: BenchmarkConfig) -> list[RunSpec]:

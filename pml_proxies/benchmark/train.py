@@ -3,6 +3,7 @@ the validation classes, evaluate it on the test classes and write the results at
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -11,7 +12,7 @@ import random
 import shutil
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,6 +100,19 @@ def _eval_images(dataset, config: BenchmarkConfig) -> _EvalImages | None:
     if cache is None:
         cache = _EVAL_CACHE[dataset] = _EvalImages(dataset)
     return cache if cache.usable else None
+
+
+@contextlib.contextmanager
+def torch_threads(config: BenchmarkConfig) -> Iterator[None]:
+    """torch's CPU threads set to ``config.threads_or_default`` inside the block (unchanged when
+    that is ``None``), restored after it."""
+    threads = torch.get_num_threads()
+    if config.threads_or_default is not None:
+        torch.set_num_threads(config.threads_or_default)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _eval_batches(dataset, config: BenchmarkConfig, indices: Sequence[int] | None):

@@ -89,10 +89,9 @@ def _reproduce(config: BenchmarkConfig, best: list[tuple[str, dict]], output: Pa
         ValueError: a run folder holds a run of another protocol (nothing is trained).
         RunsFailed: some runs raised (the others were trained and are kept).
     """
-    import torch
 
     from ..runner import RunsFailed, train_runs
-    from ..train import inspect_run, run_dir
+    from ..train import inspect_run, run_dir, torch_threads
 
     specs = [
         trial_spec(config, loss, params, seed) for loss, params in best for seed in config.seeds
@@ -112,19 +111,14 @@ def _reproduce(config: BenchmarkConfig, best: list[tuple[str, dict]], output: Pa
     if todo:
         jobs = config.jobs_for(len(todo))
         data = load_data(config, config.progress) if jobs == 1 else None
-        threads, failures = torch.get_num_threads(), []
-        if config.threads_or_default is not None:
-            torch.set_num_threads(config.threads_or_default)
-        try:
-            outcomes = train_runs([specs[i] for i in todo], data, output, config, jobs)
-            with contextlib.closing(outcomes):  # an interruption stops the workers
-                for k, outcome in outcomes:
-                    if isinstance(outcome, RunFailure):
-                        failures.append(outcome)
-                    else:
-                        results[todo[k]] = outcome
-        finally:
-            torch.set_num_threads(threads)
+        failures = []
+        outcomes = train_runs([specs[i] for i in todo], data, output, config, jobs)
+        with torch_threads(config), contextlib.closing(outcomes):  # Ctrl-C stops the workers
+            for k, outcome in outcomes:
+                if isinstance(outcome, RunFailure):
+                    failures.append(outcome)
+                else:
+                    results[todo[k]] = outcome
         if failures:
             raise RunsFailed(failures)
     return [results[i] for i in sorted(results)]

@@ -103,9 +103,8 @@ class BenchmarkObjective:
         return self._data
 
     def __call__(self, trial: TrialConfig, reporter: Reporter) -> float:
-        import torch
 
-        from ..train import train_and_evaluate
+        from ..train import torch_threads, train_and_evaluate
 
         spec = trial_spec(self.config, trial.loss, trial.params, self.trial_seed)
         data = self.data()
@@ -114,11 +113,8 @@ class BenchmarkObjective:
         )
         metric = spec.primary_metric
         epochs = self.config.epochs
-        threads = torch.get_num_threads()
-        if self.config.threads_or_default is not None:
-            torch.set_num_threads(self.config.threads_or_default)
         scores = []
-        try:
+        with torch_threads(self.config):
             for k, val_classes in enumerate(folds):
 
                 def report(epoch: int, val: dict, k: int = k) -> None:
@@ -133,6 +129,4 @@ class BenchmarkObjective:
                     evaluate_test=False,
                 )
                 scores.append(float(result["best_val_score"]))
-        finally:
-            torch.set_num_threads(threads)
         return float(np.mean(scores))
