@@ -16,7 +16,7 @@ from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import inference as pml_inference
 
 from pml_proxies.utils import accuracy_calculator as ac_module
-from pml_proxies.utils.accuracy_calculator import AccuracyCalculator
+from pml_proxies.utils.accuracy_calculator import AccuracyCalculator, ndcg_at_k, recall_at_k
 from pml_proxies.utils.knn import TorchKNN, smallest_k
 
 
@@ -382,3 +382,39 @@ def test_speed_eval_quick_mode(tmp_path):
     )
     for name, value in pml.items():
         assert ours[name] == pytest.approx(value, abs=1e-6), name
+
+
+@pytest.mark.parametrize("k", [3, 10, 50])
+def test_ndcg_sums_the_gains_left_to_right_bit_for_bit(k):
+    """DCG is the plain left-to-right sum of the gains (the paper's eq. 19 as a loop), bit for
+    bit: a matrix product let the BLAS kernel choose the order, so nDCG's last bits changed
+    with the CPU and with how the queries were chunked (a streamed-vs-whole test failed on an
+    AVX2 machine only)."""
+    g = torch.Generator().manual_seed(k)
+    n = 300
+    query_labels = torch.arange(n)  # one class per query: per-class values are per-query values
+    hit = torch.rand(n, k, generator=g) < 0.5
+    knn_labels = torch.where(hit, query_labels[:, None], -1)
+    num_relevant = torch.randint(1, 2 * k, (n,), generator=g)
+    got = ndcg_at_k(knn_labels, query_labels, num_relevant, k, return_per_class=True)
+    discounts = ac_module._discounts(k, CPU).tolist()  # 1 / log2(rank + 1): the order is tested
+    expected = []
+    for row, r_q in zip(hit.tolist(), num_relevant.tolist()):
+        dcg = 0.0
+        for rank, relevant in enumerate(row):
+            dcg += discounts[rank] if relevant else 0.0
+        ideal = 0.0
+        for rank in range(min(k, r_q)):
+            ideal += discounts[rank]
+        expected.append(dcg / ideal)
+    assert got == expected
+
+
+def test_public_metric_functions_return_per_class_values():
+    """recall_at_k / ndcg_at_k with return_per_class and no memory budget: the class blocks
+    were sized by ``inf // n`` (NaN) and raised 'cannot convert float NaN to integer'."""
+    query_labels = torch.tensor([0, 0, 1, 2])
+    knn_labels = torch.tensor([[0, 1], [1, 0], [2, 1], [2, 2]])
+    assert recall_at_k(knn_labels, query_labels, 1, return_per_class=True) == [0.5, 0.0, 1.0]
+    ndcg = ndcg_at_k(knn_labels, query_labels, torch.ones(4), 1, return_per_class=True)
+    assert ndcg == [0.5, 0.0, 1.0]

@@ -4,6 +4,7 @@ chunks of queries so that memory stays bounded for any ``k``, with or without fa
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -232,6 +233,17 @@ def _discounts(cutoff: int, device) -> torch.Tensor:
     return 1.0 / torch.log2(ranks + 1.0)
 
 
+def _row_sums_in_order(values: torch.Tensor) -> torch.Tensor:
+    """Each row's sum, added left to right (a running sum: ``torch.cumsum`` is a sequential loop
+    on CPU). A matrix product or ``torch.sum`` lets the kernel (BLAS blocking, vector width,
+    threads) choose the order, so the last bits would depend on the CPU and on how the queries
+    are chunked; here they do not, and adding the zeros of non-relevant ranks is exact, so the
+    neighbour-list and positive-rank paths give the same bits."""
+    if values.shape[1] == 0:
+        return values.new_zeros(values.shape[0])
+    return torch.cumsum(values, dim=1)[:, -1]
+
+
 def _ideal_dcg(discounts: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
     """The ideal DCG@k: ``min(k, R_q)`` positives first (``R_q`` clamped to >= 1)."""
     ideal_len = num_relevant.clamp(min=1, max=len(discounts)).to(torch.long)
@@ -241,7 +253,7 @@ def _ideal_dcg(discounts: torch.Tensor, num_relevant: torch.Tensor) -> torch.Ten
 def _ndcg(cutoff: int, nb: _Neighbours) -> torch.Tensor:
     same = nb.same[:, :cutoff].to(torch.float64)
     discounts = _discounts(cutoff, same.device)
-    dcg = same @ discounts[: same.shape[1]]  # 2^r - 1 = r for binary r
+    dcg = _row_sums_in_order(same * discounts[: same.shape[1]])  # 2^r - 1 = r for binary r
     return dcg / _ideal_dcg(discounts, nb.num_relevant)
 
 
@@ -307,7 +319,7 @@ def _rank_ndcg(cutoff: int, rk: _Ranks) -> torch.Tensor:
     discounts = _discounts(cutoff, rk.positions.device)
     seen = _seen(rk, cutoff)
     gains = discounts[rk.positions.clamp(max=cutoff - 1)]
-    dcg = torch.sum(torch.where(seen, gains, 0.0), dim=1)
+    dcg = _row_sums_in_order(torch.where(seen, gains, 0.0))  # positives in rank order
     return dcg / _ideal_dcg(discounts, rk.num_relevant)
 
 
@@ -417,7 +429,10 @@ def _average(
     sample_labels = labels[:, None] if labels.dim() == 1 else labels
     unique_labels = torch.unique(sample_labels, dim=0)
     row_bytes = len(labels) * (values.element_size() + 2)
-    block = max(1, int(memory_budget_bytes // max(1, row_bytes)))
+    if math.isinf(memory_budget_bytes):  # inf // n is NaN: one block of every class
+        block = len(unique_labels)
+    else:
+        block = max(1, int(memory_budget_bytes // max(1, row_bytes)))
     averages = []
     for start in range(0, len(unique_labels), block):
         classes = unique_labels[start : start + block]
