@@ -549,6 +549,14 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     latest ``get_accuracy`` took (``"rank"`` or ``"neighbours"``). With faiss installed the
     rank path ranks with torch, not faiss (both exact L2; only near-ties may differ).
 
+    **Input.** ``get_accuracy`` raises ``ValueError`` for NaN or inf in the embeddings or the
+    labels (after PML's conversion to float32), naming the argument and its bad rows, and makes
+    the inputs contiguous. The L2 searches of this module (``DefaultKNN``, ``TorchKNN``, the
+    positive-rank path) rank the data shifted by about the references' mean
+    (:func:`~pml_proxies.utils.knn.reference_shift`), so a shared offset costs no precision;
+    their ranking is exact up to the float32 bound in :mod:`pml_proxies.utils.knn`. A custom
+    ``knn_func`` (say cosine or inner product) gets the embeddings unshifted.
+
     ``mean_reciprocal_rank`` is listed in ``requires_knn()`` (PML omits it, so alone it raises a
     TypeError there).
 
