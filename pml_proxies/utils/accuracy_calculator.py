@@ -14,7 +14,7 @@ from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ..functional.validation import check_real
-from .knn import DefaultKMeans, DefaultKNN, TorchKNN, ranking_scores
+from .knn import DefaultKMeans, DefaultKNN, TorchKNN, centre, ranking_scores
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
@@ -61,6 +61,18 @@ def _validate_ks(ks: int | Iterable[int] | None, name: str) -> tuple[int, ...]:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"{name} must contain only positive ints, got {k!r} in {values!r}")
     return tuple(sorted({int(k) for k in values}))
+
+
+def _check_finite(name: str, values: torch.Tensor) -> None:
+    """ValueError naming ``name`` and how many of its rows hold NaN or inf (one ``isfinite``
+    pass over the tensor; the rows are counted only on failure)."""
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = int((~torch.isfinite(values.reshape(len(values), -1))).any(dim=1).sum())
+    raise ValueError(
+        f"{name} has {bad} of {len(values)} rows with non-finite values (NaN or inf, after "
+        f"conversion to float32): a metric computed from them would be meaningless"
+    )
 
 
 # --------------------------------------------------------------------------- labels and counts
@@ -552,6 +564,14 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     latest ``get_accuracy`` took (``"rank"`` or ``"neighbours"``). With faiss installed the
     rank path ranks with torch, not faiss (both exact L2; only near-ties may differ).
 
+    **Input.** ``get_accuracy`` raises ``ValueError`` for NaN or inf in the embeddings or the
+    labels (after PML's conversion to float32), naming the argument and its bad rows, and makes
+    the inputs contiguous. The L2 searches of this module (``DefaultKNN``, ``TorchKNN``, the
+    positive-rank path) rank the data shifted by about the references' mean
+    (:func:`~pml_proxies.utils.knn.reference_shift`), so a shared offset costs no precision;
+    their ranking is exact up to the float32 bound in :mod:`pml_proxies.utils.knn`. A custom
+    ``knn_func`` (say cosine or inner product) gets the embeddings unshifted.
+
     ``mean_reciprocal_rank`` is listed in ``requires_knn()`` (PML omits it, so alone it raises a
     TypeError there).
 
@@ -834,15 +854,27 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         include=(),
         exclude=(),
     ):
-        """PML's ``get_accuracy`` (same arguments, checks and results), streamed over chunks."""
+        """PML's ``get_accuracy`` (same arguments, checks and results), streamed over chunks.
+
+        Also raises ``ValueError`` for embeddings or labels holding NaN or inf (naming the
+        argument and counting its bad rows): they would otherwise score as perfect retrieval
+        or corrupt the label counts. Inputs are made contiguous (faiss rejects strided arrays).
+        """
         if reference is None:
             reference, reference_labels, ref_includes_query = query, query_labels, True
         query, reference, query_labels, reference_labels = (
-            c_f.numpy_to_torch(x).to(self.device).type(torch.float)
+            c_f.numpy_to_torch(x).to(self.device).type(torch.float).contiguous()
             for x in (query, reference, query_labels, reference_labels)
         )
         if len(query) != len(query_labels) or len(reference) != len(reference_labels):
             raise ValueError("embeddings and labels must have the same length")
+        for name, values in (
+            ("query", query),
+            ("reference", reference),
+            ("query_labels", query_labels),
+            ("reference_labels", reference_labels),
+        ):
+            _check_finite(name, values)
         if ref_includes_query and not (
             torch.allclose(query, reference[: len(query)])
             and torch.allclose(query_labels, reference_labels[: len(query)])
@@ -978,7 +1010,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         step = min(self.rank_chunk_size(len(reference), slots), max(1, len(query)))
         step = max(1, min(step, (2**31 - 1) // (slots + 1)))  # the int32 histogram index
         with torch.no_grad():
-            reference = reference.to(query.dtype)
+            query, reference = centre(query, reference.to(query.dtype))  # TorchKNN's ranking
             reference_t = reference.t()
             ref_sq = reference.pow(2).sum(dim=1)
             buffers = (

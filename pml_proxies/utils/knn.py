@@ -10,8 +10,19 @@ PML's ``AccuracyCalculator`` defaults to ``FaissKNN`` / ``FaissKMeans`` and fail
 * :class:`DefaultKNN`: PML's ``FaissKNN`` when faiss can be imported (faiss-gpu searches CUDA
   tensors on the GPU, as in PML), otherwise :class:`TorchKNN`. CUDA tensors with a CPU-only faiss
   build go to :class:`TorchKNN` on the GPU (exact as well, and no device round trip).
-* :class:`DefaultKMeans`: PML's ``FaissKMeans`` when faiss can be imported, otherwise
-  :class:`SklearnKMeans` (k-means from scikit-learn), for NMI / AMI.
+
+Both search the data shifted by ``m`` (:func:`reference_shift`, about the references' mean;
+:func:`centre`): squared Euclidean distances do not change under a common shift, but the ranking
+scores ``||r||^2 - 2 q.r`` (and faiss's, the same expansion) round to a few ulps of
+``(||q|| + ||r||)**2``, so embeddings sharing a large offset (say ``randn + 1000`` in float32)
+would lose the digits that separate their neighbours. After the shift, two references whose
+exact squared distances to a query ``q`` differ by more than
+``B = (2 d + 8) u (||q - m|| + max_r ||r - m||)**2`` are always ranked in the right order (``d``
+the embedding size, ``u`` the unit roundoff of the computing dtype: ``2**-24`` for float32,
+``2**-53`` for float64; a worst-case bound, covering the rounding of the scores in any summation
+order, faiss's included, and of the shift). Closer pairs (near-ties) may be ranked either way,
+as by any float32 search; exact ties in an unspecified order. L2-normalised embeddings have
+norms of at most 1, so no offset can arise and ``B`` stays about ``d`` ulps of 1.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ __all__ = [
     "DefaultKNN",
     "SklearnKMeans",
     "TorchKNN",
+    "centre",
+    "reference_shift",
     "faiss_available",
     "faiss_gpu_available",
     "ranking_scores",
@@ -67,6 +80,36 @@ def _group_size(num_references: int, k: int) -> int:
         return 1
     group = int(math.sqrt(num_references / k))
     return group if group >= 4 else 1
+
+
+def reference_shift(reference: torch.Tensor) -> torch.Tensor:
+    """The shift :func:`centre` subtracts, ``(1, d)``: per dimension, the references' mean
+    rounded to a multiple of ``g``, the power of two at or below the largest deviation from the
+    mean (the mean itself for a constant dimension). The shifted coordinates stay within about
+    1.5 deviations of 0, the subtraction is exact in practice (the shift is a multiple of the
+    offset's ulp), so exact ties stay ties, and data centred within its spread gets shift 0."""
+    mean = reference.mean(dim=0, keepdim=True)
+    deviation = (reference - mean).abs().amax(dim=0, keepdim=True)
+    grid = torch.exp2(torch.floor(torch.log2(deviation)))
+    return torch.where(deviation > 0, torch.round(mean / grid) * grid, mean)
+
+
+def centre(query: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(query - m, reference - m)``, contiguous (strided input gives the same values), ``m``
+    = :func:`reference_shift`: the same squared Euclidean distances (a common shift), with
+    norms on the scale of the data's spread rather than its offset, which the float32 ranking
+    ``||r||^2 - 2 q.r`` needs to be exact (module docstring). The inputs themselves (made
+    contiguous) when ``m`` is 0 or the reference set empty; one copy when ``query is
+    reference``. Only for L2: a shift changes inner products and cosine similarities."""
+    same = query is reference
+    query, reference = query.contiguous(), reference.contiguous()  # one reduction order
+    if len(reference) == 0:
+        return query, reference
+    shift = reference_shift(reference)
+    if not bool(shift.any()):
+        return query, reference
+    shifted = reference - shift
+    return (shifted if same else query - shift), shifted
 
 
 def ranking_scores(
@@ -107,7 +150,9 @@ class TorchKNN:
 
     Distances are squared Euclidean distances, as returned by PML's default ``FaissKNN`` (faiss
     ``IndexFlatL2``); for L2-normalised embeddings this ranks exactly like cosine similarity.
-    Queries are processed in blocks whose ``block x references`` score matrix has at most
+    The search runs on contiguous copies of the data centred on the references' mean
+    (:func:`centre`; exactness bound in the module docstring), so strided input works. Queries
+    are processed in blocks whose ``block x references`` score matrix has at most
     ``max_chunk_elements`` entries (one buffer, reused). Each block is ranked by
     ``||r||^2 - 2 q.r`` (one ``addmm``; ``||q||^2`` is added to the ``k`` selected entries only)
     and its ``k`` smallest entries are found by the two-stage selection of :func:`smallest_k`.
@@ -161,6 +206,7 @@ class TorchKNN:
         self, query: torch.Tensor, num_k: int, reference: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         reference = reference.to(device=query.device, dtype=query.dtype)
+        query, reference = centre(query, reference)
         ref_sq = reference.pow(2).sum(dim=1)
         group = _group_size(len(reference), num_k)
         padding = -len(reference) % group
@@ -190,8 +236,9 @@ class DefaultKNN:
 
     Per call: PML's ``FaissKNN`` (exact L2, a fresh index each call) when faiss is importable,
     except for CUDA tensors with a faiss build that has no GPU support; otherwise
-    :class:`TorchKNN`. Both return squared Euclidean distances. ``last_backend`` names the
-    back-end used by the latest call (``"faiss"`` or ``"torch"``).
+    :class:`TorchKNN`. Both return squared Euclidean distances and search the data centred on the
+    references' mean (:func:`centre`, contiguous copies: faiss rejects strided arrays).
+    ``last_backend`` names the back-end used by the latest call (``"faiss"`` or ``"torch"``).
 
     Args:
         torch_knn: the :class:`TorchKNN` used without faiss (default ``TorchKNN()``).
@@ -207,6 +254,8 @@ class DefaultKNN:
             from pytorch_metric_learning.utils.inference import FaissKNN
 
             knn = FaissKNN()
+            if reference is not None:
+                query, reference = centre(query, reference)
         else:
             knn = self.torch_knn
         self.last_backend = "faiss" if use_faiss else "torch"
