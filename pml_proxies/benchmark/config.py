@@ -32,7 +32,13 @@ NON_PROTOCOL_FIELDS = (
     "map_method",
     "map_samples",
     "loss_params",
+    "equivalence_margin",
 )
+
+#: default equivalence margin of the report's verdicts, in the report's units (metric x100)
+DEFAULT_EQUIVALENCE_MARGIN = 1.0
+#: default seeds (five: enough for the paired tests to decide clear differences)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 MAP_METHODS = ("pca", "tsne")
@@ -93,7 +99,12 @@ class BenchmarkConfig:
     losses: list[str] = _opt(
         [], "comma-separated loss names, or 'all' (every available loss)", default_text="all"
     )
-    seeds: list[int] = _opt([0, 1, 2], "seeds, e.g. '0,1,2'", type=_int_list, default_text="0,1,2")
+    seeds: list[int] = _opt(
+        list(DEFAULT_SEEDS),
+        "seeds, e.g. '0,1,2'",
+        type=_int_list,
+        default_text=",".join(map(str, DEFAULT_SEEDS)),
+    )
     output: str = _opt(
         "benchmark_results",
         "output folder (resumable; holds runs of one protocol)",
@@ -211,6 +222,16 @@ class BenchmarkConfig:
                            "evaluation and execution", choices=MAP_METHODS, flag="--map")  # fmt: skip
     map_samples: int = _opt(1000, "points per embedding map", "evaluation and execution",
                             type=int, default_text="1000; --quick 300")  # fmt: skip
+    # report
+    equivalence_margin: float = _opt(
+        DEFAULT_EQUIVALENCE_MARGIN,
+        "equivalence margin of the report's verdicts against proxy_anchor, in points of the "
+        "metric x100 as the report prints it (1.0: one MAP@R point): a loss is 'equivalent' when "
+        "two one-sided tests show its seed-paired difference lies within ±margin; a report "
+        "setting, not part of the protocol (--report-only may change it)",
+        "report",
+        type=float,
+    )
     command: str = _opt("", "the command line that made this config", cli=False)
 
     # ------------------------------------------------------------- trunk defaults
@@ -502,4 +523,5 @@ _CHECKS = (
     ("progress", check_bool),
     ("map_method", lambda n, v: check_choice(n, v, MAP_METHODS)),
     ("map_samples", _positive_int(1)),
+    ("equivalence_margin", _positive_real),
 )
