@@ -42,6 +42,7 @@ def _section(text: str, title: str) -> str:
 
 def test_report_sections_hold_computed_values(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PML_PROXIES_COMMAND", raising=False)
     argv = ["--dataset", "digits", "--losses", "proxy_anchor,proxy_isa", "--seeds", "0,1",
             "--epochs", "2", "--iterations-per-epoch", "3", "--embedding-size", "16",
             "--batch-size", "16", "--map-samples", "50", "--log-freq", "1",
@@ -194,6 +195,38 @@ def test_title_names_the_data_set_as_given():
     assert report_title(_tiny("unused", ["mpa"]), "Tuned benchmark report") == (
         "Tuned benchmark report (--dataset digits)"
     )
+
+
+def test_the_command_is_recorded_as_typed(monkeypatch):
+    from pml_proxies.benchmark.cli import build_parser, config_from_args
+    from pml_proxies.benchmark.config import typed_command
+    from pml_proxies.benchmark.tune.cli import _command
+
+    argv = ["--losses", "mpa", "--output", "a b"]
+    args = build_parser().parse_args(argv)
+    monkeypatch.delenv("PML_PROXIES_COMMAND", raising=False)
+    assert (
+        config_from_args(args, argv).command == "pml-proxies-benchmark --losses mpa --output 'a b'"
+    )
+    assert _command(["--trials", "2"]) == "pml-proxies-benchmark tune --trials 2"
+    monkeypatch.setenv("PML_PROXIES_COMMAND", "bash .ci/main")  # what .ci/main sets
+    assert config_from_args(args, argv).command == "bash .ci/main --losses mpa --output 'a b'"
+    assert _command(["--trials", "2"]) == "bash .ci/main tune --trials 2"
+    assert typed_command([]) == "bash .ci/main"
+    main_script = (REPO / ".ci" / "main").read_text()
+    assert 'export PML_PROXIES_COMMAND="bash $(printf %q "$0")"' in main_script
+
+
+def test_ci_main_records_its_own_invocation(tmp_path):
+    """The line of .ci/main that sets the variable, run by bash as .ci/main runs it."""
+    line = next(
+        x for x in (REPO / ".ci" / "main").read_text().splitlines() if "PML_PROXIES_COMMAND" in x
+    )
+    script = tmp_path / "my dir" / "main"
+    script.parent.mkdir()
+    script.write_text(f"{line}\nprintf '%s' \"$PML_PROXIES_COMMAND\"\n")
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
+    assert out.stdout == f"bash {str(script).replace(' ', chr(92) + ' ')}"
 
 
 def test_report_only_rebuilds_without_training(tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -352,6 +353,18 @@ def protocol_fingerprint(protocol: dict, loss_name: str | None, loss_params: dic
         d["loss_params"] = loss_params or {}
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: the command that started the command line, where it is not ``pml-proxies-benchmark`` (set
+#: by ``.ci/main`` to ``bash .ci/main``): the report shows the command as the user typed it
+COMMAND_ENV = "PML_PROXIES_COMMAND"
+
+
+def typed_command(argv: list[str], subcommand: str | None = None) -> str:
+    """The command line of ``argv`` as typed (shell-quoted): ``$PML_PROXIES_COMMAND`` (else
+    ``pml-proxies-benchmark``), then ``subcommand`` (e.g. ``tune``) and the arguments."""
+    program = os.environ.get(COMMAND_ENV, "").strip() or "pml-proxies-benchmark"
+    return " ".join([program, *([subcommand] if subcommand else []), *map(shlex.quote, argv)])
 
 
 def config_fields() -> tuple:
