@@ -164,15 +164,13 @@ def comparison_markdown(table: pd.DataFrame, metrics: list[str], baseline: str =
     label = metric_label(metrics[0])
     margin = float(table["equivalence_margin"].iloc[0])
     out = pd.DataFrame({"loss": table["loss"], "paired seeds": table["paired_seeds"]})
-    out[f"{label} - {baseline}"] = [
-        _fmt_signed(a, b) for a, b in zip(table[f"{metrics[0]}_diff"], table[f"{metrics[0]}_ci95"])
-    ]
-    out["Holm p (difference)"] = table["p_difference_holm"].map(_fmt_p)
-    out[f"Holm p (equivalence ±{margin:g})"] = table["p_equivalence_holm"].map(_fmt_p)
-    for m in metrics[1:]:
+    for m in metrics:  # the tested metric's p-values beside its interval
         out[f"{metric_label(m)} - {baseline}"] = [
             _fmt_signed(a, b) for a, b in zip(table[f"{m}_diff"], table[f"{m}_ci95"])
         ]
+        if m == metrics[0]:
+            out["Holm p (difference)"] = table["p_difference_holm"].map(_fmt_p)
+            out[f"Holm p (equivalence ±{margin:g})"] = table["p_equivalence_holm"].map(_fmt_p)
     out[f"{label} verdict"] = [
         v if v != "inconclusive" else f"inconclusive ({_seeds_text(a, b, margin)})"
         for v, a, b in zip(
