@@ -469,7 +469,7 @@ def validation_gap(config: BenchmarkConfig, data: BenchmarkData, results: list[d
     label = metric_label(primary)
     return (
         f"Validation {label} (mean of the runs' selected epochs, {100 * val_mean:.1f}) is above "
-        f"test {label} ({100 * test_mean:.1f}) mostly because the validation set is smaller: "
+        f"test {label} ({100 * test_mean:.1f}), as the sizes of the two sets lead one to expect: "
         f"{data.val.num_classes} classes ({len(data.val)} images) against "
         f"{data.test.num_classes} ({len(data.test)} images) on test. A retrieval score falls as "
         "the gallery holds more classes, since every query then has more images of other classes "
