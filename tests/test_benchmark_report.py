@@ -19,7 +19,13 @@ import pml_proxies
 from pml_proxies.benchmark import BenchmarkConfig, run_benchmark
 from pml_proxies.benchmark.cli import main
 from pml_proxies.benchmark.data import load_benchmark_data
-from pml_proxies.benchmark.report import caveats
+from pml_proxies.benchmark.report import (
+    caveats,
+    chance_precision,
+    loss_value_ratio,
+    report_title,
+    validation_gap,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +42,7 @@ def _section(text: str, title: str) -> str:
 
 def test_report_sections_hold_computed_values(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PML_PROXIES_COMMAND", raising=False)
     argv = ["--dataset", "digits", "--losses", "proxy_anchor,proxy_isa", "--seeds", "0,1",
             "--epochs", "2", "--iterations-per-epoch", "3", "--embedding-size", "16",
             "--batch-size", "16", "--map-samples", "50", "--log-freq", "1",
@@ -43,6 +50,7 @@ def test_report_sections_hold_computed_values(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     capsys.readouterr()
     text = (tmp_path / "out" / "report.md").read_text()
+    assert text.startswith("# Benchmark report (--dataset digits)\n")
     # the command as typed, versions, commit, device, threads, start and total time
     assert "pml-proxies-benchmark " + " ".join(argv) in text
     for version in (
@@ -76,7 +84,8 @@ def test_report_sections_hold_computed_values(tmp_path, monkeypatch, capsys):
     # caveats computed from this run
     cav = _section(text, "Caveats")
     assert "Only 2 validation classes" in cav
-    assert "Proxy-ISA's training loss is about 100 times" in cav
+    assert "about 100 times" not in cav  # the ratio is computed (test_caveats_rules)
+    assert "Validation MAP@R (mean of the runs' selected epochs" in cav
     assert "single seed" not in cav
     # every file, relative to the output folder; no absolute path anywhere
     files = _section(text, "Files")
@@ -118,6 +127,106 @@ def test_caveats_rules():
     assert "last one (epoch 4) for most losses (proxy_anchor, proxy_nca)" in text
     one_seed = summary.assign(seeds=1)
     assert "A single seed" in " ".join(caveats(config, data, results, one_seed))
+
+
+def _history_results(isa_scale: float) -> list[dict]:
+    """Runs with per-epoch training losses: Proxy-ISA's are ``isa_scale`` times 2, 1."""
+    losses = {"proxy_anchor": (2.0, 1.0), "mpa": (4.0, 3.0), "proxy_nca": (1.0, 0.5),
+              "proxy_isa": (2.0 * isa_scale, 1.0 * isa_scale)}  # fmt: skip
+    return [
+        {"loss": loss, "seed": s, "best_epoch": 2, "best_val_score": None, "test": None,
+         "history": [{"epoch": e + 1, "train_loss": v * (1 + s / 10)} for e, v in enumerate(vals)]}
+        for loss, vals in losses.items()
+        for s in (0, 1)
+    ]  # fmt: skip
+
+
+def test_proxy_isa_loss_ratio_is_computed_from_the_runs():
+    # per epoch, seed means (x1.05): epoch 1 Proxy-ISA 2 s against median(2, 4, 1) = 2 -> s;
+    # epoch 2: s against median(1, 3, 0.5) = 1 -> s. The largest is epoch 1's (the first of ties)
+    ratio, epoch = loss_value_ratio(_history_results(30.0), "proxy_isa")
+    assert ratio == pytest.approx(30.0) and epoch == 1
+    results = _history_results(7.3)
+    results[0]["history"][1]["train_loss"] = float("nan")  # unrecorded values are skipped
+    assert loss_value_ratio(results, "proxy_isa")[0] == pytest.approx(7.3)
+    assert loss_value_ratio([r for r in results if r["loss"] == "proxy_isa"], "proxy_isa") is None
+    assert loss_value_ratio([{**r, "history": []} for r in results], "proxy_isa") is None
+    config = _tiny("unused", ["proxy_anchor", "mpa", "proxy_nca", "proxy_isa"], seeds=[0, 1])
+    data = load_benchmark_data("digits")
+    summary = pd.DataFrame({"loss": [], "seeds": []})
+    big = " ".join(caveats(config, data, _history_results(30.0), summary))
+    assert "Proxy-ISA's training loss is 30 times the median of the other losses' in epoch 1" in big
+    small = " ".join(caveats(config, data, _history_results(7.3), summary))
+    assert "Proxy-ISA" not in small  # below 10x: no sentence
+
+
+def test_validation_gap_is_explained_by_the_class_counts():
+    import numpy as np
+
+    config = _tiny("unused", ["proxy_anchor"], seeds=[0, 1])
+    data = load_benchmark_data("digits")
+    m = config.primary_metric
+    results = [{"loss": "proxy_anchor", "seed": s, "best_epoch": 2, "best_val_score": v,
+                "test": {m: t}} for s, v, t in ((0, 0.70, 0.30), (1, 0.80, 0.36))]  # fmt: skip
+    text = validation_gap(config, data, results)
+    assert text is not None
+    assert "Validation MAP@R (mean of the runs' selected epochs, 75.0)" in text
+    assert "test MAP@R (33.0)" in text
+    counts = f"{data.val.num_classes} classes ({len(data.val)} images) against "
+    assert counts + f"{data.test.num_classes} ({len(data.test)} images)" in text
+    for split in (data.val, data.test):  # sum_c n_c (n_c - 1) / (N (N - 1)), by hand
+        n_c = np.bincount(split.labels)
+        n = len(split)
+        assert chance_precision(split.labels) == pytest.approx(
+            sum(c * (c - 1) for c in n_c.tolist()) / (n * (n - 1)), rel=1e-12
+        )
+        assert f"{100 * chance_precision(split.labels):.2f}%" in text
+    for r in results:
+        r["best_val_score"] = 0.2  # validation below test: nothing to explain
+    assert validation_gap(config, data, results) is None
+    assert validation_gap(config, data, [{**r, "test": None} for r in results]) is None
+
+
+def test_title_names_the_data_set_as_given():
+    config = _tiny("unused", ["proxy_anchor"], root="my data/birds", dataset_kwargs={"v": 1})
+    assert report_title(config) == (
+        "Benchmark report (--dataset digits --dataset-arg v=1 --root 'my data/birds')"
+    )
+    assert report_title(_tiny("unused", ["mpa"]), "Tuned benchmark report") == (
+        "Tuned benchmark report (--dataset digits)"
+    )
+
+
+def test_the_command_is_recorded_as_typed(monkeypatch):
+    from pml_proxies.benchmark.cli import build_parser, config_from_args
+    from pml_proxies.benchmark.config import typed_command
+    from pml_proxies.benchmark.tune.cli import _command
+
+    argv = ["--losses", "mpa", "--output", "a b"]
+    args = build_parser().parse_args(argv)
+    monkeypatch.delenv("PML_PROXIES_COMMAND", raising=False)
+    assert (
+        config_from_args(args, argv).command == "pml-proxies-benchmark --losses mpa --output 'a b'"
+    )
+    assert _command(["--trials", "2"]) == "pml-proxies-benchmark tune --trials 2"
+    monkeypatch.setenv("PML_PROXIES_COMMAND", "bash .ci/main")  # what .ci/main sets
+    assert config_from_args(args, argv).command == "bash .ci/main --losses mpa --output 'a b'"
+    assert _command(["--trials", "2"]) == "bash .ci/main tune --trials 2"
+    assert typed_command([]) == "bash .ci/main"
+    main_script = (REPO / ".ci" / "main").read_text()
+    assert 'export PML_PROXIES_COMMAND="bash $(printf %q "$0")"' in main_script
+
+
+def test_ci_main_records_its_own_invocation(tmp_path):
+    """The line of .ci/main that sets the variable, run by bash as .ci/main runs it."""
+    line = next(
+        x for x in (REPO / ".ci" / "main").read_text().splitlines() if "PML_PROXIES_COMMAND" in x
+    )
+    script = tmp_path / "my dir" / "main"
+    script.parent.mkdir()
+    script.write_text(f"{line}\nprintf '%s' \"$PML_PROXIES_COMMAND\"\n")
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
+    assert out.stdout == f"bash {str(script).replace(' ', chr(92) + ' ')}"
 
 
 def test_report_only_rebuilds_without_training(tmp_path, capsys):

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import shlex
 import sys
 from dataclasses import fields
 from typing import Any
 
-from .config import BenchmarkConfig, ConfigError, field_default
+from .config import BenchmarkConfig, ConfigError, field_default, typed_command
 
 #: ``--quick``: a smoke test of the whole pipeline (tests / CI); explicit options still win.
 QUICK: dict[str, Any] = dict(
@@ -168,7 +167,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchmarkConf
     if "loss_params" in given:
         values["loss_params"] = _parse_loss_params(given["loss_params"])
     values["progress"] = not getattr(args, "no_progress", False)
-    values["command"] = "pml-proxies-benchmark " + " ".join(shlex.quote(a) for a in argv)
+    values["command"] = typed_command(argv)
     return BenchmarkConfig(**values)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -32,7 +33,13 @@ NON_PROTOCOL_FIELDS = (
     "map_method",
     "map_samples",
     "loss_params",
+    "equivalence_margin",
 )
+
+#: default equivalence margin of the report's verdicts, in the report's units (metric x100)
+DEFAULT_EQUIVALENCE_MARGIN = 1.0
+#: default seeds (five: enough for the paired tests to decide clear differences)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 MAP_METHODS = ("pca", "tsne")
@@ -93,7 +100,12 @@ class BenchmarkConfig:
     losses: list[str] = _opt(
         [], "comma-separated loss names, or 'all' (every available loss)", default_text="all"
     )
-    seeds: list[int] = _opt([0, 1, 2], "seeds, e.g. '0,1,2'", type=_int_list, default_text="0,1,2")
+    seeds: list[int] = _opt(
+        list(DEFAULT_SEEDS),
+        "seeds, e.g. '0,1,2'",
+        type=_int_list,
+        default_text=",".join(map(str, DEFAULT_SEEDS)),
+    )
     output: str = _opt(
         "benchmark_results",
         "output folder (resumable; holds runs of one protocol)",
@@ -211,6 +223,16 @@ class BenchmarkConfig:
                            "evaluation and execution", choices=MAP_METHODS, flag="--map")  # fmt: skip
     map_samples: int = _opt(1000, "points per embedding map", "evaluation and execution",
                             type=int, default_text="1000; --quick 300")  # fmt: skip
+    # report
+    equivalence_margin: float = _opt(
+        DEFAULT_EQUIVALENCE_MARGIN,
+        "equivalence margin of the report's verdicts against proxy_anchor, in points of the "
+        "metric x100 as the report prints it (1.0: one MAP@R point): a loss is 'equivalent' when "
+        "two one-sided tests show its seed-paired difference lies within ±margin; a report "
+        "setting, not part of the protocol (--report-only may change it)",
+        "report",
+        type=float,
+    )
     command: str = _opt("", "the command line that made this config", cli=False)
 
     # ------------------------------------------------------------- trunk defaults
@@ -331,6 +353,18 @@ def protocol_fingerprint(protocol: dict, loss_name: str | None, loss_params: dic
         d["loss_params"] = loss_params or {}
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: the command that started the command line, where it is not ``pml-proxies-benchmark`` (set
+#: by ``.ci/main`` to ``bash .ci/main``): the report shows the command as the user typed it
+COMMAND_ENV = "PML_PROXIES_COMMAND"
+
+
+def typed_command(argv: list[str], subcommand: str | None = None) -> str:
+    """The command line of ``argv`` as typed (shell-quoted): ``$PML_PROXIES_COMMAND`` (else
+    ``pml-proxies-benchmark``), then ``subcommand`` (e.g. ``tune``) and the arguments."""
+    program = os.environ.get(COMMAND_ENV, "").strip() or "pml-proxies-benchmark"
+    return " ".join([program, *([subcommand] if subcommand else []), *map(shlex.quote, argv)])
 
 
 def config_fields() -> tuple:
@@ -502,4 +536,5 @@ _CHECKS = (
     ("progress", check_bool),
     ("map_method", lambda n, v: check_choice(n, v, MAP_METHODS)),
     ("map_samples", _positive_int(1)),
+    ("equivalence_margin", _positive_real),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -11,11 +12,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
+from .config import DEFAULT_EQUIVALENCE_MARGIN
 from .metrics import metric_label, metric_order
 from .plots import plot_embedding_maps, plot_metric_bars, plot_training_curves  # noqa: F401
-from .stats import mean_confidence_interval, paired_difference, paired_verdict
+from .stats import (
+    holm,
+    mean_confidence_interval,
+    paired_difference,
+    paired_differences,
+    paired_t_tests,
+    seeds_needed,
+    verdict,
+)
 
 if TYPE_CHECKING:
     from .config import BenchmarkConfig
@@ -79,46 +90,156 @@ def comparison_table(
     metrics: list[str],
     baseline: str = BASELINE,
     confidence: float = 0.95,
+    margin: float = DEFAULT_EQUIVALENCE_MARGIN,
 ) -> pd.DataFrame:
     """Per loss other than ``baseline``: the seed-paired difference to ``baseline`` of each of
-    ``metrics`` (columns ``<metric>_diff``, ``<metric>_ci95``), the number of paired seeds and the
-    verdict on ``metrics[0]`` (:func:`~pml_proxies.benchmark.stats.paired_verdict`). Empty when
-    ``baseline`` was not run."""
+    ``metrics`` (columns ``<metric>_diff``, ``<metric>_ci95``: mean and t-interval half width,
+    raw metric units) and the tests and verdict on ``metrics[0]``. Empty when ``baseline`` was
+    not run.
+
+    The tests (:func:`~pml_proxies.benchmark.stats.paired_t_tests`, level ``alpha = 1 -
+    confidence``): ``p_difference`` (two-sided paired t-test of "no difference") and
+    ``p_equivalence`` (TOST of "differs by ``margin`` or more"; ``margin`` in the report's
+    units, metric x100: 1.0 is one MAP@R point), and their adjusted values ``*_holm``: one Holm
+    family of the ``2 m`` hypotheses of the ``m`` tested losses; a loss's two hypotheses cannot
+    both be true, so the step-down multiplier counts losses, not hypotheses
+    (:func:`~pml_proxies.benchmark.stats.holm` with groups): the family-wise error rate of every
+    "better", "worse" and "equivalent" of the table together is at most ``alpha``. The verdict
+    (:func:`~pml_proxies.benchmark.stats.verdict`) follows from the adjusted p-values.
+    ``seeds_for_difference`` / ``seeds_for_equivalence``: the seeds a test at level ``alpha / m``
+    (Holm's first step) would need for 80% power at the observed mean and SD of the differences
+    (:func:`~pml_proxies.benchmark.stats.seeds_needed`). ``equivalence_margin``: ``margin``."""
+    tests = ["p_difference", "p_difference_holm", "p_equivalence", "p_equivalence_holm",
+             "seeds_for_difference", "seeds_for_equivalence", "equivalence_margin"]  # fmt: skip
     columns = ["loss", "paired_seeds", *[f"{m}_{k}" for m in metrics for k in ("diff", "ci95")]]
+    columns += [*tests, "verdict"]
     if baseline not in set(runs["loss"]):
-        return pd.DataFrame(columns=[*columns, "verdict"])
+        return pd.DataFrame(columns=columns)
+    alpha, raw_margin = 1.0 - confidence, margin / 100.0
     base = runs[runs["loss"] == baseline].set_index("seed")
-    rows = []
+    rows, spreads = [], []
     for loss in [n for n in loss_order if n in set(runs["loss"]) and n != baseline]:
         sub = runs[runs["loss"] == loss].set_index("seed")
         row: dict[str, Any] = {"loss": loss}
         for m in metrics:
             mean, half, n = paired_difference(sub[m].to_dict(), base[m].to_dict(), confidence)
-            row.setdefault("paired_seeds", n)  # of the first metric, the verdict's
+            row.setdefault("paired_seeds", n)  # of the first metric, the tested one
             row.update({f"{m}_diff": mean, f"{m}_ci95": half})
-        row["verdict"] = paired_verdict(row[f"{metrics[0]}_diff"], row[f"{metrics[0]}_ci95"])
+        diffs = paired_differences(sub[metrics[0]].to_dict(), base[metrics[0]].to_dict())
+        row["p_difference"], row["p_equivalence"] = paired_t_tests(diffs, raw_margin)
+        spreads.append(float(diffs.std(ddof=1)) if diffs.size > 1 else math.nan)
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*columns, "verdict"])
+    table = pd.DataFrame(rows, columns=columns)
+    if table.empty:
+        return table
+    n_rows = len(table)
+    adjusted = holm([*table["p_difference"], *table["p_equivalence"]], [*table["loss"]] * 2)
+    table["p_difference_holm"], table["p_equivalence_holm"] = adjusted[:n_rows], adjusted[n_rows:]
+    level = alpha / max(1, int(table["p_difference"].notna().sum()))
+    mean = table[f"{metrics[0]}_diff"].to_numpy(dtype=np.float64)
+    table["seeds_for_difference"] = [seeds_needed(abs(d), s, level) for d, s in zip(mean, spreads)]
+    table["seeds_for_equivalence"] = [
+        seeds_needed(raw_margin - abs(d), s, level, sides=1) for d, s in zip(mean, spreads)
+    ]
+    table["equivalence_margin"] = margin
+    table["verdict"] = [
+        verdict(d, p, q, f"{margin:g}", alpha)
+        for d, p, q in zip(mean, table["p_difference_holm"], table["p_equivalence_holm"])
+    ]
+    return table
+
+
+#: what the report says of reproducibility
+REPRODUCIBILITY = (
+    "runs are bit-reproducible on one machine only (on another CPU model, or under another torch "
+    "kernel choice such as `ATEN_CPU_CAPABILITY`, float rounding differs, training amplifies it, "
+    "and every number moves by about the spread between seeds)"
+)
 
 
 def comparison_markdown(table: pd.DataFrame, metrics: list[str], baseline: str = BASELINE) -> str:
-    """The paired comparison as a Markdown table with a sentence saying how to read it."""
+    """The paired comparison as a Markdown table with the sentences saying how to read it."""
     if table.empty:
         return f"(not computed: {baseline} was not run)"
+    label = metric_label(metrics[0])
+    margin = float(table["equivalence_margin"].iloc[0])
     out = pd.DataFrame({"loss": table["loss"], "paired seeds": table["paired_seeds"]})
-    for m in metrics:
+    for m in metrics:  # the tested metric's p-values beside its interval
         out[f"{metric_label(m)} - {baseline}"] = [
             _fmt_signed(a, b) for a, b in zip(table[f"{m}_diff"], table[f"{m}_ci95"])
         ]
-    out[f"{metric_label(metrics[0])} verdict"] = table["verdict"]
+        if m == metrics[0]:
+            out["Holm p (difference)"] = table["p_difference_holm"].map(_fmt_p)
+            out[f"Holm p (equivalence ±{margin:g})"] = table["p_equivalence_holm"].map(_fmt_p)
+    out[f"{label} verdict"] = [
+        v if v != "inconclusive" else f"inconclusive ({_seeds_text(a, b, margin)})"
+        for v, a, b in zip(
+            table["verdict"], table["seeds_for_difference"], table["seeds_for_equivalence"]
+        )
+    ]
+    tested = int(table["p_difference"].notna().sum())
+    tests = (
+        f"Tests on {label} (paired t-tests over the seeds, 5% family-wise error rate): "
+        f'"better" / "worse": the difference from {baseline} is significant; "equivalent '
+        f'within ±{margin:g}": both one-sided tests (TOST) show that it lies within '
+        f'±{margin:g} {label} point(s) (`--equivalence-margin`); "inconclusive": neither, '
+        "with the seeds a test would need to decide at the observed mean and spread (80% "
+        f"power at level 0.05/{tested}, t approximation; a rough guide). The p-values are "
+        f"Holm-adjusted over the {2 * tested} tests of the {tested} loss(es) (a loss cannot be "
+        "both equal to and farther than the margin from the baseline, so the step-down counts "
+        "losses: Shaffer's constrained Holm test)."
+        if tested
+        else "No test: a difference needs two paired seeds or more."
+    )
+    untested = ", ".join(metric_label(m) for m in metrics[1:])
     return "\n".join(
         [
             f"Each loss minus {baseline} on the same seeds (a seed fixes the initial network and "
-            'the batches), x100, mean ± 95% CI half width over the seeds; "above" or '
-            f'"below": the interval of {metric_label(metrics[0])} excludes 0.',
+            f"the batches), x100, mean ± 95% t-interval half width over the seeds. {tests}"
+            + (f" {untested}: the intervals only, untested." if untested else ""),
             "",
             to_markdown(out),
+            "",
+            "A verdict is claimed only when the adjusted tests reject, so that float rounding does "
+            "not decide it: runs are bit-reproducible on one machine only, and on another the "
+            "numbers move by about the spread between seeds.",
         ]
+    )
+
+
+def write_comparison(
+    config: BenchmarkConfig, runs: pd.DataFrame, loss_order: list[str], path: Path
+) -> str:
+    """Compare every loss of ``runs`` with :data:`BASELINE` (:func:`comparison_table` on
+    :func:`comparison_metrics`, ``config.equivalence_margin``), write the table to ``path``
+    (CSV) and return its Markdown; without the baseline, ``""`` (and no file at ``path``: a stale
+    one is removed)."""
+    metrics = comparison_metrics(config.primary_metric, runs)
+    table = comparison_table(runs, loss_order, metrics, margin=config.equivalence_margin)
+    if table.empty:
+        Path(path).unlink(missing_ok=True)
+        return ""
+    table.to_csv(path, index=False)
+    return comparison_markdown(table, metrics)
+
+
+def _fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _seeds_text(difference: float, equivalence: float, margin: float) -> str:
+    """How many seeds would decide, e.g. ``"difference: ~12 seeds; equivalence: ~7 seeds"``."""
+
+    def one(n: float, never: str) -> str:
+        if math.isnan(n):
+            return "-"
+        return f"never ({never})" if math.isinf(n) else f"~{int(n)} seeds"
+
+    return (
+        f"difference: {one(difference, 'mean 0')}; "
+        f"equivalence: {one(equivalence, f'mean beyond ±{margin:g}')}"
     )
 
 
@@ -224,6 +345,21 @@ def _yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def dataset_argument(config: BenchmarkConfig) -> str:
+    """The data set as the command gave it: ``--dataset NAME`` with its ``--dataset-arg`` and
+    ``--root`` options (the loader's name alone would misname a user's own folder)."""
+    parts = [f"--dataset {shlex.quote(config.dataset)}"]
+    parts += [f"--dataset-arg {shlex.quote(f'{k}={v}')}" for k, v in config.dataset_kwargs.items()]
+    if config.root is not None:
+        parts.append(f"--root {shlex.quote(str(config.root))}")
+    return " ".join(parts)
+
+
+def report_title(config: BenchmarkConfig, kind: str = "Benchmark report") -> str:
+    """The report's title: ``kind`` and the data set as given (:func:`dataset_argument`)."""
+    return f"{kind} ({dataset_argument(config)})"
+
+
 def protocol_sentences(
     config: BenchmarkConfig, data: BenchmarkData, spec: RunSpec, results: list[dict]
 ) -> list[str]:
@@ -232,7 +368,7 @@ def protocol_sentences(
     batches = ", ".join(f"{b} images ({b // m} classes x {m} images)" for b, m in geometry)
     t = spec.trunk
     lines = [
-        f"Data set `{config.dataset}`: the model trains on {len(data.train)} images of "
+        f"Data set (`{dataset_argument(config)}`): the model trains on {len(data.train)} images of "
         f"{data.train.num_classes} training classes; {len(data.val)} images of "
         f"{data.val.num_classes} other training-split classes are held out for model selection "
         f"(validation); the test set has {len(data.test)} images of {data.test.num_classes} "
@@ -279,9 +415,70 @@ def protocol_sentences(
     lines.append(
         f"Statistics: seeds {seeds}; tables show the mean over seeds and the half width of the "
         "95% Student-t confidence interval, metrics x100; retrieval is leave-one-out on the test "
-        "set (PML's AccuracyCalculator convention)."
+        f"set (PML's AccuracyCalculator convention); {REPRODUCIBILITY}."
     )
     return lines
+
+
+#: a loss whose training loss is at least this many times the others' gets a caveat
+LOSS_RATIO_CAVEAT = 10.0
+
+
+def loss_value_ratio(results: list[dict], loss: str) -> tuple[float, int] | None:
+    """The largest ratio, over the epochs, of ``loss``'s training loss to the median of the
+    other losses' (each the mean over seeds of the epoch's mean training loss recorded in the
+    runs' ``history``, absolute values), and its epoch; ``None`` without ``loss``, another loss
+    or a recorded training loss."""
+    per_epoch: dict[tuple[str, int], list[float]] = {}
+    for r in results:
+        for row in r.get("history") or []:
+            value = row.get("train_loss")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                per_epoch.setdefault((r["loss"], int(row["epoch"])), []).append(abs(value))
+    best = None
+    for epoch in sorted({e for n, e in per_epoch if n == loss}):
+        others = [float(np.mean(v)) for (n, e), v in per_epoch.items() if e == epoch and n != loss]
+        median = float(np.median(others)) if others else 0.0
+        if median > 0:
+            ratio = float(np.mean(per_epoch[loss, epoch])) / median
+            if best is None or ratio > best[0]:
+                best = (ratio, epoch)
+    return best
+
+
+def chance_precision(labels) -> float:
+    """The precision of a random ranking on a leave-one-out set with these labels: the chance
+    that another sample shares a random query's class, ``sum_c n_c (n_c - 1) / (N (N - 1))``."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64)).astype(np.float64)
+    n = counts.sum()
+    return float((counts * (counts - 1)).sum() / (n * (n - 1))) if n > 1 else math.nan
+
+
+def validation_gap(config: BenchmarkConfig, data: BenchmarkData, results: list[dict]) -> str | None:
+    """The caveat explaining a validation score above the test score by the sizes of the two
+    sets (computed from the runs' selected validation scores and the splits' class counts), or
+    ``None`` when validation is not above test or the validation set is not the smaller."""
+    primary = config.primary_metric
+    val = [r["best_val_score"] for r in results if r.get("best_val_score") is not None]
+    test = [r["test"][primary] for r in results if (r.get("test") or {}).get(primary) is not None]
+    if not val or not test or len(data.val) < 2 or len(data.test) < 2:
+        return None
+    val_mean, test_mean = float(np.mean(val)), float(np.mean(test))
+    if val_mean <= test_mean or data.val.num_classes >= data.test.num_classes:
+        return None
+    label = metric_label(primary)
+    return (
+        f"Validation {label} (mean of the runs' selected epochs, {100 * val_mean:.1f}) is above "
+        f"test {label} ({100 * test_mean:.1f}), as the sizes of the two sets lead one to expect: "
+        f"{data.val.num_classes} classes ({len(data.val)} images) against "
+        f"{data.test.num_classes} ({len(data.test)} images) on test. A retrieval score falls as "
+        "the gallery holds more classes, since every query then has more images of other classes "
+        "that can outrank its own: a random ranking's precision is "
+        f"{100 * chance_precision(data.val.labels):.2f}% on the validation set and "
+        f"{100 * chance_precision(data.test.labels):.2f}% on the test set. The validation score "
+        "is also the best of the validated epochs (an upward-biased pick). Compare validation "
+        "scores only with each other; they select the epoch."
+    )
 
 
 def caveats(
@@ -347,13 +544,18 @@ def caveats(
                     f"{summary['loss'].iloc[best]} (the highest mean) and of "
                     f"{', '.join(overlap)} overlap: this run supports no ranking among them."
                 )
-    if "proxy_isa" in by_loss:
+    ratio = loss_value_ratio(results, "proxy_isa")
+    if ratio is not None and ratio[0] >= LOSS_RATIO_CAVEAT:
         out.append(
-            "Proxy-ISA's training loss is about 100 times the others' in the first epochs: its "
-            "eq. 13 divides the negative term by the mean negative weight (about 1/E_c before "
-            "the memory starts). This is the paper's loss, not a bug; compare losses by their "
-            "retrieval metrics, not by their loss values."
+            f"Proxy-ISA's training loss is {ratio[0]:.0f} times the median of the other losses' "
+            f"in epoch {ratio[1]} (the largest ratio of this run's per-epoch training losses, "
+            "mean over seeds): its eq. 13 divides the negative term by the mean negative weight "
+            "(about 1/E_c before the memory starts). This is the paper's loss, not a bug; compare "
+            "losses by their retrieval metrics, not by their loss values."
         )
+    gap = validation_gap(config, data, results)
+    if gap is not None:
+        out.append(gap)
     return out
 
 
@@ -434,7 +636,7 @@ def report_markdown(
     plots = [f"![{k}]({v})" for k, v in rel.items() if v.endswith(".png") and files[k].is_file()]
     return "\n".join(
         [
-            f"# Benchmark report: {config.dataset}",
+            f"# {report_title(config)}",
             "",
             "Command, as typed:",
             "",
@@ -495,8 +697,6 @@ def write_report(
     loss_order = list(dict.fromkeys(s.loss for s in specs))
     summary = summary_table(runs, loss_order)
     table_md = to_markdown(display_table(summary))
-    metrics = comparison_metrics(config.primary_metric, runs)
-    comparison = comparison_table(runs, loss_order, metrics)
     files = {
         "runs_csv": output / "runs.csv",
         "summary_csv": output / "summary.csv",
@@ -509,11 +709,9 @@ def write_report(
     runs.to_csv(files["runs_csv"], index=False)
     summary.to_csv(files["summary_csv"], index=False)
     files["summary_md"].write_text(table_md + "\n")
-    comparison_md = ""
-    if not comparison.empty:
+    comparison_md = write_comparison(config, runs, loss_order, output / "comparison.csv")
+    if comparison_md:
         files["comparison_csv"] = output / "comparison.csv"
-        comparison.to_csv(files["comparison_csv"], index=False)
-        comparison_md = comparison_markdown(comparison, metrics)
     first_seed: dict[str, int] = {}
     for r in sorted(results, key=lambda r: config.seeds.index(r["seed"])):
         first_seed.setdefault(r["loss"], r["seed"])

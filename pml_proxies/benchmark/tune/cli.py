@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import shlex
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from ..cli import build_parser as build_benchmark_parser
 from ..cli import config_from_args
-from ..config import BenchmarkConfig, ConfigError
+from ..config import BenchmarkConfig, ConfigError, typed_command
 from ..losses import LOSS_NAMES, LOSSES
 
 PROG = "pml-proxies-benchmark tune"
@@ -109,7 +108,7 @@ def _load_objective(target: str):
 
 def _command(argv: list[str]) -> str:
     """The command line of ``argv`` as typed (shell-quoted)."""
-    return f"{PROG} " + " ".join(shlex.quote(a) for a in argv)
+    return typed_command(argv, "tune")
 
 
 def _worker_argv(argv: list[str], index: int) -> list[str]:

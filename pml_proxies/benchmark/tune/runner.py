@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import BenchmarkConfig
 from ..parallel import RunFailure
+from ..report import report_title
 from . import report as tune_report
 from .spaces import SpaceEntry
 from .study import SearchSettings, default_storage, make_storage, run_worker
@@ -152,7 +153,7 @@ def run_tune(
         (s.user_attrs.get("command") for s in studies.values() if s is not None), config.command
     )
     header = [
-        f"# Tuned benchmark report: {config.dataset}",
+        f"# {report_title(config, 'Tuned benchmark report')}",
         "",
         "Search command (the command that created the studies):",
         "",
@@ -201,15 +202,15 @@ def _tuned_section(config: BenchmarkConfig, results: list[dict], losses: list[st
     tuned.mkdir(parents=True, exist_ok=True)
     runs = bench_report.runs_table(results)
     runs.to_csv(tuned / "runs.csv", index=False)
-    metrics = bench_report.comparison_metrics(config.primary_metric, runs)
-    comparison = bench_report.comparison_table(runs, list(summary["loss"]), metrics)
+    comparison_md = bench_report.write_comparison(
+        config, runs, list(summary["loss"]), tuned / "comparison.csv"
+    )
     compared = []
-    if not comparison.empty:
-        comparison.to_csv(tuned / "comparison.csv", index=False)
+    if comparison_md:
         compared = [
             f"### Tuned against tuned {bench_report.BASELINE} (seed-paired differences)",
             "",
-            bench_report.comparison_markdown(comparison, metrics),
+            comparison_md,
             "",
         ]
     summary.to_csv(tuned / "summary.csv", index=False)
