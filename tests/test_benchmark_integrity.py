@@ -296,17 +296,45 @@ def test_cli_value_errors_are_usage_errors_before_any_output(tmp_path, capsys, a
         main([*argv, "--output", str(out)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("pml-proxies-benchmark: error: argument " + option), last
-    assert "Traceback" not in err
+    _assert_usage_error(err, "pml-proxies-benchmark", "argument " + option)
     assert not out.exists()
+
+
+def _assert_usage_error(err: str, prog: str, starts: str) -> None:
+    """``err`` is the two lines of a usage error: the error, then where the help is (not the
+    usage block)."""
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f"{prog}: error: {starts}"), err
+    assert lines[1] == f"see '{prog} --help'"
+
+
+@pytest.mark.parametrize(
+    "argv, starts",
+    [
+        (["--epochs"], "argument --epochs: expected one argument"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--trunk", "vgg"], "argument --trunk: invalid choice"),
+    ],
+)
+def test_usage_errors_are_two_lines_for_the_benchmark_and_tune(capsys, argv, starts):
+    from pml_proxies.benchmark.tune.cli import main as tune_main
+
+    for run, prog in [(main, "pml-proxies-benchmark"), (tune_main, "pml-proxies-benchmark tune")]:
+        with pytest.raises(SystemExit) as info:
+            run(argv)
+        assert info.value.code == 2
+        _assert_usage_error(capsys.readouterr().err, prog, starts)
+    with pytest.raises(SystemExit):  # tune through the benchmark's command
+        main(["tune", "--trials", "0"])
+    _assert_usage_error(capsys.readouterr().err, "pml-proxies-benchmark tune", "--trials")
 
 
 def test_loss_param_error_names_loss_argument_and_type(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--loss-param", "mpa.centers_per_class=2.5", "--output", str(tmp_path / "x")])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "'mpa'" in last and "'centers_per_class'" in last and "an integer" in last
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "'mpa'" in first and "'centers_per_class'" in first and "an integer" in first
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_traceback(monkeypatch, tmp_path, capsys):
