@@ -181,6 +181,77 @@ def test_protocol_recorded_by_older_config_json_is_honoured(tmp_path):
         run_benchmark(_tiny(out, ["mpa"], iterations_per_epoch=3))
 
 
+PROTOCOL_DAMAGES = {
+    # a setting missing: another protocol (here 3 epochs) must not get in, nor the same one
+    "missing": (lambda p: p["protocol"].pop("epochs"), "'protocol.epochs' is missing"),
+    "wrong_type": (
+        lambda p: p["protocol"].update(epochs="2"),
+        "'protocol.epochs' is \"2\", expected an integer",
+    ),
+    "list_item": (
+        lambda p: p["protocol"].update(recall_ks=[1, "2"]),
+        "'protocol.recall_ks[1]' is \"2\", expected an integer",
+    ),
+    "optional_wrong_type": (
+        lambda p: p["protocol"].update(lr="fast"),
+        "'protocol.lr' is \"fast\", expected a number or null",
+    ),
+    "no_protocol": (lambda p: p.pop("protocol"), "'protocol' is missing"),
+    "protocol_not_object": (
+        lambda p: p.update(protocol=[]),
+        "'protocol' is [], expected an object",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(PROTOCOL_DAMAGES))
+def test_protocol_json_checked_against_its_schema(tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    path = out / "protocol.json"
+    edit, named = PROTOCOL_DAMAGES[damage]
+    record = {"protocol": _tiny(out, ["proxy_anchor"]).protocol()}
+    edit(record)
+    path.write_text(json.dumps(record))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for epochs in (2, 3):  # the recorded protocol's, and another
+        with pytest.raises(ProtocolMismatch) as info:
+            run_benchmark(_tiny(out, ["proxy_anchor"], epochs=epochs))
+        assert str(path) in str(info.value) and named in str(info.value)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    rc = main(["--dataset", "digits", "--losses", "proxy_anchor", "--output", str(out),
+               "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and "Traceback" not in err
+
+
+def test_protocol_schema_is_the_configs_and_accepts_what_is_written(tmp_path):
+    from pml_proxies.benchmark.runner import protocol_schema, recorded_protocol
+    from pml_proxies.benchmark.schema import schema_problem
+
+    config = _tiny(tmp_path / "out", ["proxy_anchor"], lr=0.01, val_fraction=0, image_size=8)
+    assert set(protocol_schema()["protocol"]) == set(config.protocol())
+    run_benchmark(config)
+    written = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    assert schema_problem(written, protocol_schema()) is None
+    assert recorded_protocol(tmp_path / "out") == json.loads(json.dumps(config.protocol()))
+
+
+def test_report_only_of_a_missing_folder_is_refused_and_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "parent" / "missing"
+    with pytest.raises(SystemExit) as info:
+        main(["--dataset", "digits", "--losses", "proxy_anchor", "--output", str(missing),
+              "--report-only", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.splitlines()[0].startswith("pml-proxies-benchmark: error: argument --output: ")
+    assert str(missing) in err and "--report-only" in err
+    assert not (tmp_path / "parent").exists()
+    with pytest.raises(ConfigError, match="--report-only"):
+        run_benchmark(_tiny(missing, ["proxy_anchor"]), report_only=True)
+    assert not (tmp_path / "parent").exists()
+
+
 def test_second_invocation_on_a_locked_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()
@@ -228,7 +299,41 @@ DAMAGES = {
         (run / "map_data.npz").read_bytes()[:100]
     ),
     "no_result": lambda run: (run / "result.json").unlink(),
+    # valid JSON objects with every key, but not a result of this protocol's run
+    "best_epoch_not_int": lambda run: _edit_result(run, best_epoch="two"),
+    "seed_a_string": lambda run: _edit_result(run, seed="0"),
+    "metric_not_a_number": lambda run: _edit_result(run, test={"precision_at_1": "high"}),
+    "metric_missing": lambda run: _edit_result(run, drop_metric="mean_average_precision_at_r"),
+    "history_row_not_object": lambda run: _edit_result(run, history=[1, 2]),
+    "fingerprint_not_string": lambda run: _edit_result(run, config_fingerprint=None),
+    "lacks_command": lambda run: _edit_result(run, drop="command"),
+    "other_seed": lambda run: _edit_result(run, seed=7),
 }
+#: what the note of each damage names (the field, or the file's problem)
+DAMAGE_NAMES = {
+    "best_epoch_not_int": "'best_epoch' is \"two\", expected an integer",
+    "seed_a_string": "'seed' is \"0\", expected an integer",
+    "metric_not_a_number": "'test.precision_at_1' is \"high\", expected a number",
+    "metric_missing": "lacks the metric(s) mean_average_precision_at_r",
+    "history_row_not_object": "'history[0]' is 1, expected an object",
+    "fingerprint_not_string": "'config_fingerprint' is null, expected a string",
+    "lacks_command": "'command' is missing",
+    "other_seed": "'seed' is 7, expected 0",
+    "result_lacks_keys": "'seed', 'best_epoch', ",
+}
+
+
+def _edit_result(run: Path, drop: str | None = None, drop_metric: str | None = None, **fields):
+    path = run / "result.json"
+    result = json.loads(path.read_text())
+    if "test" in fields:
+        fields["test"] = {**result["test"], **fields["test"]}
+    result.update(fields)
+    if drop is not None:
+        del result[drop]
+    if drop_metric is not None:
+        del result["test"][drop_metric]
+    path.write_text(json.dumps(result))
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -243,6 +348,7 @@ def test_damaged_run_reported_and_redone(tmp_path, capsys, damage):
     err = capsys.readouterr().err
     assert second["skipped"] == 0
     assert str(run) in err and "trained again" in err
+    assert DAMAGE_NAMES.get(damage, "") in err
     result = json.loads((run / "result.json").read_text())
     assert isinstance(result, dict) and set(result["test"]) >= {"precision_at_1"}
     assert len(np.load(run / "map_data.npz")["embeddings"]) > 0

@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with catching_interrupts():
             out = run_benchmark(config, report_only=args.report_only)
+    except ConfigError as e:  # e.g. --report-only of a folder that does not exist
+        _usage_error(parser, e)
     except (ProtocolMismatch, FolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ProtocolMismatch) else 3
