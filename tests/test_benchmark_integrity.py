@@ -496,3 +496,66 @@ def test_line_progress_has_no_escape_codes():
     silent = io.StringIO()
     assert list(progress_bar(range(3), "x", enabled=False, stream=silent)) == [0, 1, 2]
     assert silent.getvalue() == ""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_line_progress_writes_only_changes_at_most_every_period():
+    """A bar of runs: a line when a run finishes; while waiting, nothing (the same line is never
+    written twice); other changes (the postfix) at most every ``period`` seconds."""
+    clock, stream = FakeClock(), io.StringIO()
+
+    def runs():
+        for run in range(3):
+            for _ in range(120):  # two minutes of waiting, refreshed every second
+                clock.now += 1.0
+                bar.refresh()
+            yield run
+
+    bar = LineProgress(runs(), "benchmark", stream=stream, total=3, each_item=True, clock=clock)
+    for run in bar:
+        bar.set_postfix_str(f"run {run} done")
+    assert stream.getvalue().splitlines() == [
+        "benchmark: 1/3, 120 s, run 0 done",
+        "benchmark: 2/3, 240 s, run 1 done",
+        "benchmark: 3/3, 360 s, run 2 done",
+    ]
+    # an epoch bar (not each item): a line when something changed, at most every 30 s
+    clock, stream = FakeClock(), io.StringIO()
+
+    def batches():
+        for i in range(100):
+            clock.now += 1.0
+            yield i
+
+    bar = LineProgress(batches(), "ep1", stream=stream, final_line=False, total=100, clock=clock)
+    for _ in bar:
+        bar.set_postfix(loss=1.0)
+    assert stream.getvalue().splitlines() == [
+        f"ep1: {n}/100, {n} s, loss=1.0" for n in (30, 60, 90)
+    ]
+    # a postfix change alone is a change; no change, no line, however long the wait
+    clock, stream = FakeClock(), io.StringIO()
+
+    def slow():
+        yield 0
+        for _ in range(3):
+            clock.now += 100.0
+            bar.refresh()
+        bar.set_postfix_str("x")
+        bar.refresh()
+        yield 1
+
+    bar = LineProgress(slow(), "b", stream=stream, total=2, clock=clock)
+    list(bar)
+    assert stream.getvalue().splitlines() == [
+        "b: 1/2, 100 s",
+        "b: 1/2, 300 s, x",
+        "b: 2/2, 300 s, x",
+    ]

@@ -154,8 +154,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--no-progress",
         action="store_true",
-        help="no progress display (default: tqdm bars on a terminal, else one line every few "
-        "seconds)",
+        help="no progress display (default: tqdm bars on a terminal, else a line when a run "
+        "finishes, and at most every 30 s when something else changed)",
     )
     p.add_argument(
         "--debug", action="store_true", help="show Python tracebacks of errors (default: no)"

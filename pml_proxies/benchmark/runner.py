@@ -280,7 +280,9 @@ def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_onl
     outcomes = train_runs(
         [specs[i] for i in todo], data, output, config, info.jobs, on_wait=lambda: bar.refresh()
     )
-    bar = progress_bar(outcomes, desc="benchmark", enabled=config.progress, total=len(todo))
+    bar = progress_bar(
+        outcomes, desc="benchmark", enabled=config.progress, total=len(todo), each_item=True
+    )
     with contextlib.closing(outcomes):  # an interruption stops the workers
         for k, outcome in bar:
             spec = specs[todo[k]]
