@@ -181,6 +181,77 @@ def test_protocol_recorded_by_older_config_json_is_honoured(tmp_path):
         run_benchmark(_tiny(out, ["mpa"], iterations_per_epoch=3))
 
 
+PROTOCOL_DAMAGES = {
+    # a setting missing: another protocol (here 3 epochs) must not get in, nor the same one
+    "missing": (lambda p: p["protocol"].pop("epochs"), "'protocol.epochs' is missing"),
+    "wrong_type": (
+        lambda p: p["protocol"].update(epochs="2"),
+        "'protocol.epochs' is \"2\", expected an integer",
+    ),
+    "list_item": (
+        lambda p: p["protocol"].update(recall_ks=[1, "2"]),
+        "'protocol.recall_ks[1]' is \"2\", expected an integer",
+    ),
+    "optional_wrong_type": (
+        lambda p: p["protocol"].update(lr="fast"),
+        "'protocol.lr' is \"fast\", expected a number or null",
+    ),
+    "no_protocol": (lambda p: p.pop("protocol"), "'protocol' is missing"),
+    "protocol_not_object": (
+        lambda p: p.update(protocol=[]),
+        "'protocol' is [], expected an object",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(PROTOCOL_DAMAGES))
+def test_protocol_json_checked_against_its_schema(tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    path = out / "protocol.json"
+    edit, named = PROTOCOL_DAMAGES[damage]
+    record = {"protocol": _tiny(out, ["proxy_anchor"]).protocol()}
+    edit(record)
+    path.write_text(json.dumps(record))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for epochs in (2, 3):  # the recorded protocol's, and another
+        with pytest.raises(ProtocolMismatch) as info:
+            run_benchmark(_tiny(out, ["proxy_anchor"], epochs=epochs))
+        assert str(path) in str(info.value) and named in str(info.value)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    rc = main(["--dataset", "digits", "--losses", "proxy_anchor", "--output", str(out),
+               "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and "Traceback" not in err
+
+
+def test_protocol_schema_is_the_configs_and_accepts_what_is_written(tmp_path):
+    from pml_proxies.benchmark.runner import protocol_schema, recorded_protocol
+    from pml_proxies.benchmark.schema import schema_problem
+
+    config = _tiny(tmp_path / "out", ["proxy_anchor"], lr=0.01, val_fraction=0, image_size=8)
+    assert set(protocol_schema()["protocol"]) == set(config.protocol())
+    run_benchmark(config)
+    written = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    assert schema_problem(written, protocol_schema()) is None
+    assert recorded_protocol(tmp_path / "out") == json.loads(json.dumps(config.protocol()))
+
+
+def test_report_only_of_a_missing_folder_is_refused_and_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "parent" / "missing"
+    with pytest.raises(SystemExit) as info:
+        main(["--dataset", "digits", "--losses", "proxy_anchor", "--output", str(missing),
+              "--report-only", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.splitlines()[0].startswith("pml-proxies-benchmark: error: argument --output: ")
+    assert str(missing) in err and "--report-only" in err
+    assert not (tmp_path / "parent").exists()
+    with pytest.raises(ConfigError, match="--report-only"):
+        run_benchmark(_tiny(missing, ["proxy_anchor"]), report_only=True)
+    assert not (tmp_path / "parent").exists()
+
+
 def test_second_invocation_on_a_locked_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()
@@ -228,7 +299,41 @@ DAMAGES = {
         (run / "map_data.npz").read_bytes()[:100]
     ),
     "no_result": lambda run: (run / "result.json").unlink(),
+    # valid JSON objects with every key, but not a result of this protocol's run
+    "best_epoch_not_int": lambda run: _edit_result(run, best_epoch="two"),
+    "seed_a_string": lambda run: _edit_result(run, seed="0"),
+    "metric_not_a_number": lambda run: _edit_result(run, test={"precision_at_1": "high"}),
+    "metric_missing": lambda run: _edit_result(run, drop_metric="mean_average_precision_at_r"),
+    "history_row_not_object": lambda run: _edit_result(run, history=[1, 2]),
+    "fingerprint_not_string": lambda run: _edit_result(run, config_fingerprint=None),
+    "lacks_command": lambda run: _edit_result(run, drop="command"),
+    "other_seed": lambda run: _edit_result(run, seed=7),
 }
+#: what the note of each damage names (the field, or the file's problem)
+DAMAGE_NAMES = {
+    "best_epoch_not_int": "'best_epoch' is \"two\", expected an integer",
+    "seed_a_string": "'seed' is \"0\", expected an integer",
+    "metric_not_a_number": "'test.precision_at_1' is \"high\", expected a number",
+    "metric_missing": "lacks the metric(s) mean_average_precision_at_r",
+    "history_row_not_object": "'history[0]' is 1, expected an object",
+    "fingerprint_not_string": "'config_fingerprint' is null, expected a string",
+    "lacks_command": "'command' is missing",
+    "other_seed": "'seed' is 7, expected 0",
+    "result_lacks_keys": "'seed', 'best_epoch', ",
+}
+
+
+def _edit_result(run: Path, drop: str | None = None, drop_metric: str | None = None, **fields):
+    path = run / "result.json"
+    result = json.loads(path.read_text())
+    if "test" in fields:
+        fields["test"] = {**result["test"], **fields["test"]}
+    result.update(fields)
+    if drop is not None:
+        del result[drop]
+    if drop_metric is not None:
+        del result["test"][drop_metric]
+    path.write_text(json.dumps(result))
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -243,6 +348,7 @@ def test_damaged_run_reported_and_redone(tmp_path, capsys, damage):
     err = capsys.readouterr().err
     assert second["skipped"] == 0
     assert str(run) in err and "trained again" in err
+    assert DAMAGE_NAMES.get(damage, "") in err
     result = json.loads((run / "result.json").read_text())
     assert isinstance(result, dict) and set(result["test"]) >= {"precision_at_1"}
     assert len(np.load(run / "map_data.npz")["embeddings"]) > 0
@@ -296,17 +402,45 @@ def test_cli_value_errors_are_usage_errors_before_any_output(tmp_path, capsys, a
         main([*argv, "--output", str(out)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("pml-proxies-benchmark: error: argument " + option), last
-    assert "Traceback" not in err
+    _assert_usage_error(err, "pml-proxies-benchmark", "argument " + option)
     assert not out.exists()
+
+
+def _assert_usage_error(err: str, prog: str, starts: str) -> None:
+    """``err`` is the two lines of a usage error: the error, then where the help is (not the
+    usage block)."""
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f"{prog}: error: {starts}"), err
+    assert lines[1] == f"see '{prog} --help'"
+
+
+@pytest.mark.parametrize(
+    "argv, starts",
+    [
+        (["--epochs"], "argument --epochs: expected one argument"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--trunk", "vgg"], "argument --trunk: invalid choice"),
+    ],
+)
+def test_usage_errors_are_two_lines_for_the_benchmark_and_tune(capsys, argv, starts):
+    from pml_proxies.benchmark.tune.cli import main as tune_main
+
+    for run, prog in [(main, "pml-proxies-benchmark"), (tune_main, "pml-proxies-benchmark tune")]:
+        with pytest.raises(SystemExit) as info:
+            run(argv)
+        assert info.value.code == 2
+        _assert_usage_error(capsys.readouterr().err, prog, starts)
+    with pytest.raises(SystemExit):  # tune through the benchmark's command
+        main(["tune", "--trials", "0"])
+    _assert_usage_error(capsys.readouterr().err, "pml-proxies-benchmark tune", "--trials")
 
 
 def test_loss_param_error_names_loss_argument_and_type(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--loss-param", "mpa.centers_per_class=2.5", "--output", str(tmp_path / "x")])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "'mpa'" in last and "'centers_per_class'" in last and "an integer" in last
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "'mpa'" in first and "'centers_per_class'" in first and "an integer" in first
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_traceback(monkeypatch, tmp_path, capsys):
@@ -362,3 +496,66 @@ def test_line_progress_has_no_escape_codes():
     silent = io.StringIO()
     assert list(progress_bar(range(3), "x", enabled=False, stream=silent)) == [0, 1, 2]
     assert silent.getvalue() == ""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_line_progress_writes_only_changes_at_most_every_period():
+    """A bar of runs: a line when a run finishes; while waiting, nothing (the same line is never
+    written twice); other changes (the postfix) at most every ``period`` seconds."""
+    clock, stream = FakeClock(), io.StringIO()
+
+    def runs():
+        for run in range(3):
+            for _ in range(120):  # two minutes of waiting, refreshed every second
+                clock.now += 1.0
+                bar.refresh()
+            yield run
+
+    bar = LineProgress(runs(), "benchmark", stream=stream, total=3, each_item=True, clock=clock)
+    for run in bar:
+        bar.set_postfix_str(f"run {run} done")
+    assert stream.getvalue().splitlines() == [
+        "benchmark: 1/3, 120 s, run 0 done",
+        "benchmark: 2/3, 240 s, run 1 done",
+        "benchmark: 3/3, 360 s, run 2 done",
+    ]
+    # an epoch bar (not each item): a line when something changed, at most every 30 s
+    clock, stream = FakeClock(), io.StringIO()
+
+    def batches():
+        for i in range(100):
+            clock.now += 1.0
+            yield i
+
+    bar = LineProgress(batches(), "ep1", stream=stream, final_line=False, total=100, clock=clock)
+    for _ in bar:
+        bar.set_postfix(loss=1.0)
+    assert stream.getvalue().splitlines() == [
+        f"ep1: {n}/100, {n} s, loss=1.0" for n in (30, 60, 90)
+    ]
+    # a postfix change alone is a change; no change, no line, however long the wait
+    clock, stream = FakeClock(), io.StringIO()
+
+    def slow():
+        yield 0
+        for _ in range(3):
+            clock.now += 100.0
+            bar.refresh()
+        bar.set_postfix_str("x")
+        bar.refresh()
+        yield 1
+
+    bar = LineProgress(slow(), "b", stream=stream, total=2, clock=clock)
+    list(bar)
+    assert stream.getvalue().splitlines() == [
+        "b: 1/2, 100 s",
+        "b: 1/2, 300 s, x",
+        "b: 2/2, 300 s, x",
+    ]

@@ -2,8 +2,9 @@
 
 The options, their help texts and defaults are derived from the fields of
 :class:`~pml_proxies.benchmark.config.BenchmarkConfig` (one source of truth). Every invalid value
-is a usage error (exit code 2, one line naming the option) raised before any file is written;
-other failures print one ``error:`` line (exit code 1), ``--debug`` shows the traceback.
+is a usage error (exit code 2, one line naming the option, then ``see '... --help'``) raised
+before any file is written; other failures print one ``error:`` line (exit code 1), ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import ast
 import sys
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import BenchmarkConfig, ConfigError, field_default, typed_command
 
@@ -91,8 +92,17 @@ def _help(f) -> str:
     return f"{f.metadata['help']} (default: {default})".replace("%", "%%")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage error is two lines, ``<prog>: error: <message>`` and
+    ``see '<prog> --help'`` (not the whole usage block), exit code 2. The benchmark's and
+    ``tune``'s command lines use it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="pml-proxies-benchmark",
         description="Train and evaluate proxy-based DML losses under one fair protocol (same "
         "trunk, sampler, optimizer, augmentation and iteration budget; model selection on "
@@ -143,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-progress",
         action="store_true",
-        help="no progress display (default: tqdm bars on a terminal, else one line every few "
-        "seconds)",
+        help="no progress display (default: tqdm bars on a terminal, else a line when a run "
+        "finishes, and at most every 30 s when something else changed)",
     )
     p.add_argument(
         "--debug", action="store_true", help="show Python tracebacks of errors (default: no)"
@@ -185,7 +195,7 @@ def list_losses(dataset: str) -> str:
     return "\n".join(lines)
 
 
-def _usage_error(parser: argparse.ArgumentParser, e: ConfigError) -> None:
+def _usage_error(parser: argparse.ArgumentParser, e: ConfigError) -> NoReturn:
     """argparse's usage error (exit 2) naming the option of the config field."""
     flags = {f.name: _flag(f) for f in fields(BenchmarkConfig)}
     parser.error(f"argument {flags.get(e.field, e.field)}: {e.message}")
@@ -216,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with catching_interrupts():
             out = run_benchmark(config, report_only=args.report_only)
+    except ConfigError as e:  # e.g. --report-only of a folder that does not exist
+        _usage_error(parser, e)
     except (ProtocolMismatch, FolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ProtocolMismatch) else 3

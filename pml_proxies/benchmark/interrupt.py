@@ -27,23 +27,23 @@ def _handler(signum, frame) -> None:
 
 
 @contextmanager
-def catching_interrupts() -> Iterator[None]:
-    """Install the recording SIGINT handler for the ``with`` block (the main thread only, and
-    only where SIGINT is not ignored, e.g. not in a worker process); restore the previous one
-    after it."""
+def catching_interrupts(signum: int = signal.SIGINT) -> Iterator[None]:
+    """Install the recording handler of ``signum`` (SIGINT; a worker process: SIGTERM) for the
+    ``with`` block (the main thread only, and only where the signal is not ignored, e.g. not
+    SIGINT in a worker process); restore the previous one after it."""
     global _pending
     installed, previous = False, None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGINT)
+        previous = signal.getsignal(signum)
         if previous is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, _handler)
+            signal.signal(signum, _handler)
             installed = True
     _pending = False
     try:
         yield
     finally:
         if installed:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signum, previous)
         _pending = False
 
 

@@ -11,7 +11,8 @@ time.
   (:class:`RunFailure`). A worker that dies (killed, out of memory) fails its run the same way.
 * Ctrl-C (or any error) in the parent stops every worker (terminate, then kill) before the
   exception goes on: no orphan process trains on. Workers ignore SIGINT themselves (the parent
-  decides) and exit when their parent is gone. A run stopped midway has no ``result.json``
+  decides), turn the parent's SIGTERM into a clean exit (their semaphores released) and exit
+  when their parent is gone. A run stopped midway has no ``result.json``
   (written atomically at the very end), so the next invocation trains it again.
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import BenchmarkConfig
+from .interrupt import catching_interrupts
 from .interrupt import check as check_interrupt
 
 if TYPE_CHECKING:
@@ -195,7 +197,20 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _worker(config, tasks, results, parent_pid: int, parent_package: str) -> None:
+    """A worker process: serve ``tasks`` until ``None``. The parent's ``terminate()`` (SIGTERM)
+    stops it with an exception, not by killing it, so that multiprocessing's exit handlers run
+    and release what this process created: e.g. tqdm's lock, a named semaphore that the
+    resource tracker would otherwise report as leaked ("There appear to be N leaked semaphore
+    objects") once the parent exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with catching_interrupts(signal.SIGTERM):
+            _serve(config, tasks, results, parent_pid, parent_package)
+    except KeyboardInterrupt:  # stopped by the parent, which no longer reads the results
+        results.cancel_join_thread()
+
+
+def _serve(config, tasks, results, parent_pid: int, parent_package: str) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     pid = os.getpid()
     try:
@@ -213,6 +228,8 @@ def _worker(config, tasks, results, parent_pid: int, parent_package: str) -> Non
         if config.threads_or_default is not None:
             torch.set_num_threads(config.threads_or_default)
         data = load_config_data(config, progress=False)
+    except KeyboardInterrupt:  # stopped by the parent (SIGTERM)
+        raise
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops
         results.put(("fatal", pid, None, f"a worker could not start: {type(e).__name__}: {e}"))
         return

@@ -1,21 +1,28 @@
 """Progress display of the benchmark: tqdm bars on a terminal; elsewhere (a log file, a CI
-console) one plain line every few seconds, with no cursor-control escape codes."""
+console) plain lines with no cursor-control escape codes, written only when something changed:
+at once for a finished item of a bar that counts runs (``each_item``), else at most every
+:data:`LINE_PERIOD_S` seconds."""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
-#: seconds between two progress lines when the output is not a terminal
-LINE_PERIOD_S = 5.0
+#: least seconds between two progress lines when the output is not a terminal (but see
+#: ``each_item``)
+LINE_PERIOD_S = 30.0
 
 
 class LineProgress:
-    """Iterate ``iterable``, writing ``desc: i/n, elapsed, postfix`` to ``stream`` at most once
-    every ``period`` seconds (and once at the end). Offers tqdm's ``set_postfix`` /
-    ``set_postfix_str`` / ``refresh`` (a line while waiting for a slow item, if one is due)."""
+    """Iterate ``iterable``, writing ``desc: i/n, elapsed, postfix`` to ``stream`` when the count
+    or the postfix changed since the last line (never the same line twice; the elapsed time
+    alone is no change): with ``each_item``, at once when the count changed; otherwise (and for
+    a postfix change) at most once every ``period`` seconds; and once at the end
+    (``final_line``) if the last line is not already the final one. Offers tqdm's
+    ``set_postfix`` / ``set_postfix_str`` / ``refresh`` (a line while waiting for a slow item,
+    if one is due). ``clock``: the time source (seconds; tests pass a fake one)."""
 
     def __init__(
         self,
@@ -25,17 +32,21 @@ class LineProgress:
         period: float = LINE_PERIOD_S,
         final_line: bool = True,
         total: int | None = None,
+        each_item: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.iterable = iterable
         self.desc = desc
         self.stream = stream
         self.period = period
         self.final_line = final_line
+        self.each_item = each_item
+        self.clock = clock
         self.postfix = ""
         self._start: float | None = None
-        self._last = 0.0
+        self._last = 0.0  # when the last line was written
         self._done = 0
-        self._written = -1  # the count of the last line written
+        self._written: tuple[int, str] | None = None  # (count, postfix) of the last line
         self.total: int | None = total
         if total is None:
             try:
@@ -49,31 +60,35 @@ class LineProgress:
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
         self.postfix = text
 
-    def _write(self, done: int, start: float) -> None:
+    def _write(self) -> None:
+        assert self._start is not None
         stream = self.stream if self.stream is not None else sys.stderr
         total = f"/{self.total}" if self.total is not None else ""
         tail = f", {self.postfix}" if self.postfix else ""
-        stream.write(f"{self.desc}: {done}{total}, {time.time() - start:.0f} s{tail}\n")
+        now = self.clock()
+        stream.write(f"{self.desc}: {self._done}{total}, {now - self._start:.0f} s{tail}\n")
         stream.flush()
+        self._last = now
+        self._written = (self._done, self.postfix)
 
     def refresh(self) -> None:
-        """Write a line if ``period`` seconds passed since the last one (while waiting for the
-        next item)."""
-        if self._start is not None and time.time() - self._last >= self.period:
-            self._write(self._done, self._start)
-            self._last = time.time()
-            self._written = self._done
+        """Write a line if one is due (see the class; also while waiting for the next item)."""
+        last = self._written or (0, "")  # nothing written yet: no count, no postfix
+        if self._start is None or last == (self._done, self.postfix):
+            return
+        if (self.each_item and last[0] != self._done) or self.clock() - self._last >= self.period:
+            self._write()
 
     def __iter__(self) -> Iterator:
-        self._start = self._last = time.time()
+        self._start = self._last = self.clock()
         self._done = 0
-        self._written = -1
+        self._written = None
         for item in self.iterable:
             yield item
             self._done += 1
             self.refresh()
-        if self.final_line and self._written != self._done:  # not twice the same count
-            self._write(self._done, self._start)
+        if self.final_line and self._written != (self._done, self.postfix):
+            self._write()
 
 
 class _Silent:
@@ -109,14 +124,18 @@ def progress_bar(
     leave: bool = True,
     stream: TextIO | None = None,
     total: int | None = None,
+    each_item: bool = False,
 ):
     """A tqdm bar when ``stream`` (default stderr) is a terminal, :class:`LineProgress` lines
-    otherwise (a per-epoch bar, ``leave=False``, writes only its periodic lines), nothing when
-    ``enabled`` is false. ``total``: the number of items of an iterable without ``len``."""
+    otherwise (a per-epoch bar, ``leave=False``, writes no final line; ``each_item``: a line for
+    every finished item, e.g. runs), nothing when ``enabled`` is false. ``total``: the number of
+    items of an iterable without ``len``."""
     if not enabled:
         return _Silent(iterable)
     if is_terminal(stream):
         from tqdm.auto import tqdm
 
         return tqdm(iterable, desc=desc, leave=leave, position=position, file=stream, total=total)
-    return LineProgress(iterable, desc, stream=stream, final_line=leave, total=total)
+    return LineProgress(
+        iterable, desc, stream=stream, final_line=leave, total=total, each_item=each_item
+    )

@@ -7,7 +7,12 @@ Integrity rules of an output folder:
   differing setting) before anything is trained or written;
 * one benchmark at a time: an exclusive lock (``.lock``, :mod:`filelock`) is held for the whole
   run; a second command on the same folder is refused (:class:`FolderBusy`);
-* a damaged run (a ``result.json`` that is not a result, an unreadable ``map_data.npz``, a run
+* the files are checked against their schema whenever they are read
+  (:class:`~pml_proxies.benchmark.train.ResultRecord`, :func:`protocol_schema`); a
+  ``protocol.json`` that does not match (a setting missing or of a wrong type) is refused like
+  another protocol, naming the setting;
+* a damaged run (a ``result.json`` that is not JSON, does not match its schema, is of another
+  loss or seed or lacks one of the protocol's metrics; an unreadable ``map_data.npz``; a run
   folder without a result) is reported with its path and trained again.
 """
 
@@ -19,8 +24,9 @@ import shutil
 import sys
 import time
 import traceback
+import typing
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +38,7 @@ from .data import BenchmarkData, load_config_data
 from .losses import build_loss
 from .parallel import RunFailure, train_parallel
 from .progress import is_terminal, progress_bar
+from .schema import schema_problem
 from .spec import RunSpec, build_run_spec
 from .train import inspect_run, run_dir, torch_threads, train_and_evaluate
 
@@ -82,14 +89,21 @@ def run_benchmark(config: BenchmarkConfig, report_only: bool = False) -> dict:
         (``skipped``: finished runs reused).
 
     Raises:
-        ConfigError: no loss, or a loss argument its constructor rejects.
-        ProtocolMismatch: the output folder holds runs of another protocol.
+        ConfigError: no loss, a loss argument its constructor rejects, or ``report_only`` with
+            an output folder that does not exist (nothing is created).
+        ProtocolMismatch: the output folder holds runs of another protocol, or its protocol
+            record is damaged or lacks a setting.
         FolderBusy: another benchmark is running on the output folder.
         RunsFailed: some runs raised (each is noted with its loss and seed when it fails); the
             other runs were trained and the report written first.
     """
     specs = resolve_specs(config)
     output = Path(config.output)
+    if report_only and not output.is_dir():
+        raise ConfigError(
+            "output", f"{output} is not a folder: --report-only reports the finished runs of an "
+            "existing output folder"
+        )  # fmt: skip
     check_folder(config, specs, output)  # reads only: nothing is written on refusal
     fresh = not output.exists()
     try:
@@ -121,35 +135,53 @@ def resolve_specs(config: BenchmarkConfig) -> list[RunSpec]:
 
 
 # ------------------------------------------------------------------ folder integrity
+def protocol_schema() -> dict:
+    """The schema of ``protocol.json`` (:mod:`~pml_proxies.benchmark.schema`):
+    ``{"protocol": {setting: type}}``, every protocol setting of :class:`BenchmarkConfig` with
+    the type of its field."""
+    hints = typing.get_type_hints(BenchmarkConfig)
+    settings = {f.name: hints[f.name] for f in fields(BenchmarkConfig)
+                if f.name not in NON_PROTOCOL_FIELDS}  # fmt: skip
+    return {"protocol": settings}
+
+
 def recorded_protocol(output: Path) -> dict | None:
     """The protocol recorded in ``output`` (``protocol.json``; for folders written before it
-    existed, the protocol fields of ``config.json``), or ``None`` for a fresh folder."""
+    existed, the protocol fields of ``config.json``), or ``None`` for a fresh folder.
+
+    Raises:
+        ProtocolMismatch: the record does not match :func:`protocol_schema` (not JSON, a
+            setting missing or of a wrong type, named): the runs' protocol is unknown.
+    """
+    schema = protocol_schema()
     for name in (PROTOCOL_FILE, CONFIG_FILE):
         path = output / name
         if not path.is_file():
             continue
         try:
             data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            _note(f"{path} is not valid JSON; ignored")
-            continue
-        if not isinstance(data, dict):
-            _note(f"{path} is not a JSON object; ignored")
-            continue
-        if name == PROTOCOL_FILE:
-            return data.get("protocol") if isinstance(data.get("protocol"), dict) else None
-        return {k: v for k, v in data.items() if k not in NON_PROTOCOL_FIELDS}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            problem: str | None = f"not valid JSON ({e})"
+        else:  # config.json holds the settings at its top level
+            problem = schema_problem(data, schema if name == PROTOCOL_FILE else schema["protocol"])
+        if problem is not None:
+            raise ProtocolMismatch(
+                f"{path} does not record the protocol of the runs in {output}: {problem}; use "
+                "another --output folder, or restore the file"
+            )
+        protocol = data["protocol"] if name == PROTOCOL_FILE else data
+        return {k: v for k, v in protocol.items() if k not in NON_PROTOCOL_FIELDS}
     return None
 
 
 def protocol_differences(recorded: dict, current: dict) -> list[str]:
     """``"setting: old -> new"`` for each setting of ``current`` that ``recorded`` holds with
-    another value (JSON-normalised: a tuple equals a list)."""
+    another value (JSON-normalised: a tuple equals a list). ``recorded`` holds every setting of
+    ``current`` (:func:`recorded_protocol` checks it); a setting it holds beyond them is left
+    out."""
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731
     diffs = []
-    for key in sorted(set(recorded) | set(current)):
-        if key not in recorded or key not in current:
-            continue  # a setting added by a newer version: its default is what older runs used
+    for key in sorted(current):
         old, new = norm(recorded[key]), norm(current[key])
         if old != new:
             diffs.append(f"{key}: {old!r} -> {new!r}")
@@ -158,8 +190,9 @@ def protocol_differences(recorded: dict, current: dict) -> list[str]:
 
 def check_folder(config: BenchmarkConfig, specs: list[RunSpec], output: Path) -> None:
     """Refuse, before anything is trained or written, an output folder of another protocol
-    (whatever losses the command names) or holding a finished run of one of ``specs`` with
-    another fingerprint (other loss arguments)."""
+    (whatever losses the command names), one whose protocol record is damaged or lacks a
+    setting, or one holding a finished run of one of ``specs`` with another fingerprint (other
+    loss arguments)."""
     recorded = recorded_protocol(output)
     if recorded is not None:
         diffs = protocol_differences(recorded, config.protocol())
@@ -169,8 +202,8 @@ def check_folder(config: BenchmarkConfig, specs: list[RunSpec], output: Path) ->
                 "--output folder, or the same settings to add losses or seeds"
             )
     for spec in specs:
-        result, _ = inspect_run(run_dir(output, spec.loss, spec.seed))
-        if result is not None and result.get("config_fingerprint") != spec.fingerprint:
+        result, _ = inspect_run(run_dir(output, spec.loss, spec.seed), spec)
+        if result is not None and result["config_fingerprint"] != spec.fingerprint:
             raise ProtocolMismatch(
                 f"{run_dir(output, spec.loss, spec.seed)} holds a finished run of a different "
                 f"protocol (other arguments of loss {spec.loss!r}?); use another --output "
@@ -247,7 +280,9 @@ def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_onl
     outcomes = train_runs(
         [specs[i] for i in todo], data, output, config, info.jobs, on_wait=lambda: bar.refresh()
     )
-    bar = progress_bar(outcomes, desc="benchmark", enabled=config.progress, total=len(todo))
+    bar = progress_bar(
+        outcomes, desc="benchmark", enabled=config.progress, total=len(todo), each_item=True
+    )
     with contextlib.closing(outcomes):  # an interruption stops the workers
         for k, outcome in bar:
             spec = specs[todo[k]]
@@ -277,7 +312,7 @@ def _finished(spec: RunSpec, output: Path, info: RunInfo, report_only: bool) -> 
     """The finished run of ``spec``, or ``None`` (a damaged or unfinished one is noted: left out
     with ``report_only``, else trained again)."""
     directory = run_dir(output, spec.loss, spec.seed)
-    result, problem = inspect_run(directory)
+    result, problem = inspect_run(directory, spec)
     if result is not None:  # its fingerprint was checked by check_folder
         info.reused += 1
         return result

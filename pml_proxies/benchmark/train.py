@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .interrupt import check as check_interrupt
 from .losses import build_loss, get_proxies
 from .models import EmbeddingNet, build_trunk, freeze_batchnorm
 from .progress import progress_bar
+from .schema import schema_problem
 from .spec import RunSpec, build_run_spec
 
 if TYPE_CHECKING:
@@ -202,15 +203,33 @@ def run_dir(output: Path, loss_name: str, seed: int) -> Path:
     return Path(output) / "runs" / loss_name / f"seed_{seed}"
 
 
-#: keys a finished run's result.json must hold
-RESULT_KEYS = ("loss", "seed", "best_epoch", "test", "history", "config_fingerprint")
+class ResultRecord(TypedDict):
+    """The schema of a run's ``result.json`` (written by :func:`train_and_evaluate`, checked by
+    :func:`inspect_run` whenever one is read): its fields and their JSON types."""
+
+    loss: str
+    seed: int
+    best_epoch: int
+    best_val_score: float | None
+    train_time_s: float
+    iterations: int
+    batch_size: int
+    m_per_class: int
+    test: dict[str, float] | None  # None: not evaluated on the test classes (tuning trials)
+    history: list[dict[str, float]]
+    loss_kwargs: dict[str, str]
+    config_fingerprint: str
+    command: str
 
 
-def inspect_run(directory: Path) -> tuple[dict | None, str | None]:
+def inspect_run(directory: Path, spec: RunSpec | None = None) -> tuple[dict | None, str | None]:
     """``(result, problem)`` of the run folder ``directory``: the finished run's result dict and
-    ``None``, or ``None`` and why the run is not finished (``None`` when the folder does not
-    exist): no ``result.json``, a ``result.json`` that is not a JSON object with the result keys
-    and test metrics, a ``map_data.npz`` that cannot be read."""
+    ``None``, or ``None`` and why the run is not finished or is damaged, naming the file
+    (``None`` when the folder does not exist): no ``result.json``; a ``result.json`` that is not
+    JSON, does not match :class:`ResultRecord` (a missing field, a wrong type) or has no test
+    metrics; with ``spec``, one of another loss or seed or lacking one of ``spec``'s metrics; a
+    ``map_data.npz`` that cannot be read. (The protocol fingerprint is the caller's to
+    compare.)"""
     directory = Path(directory)
     path = directory / RESULT_FILE
     if not path.is_file():
@@ -222,13 +241,13 @@ def inspect_run(directory: Path) -> tuple[dict | None, str | None]:
             result = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, f"{path} is not valid JSON ({e})"
-    if not isinstance(result, dict):
-        return None, f"{path} holds a JSON {type(result).__name__}, not an object"
-    missing = [k for k in RESULT_KEYS if k not in result]
-    if missing:
-        return None, f"{path} lacks {', '.join(missing)}"
-    if not isinstance(result["test"], dict) or not isinstance(result["history"], list):
-        return None, f"{path} holds no test metrics or no history"
+    problem = schema_problem(result, ResultRecord)
+    if problem is None and result["test"] is None:
+        problem = "'test' is null (no test metrics)"
+    if problem is None and spec is not None:
+        problem = _spec_problem(result, spec)
+    if problem is not None:
+        return None, f"{path}: {problem}"
     npz = directory / "map_data.npz"
     try:
         with np.load(npz) as z:
@@ -239,9 +258,21 @@ def inspect_run(directory: Path) -> tuple[dict | None, str | None]:
     return result, None
 
 
+def _spec_problem(result: dict, spec: RunSpec) -> str | None:
+    """Why a schema-valid ``result`` is not a run of ``spec`` (another loss or seed, a metric
+    missing), or ``None``."""
+    for key in ("loss", "seed"):
+        if result[key] != getattr(spec, key):
+            return f"'{key}' is {result[key]!r}, expected {getattr(spec, key)!r}"
+    missing = [m for m in spec.metric_names if m not in result["test"]]
+    if missing:
+        return f"'test' lacks the metric(s) {', '.join(missing)}"
+    return None
+
+
 def load_result(output: Path, loss_name: str, seed: int) -> dict | None:
     """The finished run's results, or ``None`` if the run has not finished or is damaged
-    (:func:`inspect_run`)."""
+    (:func:`inspect_run`; no check against a spec)."""
     return inspect_run(run_dir(output, loss_name, seed))[0]
 
 
@@ -458,11 +489,11 @@ def train_and_evaluate(
         position: row of the progress bar.
 
     Returns:
-        The result dict written to ``out / "result.json"``: ``loss``, ``seed``, ``best_epoch``,
-        ``best_val_score``, ``train_time_s``, ``iterations``, ``batch_size``, ``m_per_class``,
-        ``test`` (metrics or ``None``), ``history`` (per-epoch train loss and validation
-        metrics), ``loss_kwargs``, ``config_fingerprint``, ``command`` (the command line that
-        trained it).
+        The result dict written to ``out / "result.json"`` (schema :class:`ResultRecord`):
+        ``loss``, ``seed``, ``best_epoch``, ``best_val_score``, ``train_time_s``, ``iterations``,
+        ``batch_size``, ``m_per_class``, ``test`` (metrics or ``None``), ``history`` (per-epoch
+        train loss and validation metrics), ``loss_kwargs``, ``config_fingerprint``, ``command``
+        (the command line that trained it).
     """
     if val_classes is not None:
         data = data.with_validation_classes(val_classes)
