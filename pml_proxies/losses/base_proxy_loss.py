@@ -32,6 +32,14 @@ def check_cosine_distance(distance) -> None:
         )
 
 
+@proxy_math.run_eagerly
+def _commit_state(loss: BaseProxyLoss, update: dict) -> None:
+    """``loss.commit_state(update)``, eagerly under ``torch.compile``: the state update is
+    data-dependent bookkeeping (sizes read on the host, shapes that change from step to step),
+    which would only recompile the graphs; it tripped an internal dynamo error as well."""
+    loss.commit_state(update)
+
+
 class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """Common behaviour of the proxy losses of this package (docs/methods.md, "Shared rules").
 
@@ -103,7 +111,7 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         try:
             loss = self._checked_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
             if self._staged_state is not None:
-                self.commit_state(self._staged_state)
+                _commit_state(self, self._staged_state)
         except BaseException:
             self.on_failed_step()
             raise

@@ -330,12 +330,23 @@ class ProxyISALoss(BaseProxyLoss):
         proxies = self.parameter_in(self.proxies, embeddings.dtype)
         return proxy_math.unit_cosine_similarity(embeddings, proxies)
 
+    @proxy_math.run_eagerly
+    def _class_state(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of ``E_c`` and ``s_c`` in ``dtype``, made outside any compiled graph.
+
+        The step's weights must not read the buffers themselves: the state commit overwrites
+        them in place before the backward runs, and a compiled backward (AOT autograd)
+        recomputes the weights from its graph's inputs instead of saving them, which then fails
+        with "modified by an inplace operation". A copy made inside the graph would be
+        recomputed from the buffer all the same."""
+        E = self.effective_numbers.to(dtype, copy=True)
+        return E, self.learned_similarities.to(dtype, copy=True)
+
     def class_weights(self, dtype: torch.dtype, names=None) -> dict:
         """Per-class quantities of the current state (``(C,)`` each, detached): ``nu``,
         ``sigma``, ``inverse_effective_number``, ``learned`` (``s_c``) and ``outlier``
         (``out_c``); only ``names`` (and ``learned``, ``outlier``) if given."""
-        E = self.effective_numbers.to(dtype)
-        learned = self.learned_similarities.to(dtype)
+        E, learned = self._class_state(dtype)
         nu = torch.log1p(E).add_(1.0).reciprocal_()
         # eta = (1 + k (1 - s)) nu + lambda;  out = s - eta
         eta = (1.0 + self.sensitivity) - self.sensitivity * learned
