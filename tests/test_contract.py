@@ -4,6 +4,7 @@ atomically."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -92,6 +93,45 @@ def test_base_arguments_rejected(loss_cls, args, kwargs, error, name):
     extra = dict(memory_size=10) if loss_cls is ProxyISALoss else {}
     with pytest.raises(error, match=name):
         loss_cls(*args, **kwargs, **extra)
+
+
+def float_arguments(cls):
+    """The real-number arguments of ``cls``'s constructor (a float default), and PML's
+    regulariser weights for the losses."""
+    names = [
+        name
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if isinstance(parameter.default, float)
+    ]
+    if cls in ALL_LOSSES:
+        names += ["weight_reg_weight", "embedding_reg_weight"]
+    return names
+
+
+FLOAT_ARGUMENTS = [
+    pytest.param(cls, name, id=f"{cls.__name__}-{name}")
+    for cls in (*ALL_LOSSES, IntraClassCenterRegularizer)
+    for name in float_arguments(cls)
+]
+
+
+@pytest.mark.parametrize("cls, name", FLOAT_ARGUMENTS)
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+def test_every_float_argument_rejects_non_finite_values(cls, name, value):
+    """Before: ``weight_reg_weight`` / ``embedding_reg_weight`` were passed to PML unchecked by
+    Proxy-ISA and VCPA (``embedding_reg_weight`` by the MPA family too)."""
+    args = (2,) if cls is IntraClassCenterRegularizer else (4, 3)
+    extra = dict(memory_size=10) if cls is ProxyISALoss else {}
+    with pytest.raises(ValueError, match=name):
+        cls(*args, **extra, **{name: value})
+
+
+def test_float_arguments_are_found():
+    assert {"alpha", "margin", "temperature", "sigma_min", "newton_damping"} <= set(
+        float_arguments(VCPALoss)
+    )
+    assert "decay_timing" in float_arguments(ProxyISALoss)
+    assert float_arguments(IntraClassCenterRegularizer) == ["eps"]
 
 
 def test_integer_valued_floats_are_accepted_as_integers():
@@ -234,6 +274,17 @@ def _set(index, value):
     return fn
 
 
+def _as_float_with(index, value):
+    """An integer buffer as float64 with one entry set to ``value``."""
+
+    def fn(t):
+        t = t.double()
+        t.view(-1)[index] = value
+        return t
+
+    return fn
+
+
 CORRUPTIONS = {
     "label_out_of_range": (dict(memory_labels=_set(0, 5)), "memory_labels must lie in"),
     "label_below_minus_one": (dict(memory_labels=_set(0, -2)), "memory_labels must lie in"),
@@ -246,6 +297,28 @@ CORRUPTIONS = {
     "class_sums_mismatch": (dict(memory_class_sums=lambda t: t + 1), "memory_class_sums"),
     "negative_sample_count": (dict(sample_counts=_set(1, -3)), "sample_counts"),
     "nan_effective_number": (dict(effective_numbers=_set(2, NAN)), "effective_numbers"),
+    # before: NaN passed the checks and became -2**63, a state that could not be loaded again
+    "nan_sample_count": (dict(sample_counts=_as_float_with(1, NAN)), "sample_counts"),
+    "inf_sample_count": (dict(sample_counts=_as_float_with(1, INF)), "sample_counts"),
+    "fractional_sample_count": (dict(sample_counts=_as_float_with(1, 2.5)), "sample_counts"),
+    "huge_sample_count": (dict(sample_counts=_as_float_with(1, 2.0**63)), "sample_counts"),
+    "nan_epoch": (dict(epoch=lambda t: torch.tensor(NAN)), "epoch"),
+    "nan_memory_enabled": (dict(memory_enabled=lambda t: torch.tensor(NAN)), "memory_enabled"),
+    "two_filter_enabled": (dict(filter_enabled=lambda t: torch.tensor(2)), "filter_enabled"),
+    "nan_memory_count": (dict(memory_count=lambda t: torch.tensor(NAN)), "memory_count"),
+    "nan_memory_label": (dict(memory_labels=_as_float_with(0, NAN)), "memory_labels"),
+    "inf_learned_similarity": (
+        dict(learned_similarities=_set(0, -INF)),
+        "learned_similarities",
+    ),
+    "nan_memory_embedding": (dict(memory_embeddings=_set((0, 1), NAN)), "memory_embeddings"),
+    "float32_overflow": (
+        dict(effective_numbers=lambda t: t.double().index_fill_(0, torch.tensor([0]), 1e300)),
+        "effective_numbers",
+    ),
+    "negative_effective_number": (dict(effective_numbers=_set(2, -1.0)), "effective_numbers"),
+    "nan_proxy": (dict(proxies=_set((1, 0), NAN)), "proxies"),
+    "nan_class_sum": (dict(memory_class_sums=_as_float_with(0, NAN)), "memory_class_sums"),
 }
 
 
@@ -267,6 +340,17 @@ def test_loading_a_state_of_a_loss_with_more_classes_raises():
     before = snapshot(target)
     with pytest.raises(ValueError, match="sample_counts has shape"):
         target.load_state_dict(bigger.state_dict())
+    assert_unchanged(target, before)
+
+
+def test_a_strict_load_with_a_missing_key_raises_and_changes_nothing():
+    """Before: torch wrote every other buffer, then raised for the missing key."""
+    state = trained_isa().state_dict()
+    del state["memory_count"]
+    target = trained_isa(seed=1)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="memory_count"):
+        target.load_state_dict(state)
     assert_unchanged(target, before)
 
 
@@ -320,3 +404,48 @@ def test_valid_commits_still_match_a_fresh_recount():
     unit = F.normalize(loss.memory_embeddings, dim=1)
     filled = loss.memory_labels >= 0
     torch.testing.assert_close(unit[filled], loss.memory_embeddings[filled])
+
+
+# --------------------------------------------------------------------------- every loss's state
+def stepped_loss(loss_cls, C=4, D=5, seed=0):
+    torch.manual_seed(seed)
+    loss = make_loss(loss_cls, C, D)
+    gen = torch.Generator().manual_seed(seed)
+    loss(torch.randn(8, D, generator=gen), torch.arange(8) % C)
+    return loss
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_a_state_of_more_classes_raises_and_changes_nothing(loss_cls):
+    """Before, for VCPA: torch reported the size mismatch after rng_state had been replaced."""
+    target = stepped_loss(loss_cls, seed=1)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="has shape"):
+        target.load_state_dict(stepped_loss(loss_cls, C=5).state_dict())
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
+def test_non_finite_proxies_are_refused_and_change_nothing(loss_cls, value):
+    source = stepped_loss(loss_cls).state_dict()
+    key = "proxy_mean" if loss_cls is VCPALoss else "proxies"
+    source[key][0, 0] = value
+    target = stepped_loss(loss_cls, seed=1)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=key):
+        target.load_state_dict(source)
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
+def test_unexpected_key_raises_under_strict_only(loss_cls):
+    source = stepped_loss(loss_cls)
+    target = stepped_loss(loss_cls, seed=1)
+    before = snapshot(target)
+    state = dict(source.state_dict(), stray=torch.zeros(1))
+    with pytest.raises(ValueError, match="stray"):
+        target.load_state_dict(state)
+    assert_unchanged(target, before)
+    target.load_state_dict(state, strict=False)
+    assert_unchanged(target, snapshot(source))

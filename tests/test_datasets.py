@@ -309,6 +309,30 @@ def test_download_url_file_scheme(tmp_path):
         download_url((tmp_path / "nope").as_uri(), tmp_path / "out" / "c.bin", progress=False)
 
 
+MALFORMED_URLS = [
+    "not a url",  # ValueError: unknown url type
+    "http://[::1/file.bin",  # ValueError: Invalid IPv6 URL
+    "http://exa mple.com/file.bin",  # http.client.InvalidURL, raised before any connection
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_malformed_mirror_is_recorded_and_the_next_one_tried(tmp_path, url):
+    """Before: the ValueError / InvalidURL of a malformed mirror escaped download_first."""
+    src = tmp_path / "mirror" / "data" / "file.bin"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(b"payload" * 100)
+    dest = tmp_path / "root" / "sub" / "file.bin"
+    got = download_mod.download_first([url, src.as_uri()], dest, md5=md5(src), progress=False)
+    assert got == dest and dest.read_bytes() == src.read_bytes()
+    # only malformed mirrors: a DownloadError naming each one, and nothing left on disk
+    other = tmp_path / "root2" / "file.bin"
+    with pytest.raises(DownloadError, match="all mirrors failed") as e:
+        download_mod.download_first([url, "http://[bad"], other, progress=False)
+    assert repr(url) in str(e.value) and "'http://[bad'" in str(e.value)
+    assert not (tmp_path / "root2").exists()
+
+
 def test_extract_archive_zip_tar_and_unsafe(tmp_path):
     zpath = tmp_path / "a.zip"
     with zipfile.ZipFile(zpath, "w") as z:

@@ -132,6 +132,41 @@ def test_corrupted_rng_state_raises_on_load():
         assert_same_state(before, state_of(target))
 
 
+@pytest.mark.parametrize("newton_steps", [0, 2])
+def test_failed_load_changes_nothing(newton_steps):
+    """A 5-class state into a 4-class loss: before, torch reported the size mismatch after
+    rng_state had been replaced (and the generator reset), so the next step drew other noise."""
+    emb, labels = make_batch(8, 4, 4, 0)
+    target = VCPALoss(4, 4, newton_steps=newton_steps, seed=1)
+    twin = VCPALoss(4, 4, newton_steps=newton_steps, seed=1)
+    target(emb, labels)
+    twin(emb, labels)
+    before = state_of(target)
+    source = VCPALoss(5, 4, newton_steps=newton_steps, seed=0)
+    with pytest.raises(ValueError, match="proxy_mean has shape"):
+        target.load_state_dict(source.state_dict())
+    assert_same_state(before, state_of(target))
+    # the cached generator too: the next step is the one of a loss that never saw the load
+    assert torch.equal(target(emb, labels), twin(emb, labels))
+    assert_same_state(state_of(twin), state_of(target))
+
+
+@pytest.mark.parametrize("newton_steps", [0, 2])
+@pytest.mark.parametrize("key", ["proxy_std", "proxy_mean"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300], ids=["inf", "nan", "1e300"])
+def test_non_finite_state_is_refused(newton_steps, key, value):
+    """Before: proxy_std = inf passed the sigma_min check and the next step turned the state
+    NaN. 1e300 is finite in float64 but overflows the float32 buffer."""
+    source = state_of(VCPALoss(3, 4, newton_steps=newton_steps, seed=0))
+    source[key] = source[key].double()
+    source[key][1, 2] = value
+    target = VCPALoss(3, 4, newton_steps=newton_steps, seed=1)
+    before = state_of(target)
+    with pytest.raises(ValueError, match=key):
+        target.load_state_dict(source)
+    assert_same_state(before, state_of(target))
+
+
 def test_corrupted_rng_state_buffer_raises_in_forward():
     loss = VCPALoss(3, 4, seed=0)
     loss.rng_state = torch.zeros(10, dtype=torch.uint8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import http.client
 import lzma
 import os
 import shutil
@@ -113,17 +114,18 @@ def download_url(
 
     Writes to ``dest.part`` first and renames on success, so an interrupted or failed download
     never leaves a file under the final name, nor the ``.part`` file, nor the folders it created.
-    Raises :class:`DownloadError` with the URL on network errors, a transfer shorter than the
-    announced ``Content-Length`` and an MD5 mismatch; :class:`CorruptArchiveError` when ``dest``
-    already exists with another MD5 (it is not overwritten).
+    Raises :class:`DownloadError` with the URL on a malformed URL, network errors, a malformed
+    response, a transfer shorter than the announced ``Content-Length`` and an MD5 mismatch;
+    :class:`CorruptArchiveError` when ``dest`` already exists with another MD5 (it is not
+    overwritten).
     """
     dest = Path(dest)
     if check_existing(dest, md5):
         return dest
     part = dest.with_name(dest.name + ".part")
-    request = urllib.request.Request(url, headers={"User-Agent": "pml-proxies"})
     with new_dirs(dest.parent):
         try:
+            request = urllib.request.Request(url, headers={"User-Agent": "pml-proxies"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 total = response.headers.get("Content-Length") if response.headers else None
                 total = int(total) if total else None
@@ -155,6 +157,11 @@ def download_url(
         except OSError as e:  # URLError, HTTPError, timeouts, connection resets are OSErrors
             part.unlink(missing_ok=True)
             raise DownloadError(f"could not download {url}: {e}") from e
+        except (ValueError, http.client.HTTPException) as e:
+            # a malformed URL ("unknown url type", "Invalid IPv6 URL", http.client.InvalidURL
+            # for control characters) or a malformed response (a bad status line or length)
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"could not download {url!r}: {type(e).__name__}: {e}") from e
         except BaseException:  # DownloadError above, KeyboardInterrupt: no partial file
             part.unlink(missing_ok=True)
             raise
@@ -164,7 +171,8 @@ def download_url(
 def download_first(
     urls: Sequence[str], dest: str | os.PathLike, md5: str | None = None, progress: bool = True
 ) -> Path:
-    """Try the mirrors ``urls`` in order; DownloadError listing every failure if none works."""
+    """Try the mirrors ``urls`` in order, going on after any failure of one (a malformed URL
+    included); DownloadError listing every failure if none works."""
     dest = Path(dest)
     if check_existing(dest, md5):
         return dest

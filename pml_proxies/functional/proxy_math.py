@@ -19,12 +19,17 @@ Everything here is vectorised, differentiable and free of host syncs. The losses
 from __future__ import annotations
 
 import contextlib
+import importlib
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 POOLINGS = ("softmax", "max", "mean")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,6 +42,15 @@ def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     if device_type in ("cpu", "cuda", "xpu", "mps"):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def run_eagerly(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn``, always run eagerly: ``torch.compile`` calls it between its graphs instead of
+    tracing it (``torch.compiler.disable``; ``torch._dynamo.disable`` before torch 2.1)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "disable"):
+        return compiler.disable(fn)
+    return importlib.import_module("torch._dynamo").disable(fn)
 
 
 def cosine_similarity(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Argument checks shared by every public constructor of the package.
+"""Argument checks shared by every public constructor of the package, and the check of a tensor
+loaded into a loss's state.
 
-Each helper checks one argument, returns it converted (``int`` for integer arguments, ``float``
-for real ones) and raises a clear error naming the argument, the value and what is accepted:
-``TypeError`` for a value of the wrong type, ``ValueError`` for a value out of range.
+Each argument helper checks one argument, returns it converted (``int`` for integer arguments,
+``float`` for real ones) and raises a clear error naming the argument, the value and what is
+accepted: ``TypeError`` for a value of the wrong type, ``ValueError`` for a value out of range.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
+
+import torch
 
 
 def _describe_range(
@@ -89,3 +92,41 @@ def check_bool(name: str, value: Any) -> bool:
     if type(value).__name__ in ("bool_", "bool") and hasattr(value, "item"):
         return bool(value.item())
     raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_state_tensor(name: str, value: Any, current: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` can be loaded into ``current`` (a
+    parameter or buffer) as a valid state: a tensor of the same shape whose values survive the
+    conversion to ``current``'s dtype. For a floating ``current`` they must be finite once
+    converted (a float64 ``1e300`` overflows float32); for an integer one, finite integers in
+    its range (a NaN would become ``-2**63``); for a boolean one, 0 or 1."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(current.shape):
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+    if value.is_complex():
+        raise ValueError(f"{name} must be real, got {value.dtype}")
+    value = value.detach()
+    if current.is_floating_point():
+        if not bool(torch.isfinite(value.to(current.dtype)).all()):
+            raise ValueError(f"{name} holds NaN or infinite values (as {current.dtype})")
+        return
+    if value.is_floating_point():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} holds NaN or infinite values, expected {current.dtype}")
+        if not bool((value == value.trunc()).all()):
+            raise ValueError(f"{name} holds non-integer values, expected {current.dtype}")
+    if value.numel() == 0 or value.dtype == torch.bool:
+        return
+    if current.dtype == torch.bool:
+        low, high = 0, 1
+    else:
+        info = torch.iinfo(current.dtype)
+        low, high = info.min, info.max
+    # Python compares an int with a float exactly (no rounding of 2**63 - 1)
+    smallest, largest = value.min().item(), value.max().item()
+    if smallest < low or largest > high:
+        raise ValueError(
+            f"{name} holds values in [{smallest:g}, {largest:g}], outside {current.dtype}'s "
+            f"[{low}, {high}]"
+        )

@@ -27,7 +27,8 @@ class BaseMultiProxyLoss(BaseProxyLoss):
         weight_regularizer: PML regulariser on the centers; by default the paper's center
             regulariser (eq. 3) :class:`~pml_proxies.regularizers.IntraClassCenterRegularizer`;
             ``None`` turns it off.
-        weight_reg_weight: its weight ``tau`` (0.2), finite and >= 0.
+        weight_reg_weight: its weight ``tau`` (0.2), finite and >= 0 (checked by
+            :class:`BaseProxyLoss`).
         **kwargs: PML keyword arguments (``reducer``, ``weight_init_func``, ``collect_stats``, ...).
 
     Attributes:
@@ -53,7 +54,6 @@ class BaseMultiProxyLoss(BaseProxyLoss):
         margin = check_real("margin", margin)
         gamma = check_real("gamma", gamma, low=0, low_inclusive=False)
         pooling = check_choice("pooling", pooling, proxy_math.POOLINGS)
-        weight_reg_weight = check_real("weight_reg_weight", weight_reg_weight, low=0)
         if isinstance(weight_regularizer, str) and weight_regularizer == DEFAULT:
             weight_regularizer = IntraClassCenterRegularizer(centers_per_class)
         super().__init__(

@@ -9,10 +9,12 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ..functional import proxy_math
-from ..functional.validation import check_bool, check_int
+from ..functional.validation import check_bool, check_int, check_real, check_state_tensor
 from ..reducers import SyncFreeDivisorReducer
 
 _COSINE_SETTINGS = ("normalize_embeddings", "p", "power", "is_inverted")
+#: PML's keyword arguments that are real numbers (regulariser weights)
+_PML_WEIGHTS = ("weight_reg_weight", "embedding_reg_weight")
 
 
 def check_cosine_distance(distance) -> None:
@@ -30,6 +32,14 @@ def check_cosine_distance(distance) -> None:
             "the losses of pml-proxies are defined on the cosine similarity (docs/methods.md, "
             f"'Shared rules'); got {distance!r}"
         )
+
+
+@proxy_math.run_eagerly
+def _commit_state(loss: BaseProxyLoss, update: dict) -> None:
+    """``loss.commit_state(update)``, eagerly under ``torch.compile``: the state update is
+    data-dependent bookkeeping (sizes read on the host, shapes that change from step to step),
+    which would only recompile the graphs; it tripped an internal dynamo error as well."""
+    loss.commit_state(update)
 
 
 class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -50,7 +60,13 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     * ``distance=`` accepts only PML's ``CosineSimilarity()`` with its default settings (the
       default); any other distance raises ``ValueError`` at construction;
     * every constructor argument is checked once, at construction
-      (:mod:`pml_proxies.functional.validation`).
+      (:mod:`pml_proxies.functional.validation`), PML's ``weight_reg_weight`` and
+      ``embedding_reg_weight`` included (finite and >= 0);
+    * ``load_state_dict`` checks everything before it writes anything, so a failing load changes
+      nothing: every parameter and buffer of the loss in the state must have its shape and values
+      its dtype holds (finite; integers for integer buffers), stateful losses check their own
+      invariants (:meth:`check_state_dict`), and ``loss.load_state_dict(state)`` (strict) checks
+      that no key is missing or unexpected; a failure is a ``ValueError`` naming the key.
 
     Subclasses implement :meth:`compute_proxy_loss`, called with float32/float64 embeddings.
 
@@ -70,6 +86,9 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         embedding_size = check_int("embedding_size", embedding_size, low=1)
         check_inputs = check_bool("check_inputs", check_inputs)
         check_cosine_distance(kwargs.get("distance"))
+        for name in _PML_WEIGHTS:
+            if name in kwargs:
+                kwargs[name] = check_real(name, kwargs[name], low=0)
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -103,7 +122,7 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         try:
             loss = self._checked_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
             if self._staged_state is not None:
-                self.commit_state(self._staged_state)
+                _commit_state(self, self._staged_state)
         except BaseException:
             self.on_failed_step()
             raise
@@ -150,6 +169,61 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple
     ) -> dict:
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- state loading
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        # torch raises for missing or unexpected keys only after it has loaded the rest
+        if strict:
+            expected, given = set(self.state_dict()), set(state_dict)
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
+            if missing or unexpected:
+                raise ValueError(
+                    f"not a state of this {type(self).__name__}: missing keys {missing}, "
+                    f"unexpected keys {unexpected} (strict=False loads a partial state)"
+                )
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # validate everything before anything is written: a failing load changes nothing
+        self.check_state_dict(state_dict, prefix)
+        self.before_state_load(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self.after_state_load()
+
+    def check_state_dict(self, state_dict, prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the key unless loading ``state_dict`` (keys under
+        ``prefix``; missing keys keep their current value) gives a valid state: each of the
+        loss's parameters and buffers it holds passes :meth:`check_state_value`. Stateful losses
+        extend it with their own invariants."""
+        for name, current in self._state_tensors().items():
+            key = prefix + name
+            if key in state_dict:
+                self.check_state_value(name, key, state_dict[key], current)
+
+    def check_state_value(self, name: str, key: str, value, current: torch.Tensor) -> None:
+        """Check the loaded ``value`` of the parameter or buffer ``name`` (``current``) before it
+        is written (:func:`~pml_proxies.functional.validation.check_state_tensor`)."""
+        check_state_tensor(key, value, current)
+
+    def before_state_load(self, state_dict, prefix: str) -> None:
+        """Called once the state passed its checks, before torch copies it in."""
+
+    def after_state_load(self) -> None:
+        """Called after a successful load (stateful losses refresh what they derive from it)."""
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The parameters and persistent buffers of this module itself (buffers first)."""
+        tensors = {
+            name: buffer
+            for name, buffer in self._buffers.items()
+            if buffer is not None and name not in self._non_persistent_buffers_set
+        }
+        tensors.update((n, p) for n, p in self._parameters.items() if p is not None)
+        return tensors
 
     # ----------------------------------------------------------------- helpers
     def move_to(self, device: torch.device) -> None:

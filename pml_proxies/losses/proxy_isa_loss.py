@@ -235,22 +235,25 @@ class ProxyISALoss(BaseProxyLoss):
         self.filter_enabled.fill_(filter_on)
         self._epoch, self._memory_on, self._filter_on = epoch, memory_on, filter_on
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # check the state as it will be after the load (loaded tensors, the current buffers for
-        # keys a partial load leaves out) before anything is written
+    def check_state_dict(self, state_dict, prefix: str = "") -> None:
+        # every tensor on its own (shape, finite, integral), then the state as it will be after
+        # the load (loaded tensors, the current buffers for keys a partial load leaves out)
+        super().check_state_dict(state_dict, prefix)
         state = {
             name: state_dict.get(prefix + name, buffer) for name, buffer in self._buffers.items()
         }
         self._check_state(state)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def after_state_load(self) -> None:
         self._epoch = int(self.epoch)
         self._memory_on = bool(self.memory_enabled)
         self._filter_on = bool(self.filter_enabled)
 
     def _check_state(self, state: dict) -> None:
-        """Raise ``ValueError`` unless ``state`` (buffer name -> tensor) is a consistent state of
-        this loss: shapes, label range, and the memory's bookkeeping (count, write position,
-        per-class counts and fixed-point sums) matching its entries."""
+        """Raise ``ValueError`` unless ``state`` (buffer name -> tensor, each of the buffer's
+        shape, finite and integral where the buffer is) is a consistent state of this loss: label
+        range, counts that cannot be negative, and the memory's bookkeeping (count, write
+        position, per-class counts and fixed-point sums) matching its entries."""
         C, D, T = self.num_classes, self.embedding_size, self.memory_size
 
         def fail(message: str):
@@ -258,11 +261,6 @@ class ProxyISALoss(BaseProxyLoss):
                 f"invalid {type(self).__name__} state for num_classes={C}, embedding_size={D}, "
                 f"memory_size={T}: {message}"
             )
-
-        for name, buffer in self._buffers.items():
-            value = state[name]
-            if buffer is not None and tuple(value.shape) != tuple(buffer.shape):
-                fail(f"{name} has shape {tuple(value.shape)}, expected {tuple(buffer.shape)}")
 
         def get(name: str) -> torch.Tensor:
             return state[name].detach().to("cpu")
@@ -288,11 +286,9 @@ class ProxyISALoss(BaseProxyLoss):
             get("memory_class_counts").long(), torch.bincount(labels[filled], minlength=C)
         ):
             fail("memory_class_counts do not count the entries of memory_labels")
-        if bool((get("sample_counts") < 0).any()) or int(get("epoch")) < 0:
-            fail("sample_counts and epoch must be >= 0")
-        for name in ("effective_numbers", "learned_similarities", "memory_embeddings"):
-            if not bool(torch.isfinite(get(name)).all()):
-                fail(f"{name} holds NaN or infinite values")
+        for name in ("sample_counts", "effective_numbers", "epoch"):
+            if bool((get(name) < 0).any()):
+                fail(f"{name} must be >= 0, got {float(get(name).min()):g}")
         rows = get("memory_embeddings").to(self.memory_embeddings.dtype)
         if bool((rows[~filled] != 0).any()):
             fail("empty memory slots (label -1) must hold zero rows")
@@ -330,12 +326,23 @@ class ProxyISALoss(BaseProxyLoss):
         proxies = self.parameter_in(self.proxies, embeddings.dtype)
         return proxy_math.unit_cosine_similarity(embeddings, proxies)
 
+    @proxy_math.run_eagerly
+    def _class_state(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of ``E_c`` and ``s_c`` in ``dtype``, made outside any compiled graph.
+
+        The step's weights must not read the buffers themselves: the state commit overwrites
+        them in place before the backward runs, and a compiled backward (AOT autograd)
+        recomputes the weights from its graph's inputs instead of saving them, which then fails
+        with "modified by an inplace operation". A copy made inside the graph would be
+        recomputed from the buffer all the same."""
+        E = self.effective_numbers.to(dtype, copy=True)
+        return E, self.learned_similarities.to(dtype, copy=True)
+
     def class_weights(self, dtype: torch.dtype, names=None) -> dict:
         """Per-class quantities of the current state (``(C,)`` each, detached): ``nu``,
         ``sigma``, ``inverse_effective_number``, ``learned`` (``s_c``) and ``outlier``
         (``out_c``); only ``names`` (and ``learned``, ``outlier``) if given."""
-        E = self.effective_numbers.to(dtype)
-        learned = self.learned_similarities.to(dtype)
+        E, learned = self._class_state(dtype)
         nu = torch.log1p(E).add_(1.0).reciprocal_()
         # eta = (1 + k (1 - s)) nu + lambda;  out = s - eta
         eta = (1.0 + self.sensitivity) - self.sensitivity * learned

@@ -875,29 +875,26 @@ class VCPALoss(BaseProxyLoss):
             self._buffers["rng_state"] = rng_state
         return result
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # validate everything before anything is written: a failing load changes nothing
-        key = prefix + "rng_state"
-        value = state_dict.get(key)
-        if value is not None:
+    def check_state_value(self, name: str, key: str, value, current: torch.Tensor) -> None:
+        if name == "rng_state":  # a CUDA generator's state has another size than a CPU one
             check_generator_state(value, name=key)
+        else:
+            super().check_state_value(name, key, value, current)
+
+    def check_state_dict(self, state_dict, prefix: str = "") -> None:
+        super().check_state_dict(state_dict, prefix)
         std = state_dict.get(prefix + "proxy_std")
-        if isinstance(std, torch.Tensor) and std.shape == self.proxy_std.shape:
-            if not bool((std >= self.sigma_min).all()):  # NaN fails too
-                raise ValueError(
-                    f"{prefix}proxy_std holds values below sigma_min={self.sigma_min} or NaN "
-                    f"(min {float(std.min())}): not a valid state of this loss"
-                )
-        mean = state_dict.get(prefix + "proxy_mean")
-        if isinstance(mean, torch.Tensor) and not bool(torch.isfinite(mean).all()):
-            raise ValueError(f"{prefix}proxy_mean holds non-finite values")
-        if value is not None:
-            # the state of a CUDA generator has another size than a CPU one
+        if std is not None and not bool((std >= self.sigma_min).all()):
+            raise ValueError(
+                f"{prefix}proxy_std holds values below sigma_min={self.sigma_min} "
+                f"(min {float(std.min())}): not a valid state of this loss"
+            )
+
+    def before_state_load(self, state_dict, prefix: str) -> None:
+        value = state_dict.get(prefix + "rng_state")
+        if value is not None:  # torch copies only into a buffer of the same size
             self._buffers["rng_state"] = value.detach().to("cpu", copy=True)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+
+    def after_state_load(self) -> None:
         self._generator = None
         self._ranks_synced = False
