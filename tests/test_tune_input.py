@@ -52,7 +52,7 @@ def _tune(argv: list[str], capsys) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------ the search space
-@pytest.mark.timeout(120)  # before the fix: an endless loop of failing trials
+@pytest.mark.timeout(120, method="thread")  # before the fix: an endless loop (ends the run)
 @pytest.mark.parametrize("bounds", ["-inf:inf", "0:1e400", "nan:1"])
 def test_non_finite_bounds_are_usage_errors(bounds, tmp_path, capsys):
     out = tmp_path / "out"
@@ -65,7 +65,7 @@ def test_non_finite_bounds_are_usage_errors(bounds, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.timeout(120)  # before the fix: an endless loop
+@pytest.mark.timeout(120, method="thread")  # before the fix: an endless loop (ends the run)
 def test_an_error_while_sampling_counts_toward_the_error_budget(tmp_path):
     storage = make_storage(default_storage(tmp_path))
     # a space no check has seen (built directly): Optuna refuses it when the trial samples it
