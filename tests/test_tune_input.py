@@ -150,6 +150,7 @@ def test_a_storage_that_cannot_be_opened_is_one_line_and_exit_1(kind, message, t
     code, err = _tune([*FAKE, "--storage", url, "--output", str(tmp_path / "o")], capsys)
     assert code == 1 and message in err
     assert len(err.strip().splitlines()) == 1 and "secret" not in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

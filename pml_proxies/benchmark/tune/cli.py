@@ -240,14 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: run the same command again to resume ({config.output})",
               file=sys.stderr)  # fmt: skip
         return 130
-    except (UsageError, ProtocolMismatch, FolderBusy) as e:
-        if fresh and not isinstance(e, FolderBusy):  # a refused command leaves nothing behind
+    except (UsageError, ProtocolMismatch, FolderBusy, StorageError) as e:
+        # raised before any trial: a folder this command created is removed with what it holds
+        if fresh and not isinstance(e, FolderBusy) and not (output / "trials").exists():
             shutil.rmtree(output, ignore_errors=True)
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 3 if isinstance(e, FolderBusy) else 2
-    except StorageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return 3 if isinstance(e, FolderBusy) else 1 if isinstance(e, StorageError) else 2
     except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
         if args.debug:
             raise
