@@ -7,6 +7,7 @@ storage and the workers."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -138,3 +139,8 @@ def test_worker_killed_mid_trial_is_failed_and_redone(kind, request, tmp_path):
     assert sorted(numbers) == list(range(len(numbers)))
     report = (tmp_path / "w" / "tune_report.md").read_text()
     assert "| proxy_nca | done | 3 | 0 | 0 | 1 |" in report
+    # trial time: the finished trials' own time; the killed trial's dead time (until another
+    # worker found it stale) is not counted. Same sums in the same order: a rounding margin only
+    (row,) = json.loads((tmp_path / "w" / "search.json").read_text())
+    own = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished)
+    assert row["trial_time_s"] == pytest.approx(own, rel=1e-12)

@@ -61,7 +61,7 @@ def test_make_storage_does_not_retry_other_errors(tmp_path, monkeypatch):
         raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("disk I/O error"))
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
-    with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O error"):
+    with pytest.raises(st.StorageError, match="cannot open the storage .*: disk I/O error"):
         st.make_storage(st.default_storage(tmp_path))
     assert len(calls) == 1
 
@@ -96,7 +96,8 @@ def _half_created(storage, keys=("loss", "space")):
     """A study as its creator leaves it after writing only ``keys`` of its settings."""
     study = optuna.create_study(storage=storage, study_name="t/proxy_anchor")
     full = {"loss": "proxy_anchor", "space": st.space_attr(SPACE), "n_trials": 5,
-            "protocol": "p", "prune": False, "command": "c", "seed": 0}  # fmt: skip
+            "protocol": "p", "prune": False, "command": "c", "seed": 0, "startup_trials": 1,
+            "protocol_fields": {}}  # fmt: skip
     for key in keys:
         study.set_user_attr(key, full[key])
     return study, full
@@ -108,7 +109,8 @@ def test_a_worker_waits_for_the_creator_to_finish_writing_the_settings(tmp_path)
 
     def creator_goes_on():
         time.sleep(0.5)
-        for key in ("n_trials", "protocol", "prune", "command", "seed"):
+        for key in ("n_trials", "protocol", "prune", "command", "seed", "startup_trials",
+                    "protocol_fields"):  # fmt: skip
             study.set_user_attr(key, full[key])
 
     thread = threading.Thread(target=creator_goes_on)
@@ -132,7 +134,7 @@ def test_a_mismatch_written_by_the_creator_after_the_wait_began_is_still_refused
     thread = threading.Thread(target=creator_goes_on)
     thread.start()
     try:
-        with pytest.raises(ValueError, match="n_trials=7, not 5"):
+        with pytest.raises(ValueError, match="n_trials: 7 -> 5"):
             st.open_study(storage, "t", "proxy_anchor", SPACE, SETTINGS, wait_s=30)
     finally:
         thread.join()
@@ -152,4 +154,5 @@ def test_the_creator_writes_every_setting(tmp_path):
     opened = st.open_study(storage, "t", "proxy_anchor", SPACE, SETTINGS)
     assert opened.user_attrs == {"loss": "proxy_anchor", "space": st.space_attr(SPACE),
                                  "n_trials": 5, "protocol": "p", "prune": False,
-                                 "command": "c", "seed": 0}  # fmt: skip
+                                 "command": "c", "seed": 0, "startup_trials": 1,
+                                 "protocol_fields": {}}  # fmt: skip

@@ -85,17 +85,28 @@ def test_a_loss_without_space_gets_no_trials_and_is_reported(tmp_path):
 
 def test_a_study_refuses_another_space_budget_or_protocol(tmp_path):
     storage, spaces, settings = _search(tmp_path, fake.quadratic, n=2, losses=["proxy_nca"])
-    for changed in (
-        SearchSettings(n_trials=3, seed=0, startup_trials=1),
-        SearchSettings(n_trials=2, seed=0, startup_trials=1, protocol="other"),
+    for changed, named in (
+        (SearchSettings(n_trials=3, seed=0, startup_trials=1), "n_trials: 2 -> 3"),
+        (SearchSettings(n_trials=2, seed=0, startup_trials=1, prune=True), "prune: False -> True"),
     ):
-        with pytest.raises(ValueError, match="another --study-name"):
+        with pytest.raises(ValueError, match=f"{named}.*another --study-name"):
             open_study(storage, "t", "proxy_nca", spaces["proxy_nca"], changed)
     narrower = sp.resolve_spaces(
         ["proxy_nca"], sp.parse_space_overrides(["proxy_nca.softmax_scale=1:9"])
     )
-    with pytest.raises(ValueError, match="space"):
+    with pytest.raises(ValueError, match="space: softmax_scale=.* -> softmax_scale=1:9:log"):
         open_study(storage, "t", "proxy_nca", narrower["proxy_nca"], settings)
+
+
+def test_a_protocol_refusal_names_the_settings_not_fingerprints(tmp_path):
+    fields = {"epochs": 2, "lr": None, "folds": 1}
+    storage, spaces, settings = _search(tmp_path, fake.quadratic, n=2, losses=["proxy_nca"],
+                                        protocol="a", protocol_fields=fields)  # fmt: skip
+    other = SearchSettings(n_trials=2, seed=0, startup_trials=1, protocol="b",
+                           protocol_fields={**fields, "epochs": 3})  # fmt: skip
+    with pytest.raises(ValueError) as e:
+        open_study(storage, "t", "proxy_nca", spaces["proxy_nca"], other)
+    assert "(epochs: 2 -> 3)" in str(e.value) and "fingerprint" not in str(e.value)
 
 
 def _settings(n):
@@ -104,18 +115,21 @@ def _settings(n):
 
 
 def test_report_is_a_function_of_the_trials(tmp_path):
-    storage, spaces, _ = _search(tmp_path, fake.quadratic, n=3)
+    n = tr.MIN_IMPORTANCE_TRIALS  # enough complete trials for the importances
+    storage, spaces, _ = _search(tmp_path, fake.quadratic, n=n)
     texts = []
     for _ in range(2):
         studies = _studies(make_storage(default_storage(tmp_path)))
-        rows = tr.search_summary(studies, spaces, 3)
+        rows = tr.search_summary(studies, spaces, n)
         plots = tr.write_plots(studies, tmp_path / "plots")
-        texts.append(tr.search_markdown(rows, spaces, _settings(3), plots, 1e-3))
+        texts.append(tr.search_markdown(rows, spaces, _settings(n), plots, 1e-3))
     assert texts[0] == texts[1]
     best = {loss: tr.best_trial(s) for loss, s in _studies(storage).items()}
     for loss, trial in best.items():
         assert max(t.value for t in _studies(storage)[loss].trials) == trial.value
-        assert f"| {loss} | done | 3 | 0 | 0 | 0 | {trial.value:.4f} | {trial.number} |" in texts[0]
+        assert (
+            f"| {loss} | done | {n} | 0 | 0 | 0 | {trial.value:.4f} | {trial.number} |" in texts[0]
+        )
     for loss in LOSSES:
         assert (tmp_path / "plots" / f"{loss}_history.png").stat().st_size > 1000
         assert (tmp_path / "plots" / f"{loss}_importances.png").stat().st_size > 1000

@@ -1,24 +1,31 @@
 """``pml-proxies-benchmark tune``: the untuned benchmark's options plus the search's.
 
-Also ``python -m pml_proxies.benchmark.tune``.
+Also ``python -m pml_proxies.benchmark.tune``. As in the untuned benchmark, an invalid option is
+a usage error (exit code 2) before anything is written, and so is a command whose protocol or
+space differs from the stored studies' (naming each differing setting); a folder another command
+is using is refused (exit code 3); any other failure is one ``error:`` line (exit code 1),
+``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ..cli import QUICK, config_from_args
 from ..cli import build_parser as build_benchmark_parser
-from ..cli import config_from_args
 from ..config import BenchmarkConfig, ConfigError, typed_command
 from ..losses import LOSS_NAMES, LOSSES
 
 PROG = "pml-proxies-benchmark tune"
+DEFAULT_OUTPUT = "tune_results"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     # --workers and --list-losses mean the search's here (DataLoader workers: --loader-workers)
     for container in (p, *p._action_groups):
         container.conflict_handler = "resolve"
-    p.set_defaults(output="tune_results")
+    p.set_defaults(output=DEFAULT_OUTPUT)
+    actions = {action.dest: action for action in p._actions}
+    actions["output"].help = f"output folder (resumable; one search) (default: {DEFAULT_OUTPUT})"
+    quick = actions["quick"]
+    quick.help = (quick.help or "").replace(str(QUICK["output"]), DEFAULT_OUTPUT)  # --output wins
     a = p.add_argument
     a("--list-losses", "--list-spaces", dest="list_losses", action="store_true",
       help="list each loss's search space, then exit")  # fmt: skip
@@ -97,6 +108,20 @@ def _check_args(args: argparse.Namespace) -> None:
         check_int("--startup-trials", args.startup_trials, low=0)
     if args.worker_only and args.report_only:
         raise ValueError("--worker-only and --report-only exclude each other")
+    if args.storage is not None:
+        from .study import check_storage_url
+
+        check_storage_url(args.storage)
+
+
+def _check_config(config: BenchmarkConfig, args: argparse.Namespace) -> None:
+    """The options that make every trial fail, refused before any trial."""
+    if args.folds == 1 and config.val_fraction == 0 and not args.report_only:
+        raise ConfigError(
+            "val_fraction", "tuning selects on validation classes: give > 0 (or --folds K > 1)"
+        )
+    if args.report_only and args.storage is None and not Path(config.output).is_dir():
+        raise ValueError(f"--report-only: {config.output} does not exist (no search to report)")
 
 
 def _load_objective(target: str):
@@ -174,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workers = args.loader_workers
         config: BenchmarkConfig = config_from_args(args, argv)
         config = dataclasses.replace(config, command=args.started_by or _command(argv))
+        _check_config(config, args)
         spaces = resolve_spaces(config.losses, overrides, args.configs)
     except ConfigError as e:
         parser.error(f"argument --{e.field.replace('_', '-')}: {e.message}")
@@ -201,14 +227,30 @@ def main(argv: list[str] | None = None) -> int:
     objective = _load_objective(args.objective) if args.objective else None
     start = time.time()
     from ..interrupt import catching_interrupts
+    from ..runner import FolderBusy, ProtocolMismatch
+    from .errors import StorageError, UsageError
 
+    output = Path(config.output)
+    fresh = not output.exists()
     try:
         with catching_interrupts():
-            out = _search_and_report(args, argv, config, spaces, options, objective, search_workers)
+            out = _run(args, argv, config, spaces, options, objective, search_workers)
     except KeyboardInterrupt:
         print(f"\ninterrupted: run the same command again to resume ({config.output})",
               file=sys.stderr)  # fmt: skip
         return 130
+    except (UsageError, ProtocolMismatch, FolderBusy, StorageError) as e:
+        # raised before any trial: a folder this command created is removed with what it holds
+        if fresh and not isinstance(e, FolderBusy) and not (output / "trials").exists():
+            shutil.rmtree(output, ignore_errors=True)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 3 if isinstance(e, FolderBusy) else 1 if isinstance(e, StorageError) else 2
+    except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {type(e).__name__}: {e} (--debug shows the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if out is None:  # --worker-only
         return 0
     print(out["report_md"].read_text())
@@ -216,14 +258,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _run(args, argv, config, spaces, options, objective, search_workers: int):
+    """:func:`_search_and_report` holding the output folder's lock (as the benchmark does: two
+    commands on one folder would search as the same worker and train the same re-runs); local
+    workers run under their parent's lock. ``--report-only`` is checked first: a refusal
+    creates nothing."""
+    from ..runner import folder_lock
+
+    if args.report_only:
+        from .runner import check_report_only
+
+        check_report_only(config, spaces, options)
+    held = folder_lock(Path(config.output)) if args.started_by is None else contextlib.nullcontext()
+    with held:
+        return _search_and_report(args, argv, config, spaces, options, objective, search_workers)
+
+
 def _search_and_report(args, argv, config, spaces, options, objective, search_workers: int):
     """This process's share of the search (or the local workers'), then the report (none with
     ``--worker-only``)."""
     if not args.report_only:
         if search_workers > 1:
-            from .runner import _storage
+            from .runner import check_search
 
-            _storage(config, options)  # create the schema once, before the workers race
+            # the schema created once, before the workers race; the studies' settings, the data
+            # and --folds checked once, before any worker starts
+            check_search(config, spaces, options, objective)
             codes = _spawn_workers(argv, search_workers, Path(config.output) / "logs")
             bad = [i for i, c in enumerate(codes) if c != 0]
             if bad:

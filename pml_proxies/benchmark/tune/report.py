@@ -13,7 +13,20 @@ import pandas as pd
 from .. import report as bench_report
 from ..metrics import metric_label
 from .spaces import PROXY_LR, SpaceEntry
-from .study import ERROR_ATTR, MACHINE_ATTR, SURPLUS_ATTR, counts, optuna_or_exit, study_name
+from .study import (
+    ERROR_ATTR,
+    MACHINE_ATTR,
+    SURPLUS_ATTR,
+    SearchSettings,
+    counts,
+    optuna_or_exit,
+    study_name,
+)
+
+#: fewest COMPLETE trials of a study for which the parameter importances are drawn: fANOVA fits
+#: a random forest to the (parameters, value) pairs of the complete trials, and with fewer than
+#: about ten points per study its importances are noise (they change with the forest's seed)
+MIN_IMPORTANCE_TRIALS = 10
 
 
 def _fmt_value(value) -> str:
@@ -41,6 +54,30 @@ def load_studies(storage, prefix: str, losses: list[str]) -> dict:
     return out
 
 
+def stored_settings(studies: dict, command: SearchSettings) -> dict[str, Any]:
+    """The budget and sampler settings the studies were searched with (``n_trials``, ``seed``,
+    ``startup_trials``, ``prune``), read from the studies; ``command``'s where no study records
+    one (none exists, or it was created by an older version). Values that differ between the
+    studies are joined (``"2 / 3"``)."""
+    out: dict[str, Any] = {}
+    for key in ("n_trials", "seed", "startup_trials", "prune"):
+        values = [s.user_attrs[key] for s in studies.values() if s and key in s.user_attrs]
+        distinct = list(dict.fromkeys(values)) or [getattr(command, key)]
+        out[key] = distinct[0] if len(distinct) == 1 else " / ".join(map(str, distinct))
+    return out
+
+
+def _own_time(trial, states) -> float | None:
+    """Seconds ``trial`` ran, for a trial that ended itself (complete, pruned, errored);
+    ``None`` for a stale or interrupted one: its end is when another worker marked it failed,
+    and its retry counts its own time."""
+    if trial.state not in states and ERROR_ATTR not in trial.user_attrs:
+        return None
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
 def best_trial(study):
     """The best COMPLETE trial (``None`` when there is none)."""
     optuna = optuna_or_exit()
@@ -53,7 +90,10 @@ def best_trial(study):
 
 
 def search_summary(studies: dict, spaces: dict[str, list[SpaceEntry]], n_trials: int) -> list:
-    """One dict per loss: status, counts, times, best value and parameters."""
+    """One dict per loss: status, counts, times, best value and parameters. A study's status
+    is judged against the budget it records (``n_trials`` for a study that records none).
+    Trial time counts the trials that ended themselves (a stale trial's dead time is not
+    counted; its retry counts its own); wall time spans every trial."""
     optuna = optuna_or_exit()
     S = optuna.trial.TrialState
     rows: list[dict[str, Any]] = []
@@ -66,20 +106,22 @@ def search_summary(studies: dict, spaces: dict[str, list[SpaceEntry]], n_trials:
             rows.append(dict(loss=loss, status="not started", params={}))
             continue
         c = counts(study)
+        budget = study.user_attrs.get("n_trials", n_trials)
         trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
         timed = [t for t in trials if t.datetime_start and t.datetime_complete]
         done = [t for t in timed if t.state in (S.COMPLETE, S.PRUNED)]
         best = best_trial(study)
-        if c["done"] >= n_trials and best is not None:
+        if c["done"] >= budget and best is not None:
             status = "done"
-        elif c["errors"] >= n_trials and best is None:
+        elif c["errors"] >= budget and best is None:
             status = "search failed (every trial errored)"
         elif best is None and c["done"]:
             status = "every trial pruned"
         else:
-            status = f"incomplete ({c['done']}/{n_trials})"
+            status = f"incomplete ({c['done']}/{budget})"
         errors = sorted({t.user_attrs[ERROR_ATTR] for t in trials if ERROR_ATTR in t.user_attrs})
-        total = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in timed)
+        own = [_own_time(t, (S.COMPLETE, S.PRUNED)) for t in timed]
+        total = sum(x for x in own if x is not None)
         span = (
             (max(t.datetime_complete for t in timed) - min(t.datetime_start for t in timed))
             if timed
@@ -166,6 +208,15 @@ def search_markdown(
         lines.append(f"* {loss}: {desc}")
     if plots:
         lines += ["", "### Optuna plots", ""]
+        few = [r for r in rows if 0 < r.get("complete", 0) < MIN_IMPORTANCE_TRIALS]
+        if few:
+            lines += [
+                "Parameter importances are drawn from "
+                f"{MIN_IMPORTANCE_TRIALS} complete trials on (fewer give noise), not for: "
+                + ", ".join(f"{r['loss']} ({r['complete']})" for r in few)
+                + ".",
+                "",
+            ]
         for loss, files in plots.items():
             for kind, rel in files.items():
                 lines.append(f"![{loss} {kind}]({rel})")
@@ -174,8 +225,9 @@ def search_markdown(
 
 
 def write_plots(studies: dict, folder: Path) -> dict[str, dict[str, str]]:
-    """Optuna's matplotlib optimisation history and parameter importances per loss (PNG);
-    returns ``{loss: {kind: path relative to folder's parent}}``."""
+    """Optuna's matplotlib optimisation history and parameter importances (for a study with at
+    least :data:`MIN_IMPORTANCE_TRIALS` complete trials) per loss (PNG); returns
+    ``{loss: {kind: path relative to folder's parent}}``."""
     optuna = optuna_or_exit()
     import matplotlib
 
@@ -207,7 +259,7 @@ def write_plots(studies: dict, folder: Path) -> dict[str, dict[str, str]]:
                 ),
             ),
         ):
-            if kind == "importances" and len(complete) < 2:
+            if kind == "importances" and len(complete) < MIN_IMPORTANCE_TRIALS:
                 continue
             try:
                 ax = draw(study)

@@ -12,8 +12,17 @@ from ..config import BenchmarkConfig
 from ..parallel import RunFailure
 from ..report import report_title
 from . import report as tune_report
+from .errors import UsageError
 from .spaces import SpaceEntry
-from .study import SearchSettings, default_storage, make_storage, run_worker
+from .study import (
+    REPORT_KEYS,
+    SearchSettings,
+    check_studies,
+    default_storage,
+    make_storage,
+    run_worker,
+    shown_url,
+)
 from .trial import BenchmarkObjective, Objective, load_data, trial_spec
 
 
@@ -50,14 +59,64 @@ def settings_of(config: BenchmarkConfig, options: TuneOptions) -> SearchSettings
         startup_trials=options.startup_trials,
         protocol=protocol,
         command=config.command,
+        protocol_fields={
+            **config.protocol(),
+            "folds": options.folds,
+            "trial_seed": options.trial_seed,
+        },
     )
 
 
-def _storage(config: BenchmarkConfig, options: TuneOptions):
-    Path(config.output).mkdir(parents=True, exist_ok=True)
-    return make_storage(
-        storage_url(config, options), options.heartbeat, options.grace_period, options.max_retry
-    )
+def _storage(config: BenchmarkConfig, options: TuneOptions, create: bool = True):
+    """The storage of ``config``'s search; ``create=False``: nothing is created (an SQLite file
+    that does not exist is a ``UsageError``)."""
+    url = storage_url(config, options)
+    if not create:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+            raise UsageError(
+                f"--report-only: no search to report in {config.output} (no {parsed.database})"
+            )
+    else:
+        Path(config.output).mkdir(parents=True, exist_ok=True)
+    return make_storage(url, options.heartbeat, options.grace_period, options.max_retry)
+
+
+def check_report_only(
+    config: BenchmarkConfig, spaces: dict[str, list[SpaceEntry]], options: TuneOptions
+) -> None:
+    """Refuse ``--report-only`` before anything is created: no storage file, no study of the
+    losses in the storage (``UsageError``), or studies searched under another protocol or space
+    (``ProtocolMismatch``)."""
+    storage = _storage(config, options, create=False)
+    studies = tune_report.load_studies(storage, options.study_name, list(spaces))
+    if all(study is None for loss, study in studies.items() if spaces[loss]):
+        names = ", ".join(f"{options.study_name}/{loss}" for loss in spaces if spaces[loss])
+        raise UsageError(
+            f"--report-only: no study {names or '(no loss has a space)'} in "
+            f"{shown_url(storage_url(config, options))}: nothing to report"
+        )
+    check_studies(storage, options.study_name, spaces, settings_of(config, options), REPORT_KEYS)
+
+
+def check_search(
+    config: BenchmarkConfig,
+    spaces: dict[str, list[SpaceEntry]],
+    options: TuneOptions,
+    objective: Objective | None = None,
+) -> Objective:
+    """What every trial would fail on, checked before the first: the studies' settings
+    (``ProtocolMismatch``), the data and ``--folds`` of the benchmark's objective
+    (``UsageError``). Returns the objective (the benchmark's, its data loaded, for ``None``)."""
+    settings = settings_of(config, options)
+    check_studies(_storage(config, options), options.study_name, spaces, settings)
+    if objective is None:
+        objective = BenchmarkObjective(config, options.folds, options.trial_seed)
+        if any(spaces.values()):
+            objective.check()
+    return objective
 
 
 def search(
@@ -66,9 +125,13 @@ def search(
     options: TuneOptions,
     objective: Objective | None = None,
 ) -> None:
-    """Run this process's share of the search (one worker)."""
-    if objective is None:
-        objective = BenchmarkObjective(config, options.folds, options.trial_seed)
+    """Run this process's share of the search (one worker).
+
+    Raises:
+        ProtocolMismatch: a study of ``spaces`` was searched with other settings.
+        UsageError: the benchmark's objective cannot run (no validation classes, too many folds).
+    """
+    objective = check_search(config, spaces, options, objective)
     run_worker(
         _storage(config, options),
         options.study_name,
@@ -100,7 +163,7 @@ def _reproduce(config: BenchmarkConfig, best: list[tuple[str, dict]], output: Pa
     results: dict[int, dict] = {}
     todo = []
     for i, spec in enumerate(specs):
-        previous, _ = inspect_run(run_dir(output, spec.loss, spec.seed))
+        previous, _ = inspect_run(run_dir(output, spec.loss, spec.seed), spec)
         if previous is None:
             todo.append(i)
         elif previous.get("config_fingerprint") == spec.fingerprint:
@@ -136,14 +199,13 @@ def run_tune(
     out = Path(config.output)
     storage = _storage(config, options)
     losses = list(spaces)
+    command = settings_of(config, options)
+    check_studies(storage, options.study_name, spaces, command, REPORT_KEYS)
     studies = tune_report.load_studies(storage, options.study_name, losses)
     rows = tune_report.search_summary(studies, spaces, options.n_trials)
     plots = tune_report.write_plots(studies, out / "plots")
     settings = dict(
-        n_trials=options.n_trials,
-        seed=options.sampler_seed,
-        startup_trials=options.startup_trials,
-        prune=options.prune,
+        **tune_report.stored_settings(studies, command),
         folds=options.folds,
         trial_seed=options.trial_seed,
         primary_metric=config.primary_metric,

@@ -159,6 +159,8 @@ def make_entry(name: str, low: float, high: float, kind: str, source: str) -> Sp
     """A checked :class:`SpaceEntry` (``ValueError`` naming ``source`` when the range is bad)."""
     if kind not in ("float", "log", "int"):
         raise ValueError(f"{source}: kind must be float, log or int, got {kind!r}")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{source}: low and high must be finite, got [{low:g}, {high:g}]")
     if not low <= high:
         raise ValueError(f"{source}: low ({low:g}) must be <= high ({high:g})")
     if kind == "log" and low <= 0:
@@ -245,7 +247,9 @@ def resolve_spaces(
 ) -> dict[str, list[SpaceEntry]]:
     """Per loss: its YAML space, with ``--space`` overrides replacing (or adding) entries.
 
-    An override of ``proxy_lr`` for a loss without trainable parameters is refused.
+    An override of ``proxy_lr`` for a loss without trainable parameters, and one naming an
+    argument the loss does not have (or with a range of the wrong type, e.g. a real range for an
+    integer argument) are refused (``ValueError``): every trial would fail.
     """
     overrides = overrides or {}
     for loss in overrides:
@@ -260,8 +264,23 @@ def resolve_spaces(
             old = entries.get(arg)
             kind = entry.kind or (old.kind if old is not None else "float")
             entries[arg] = make_entry(arg, entry.low, entry.high, kind, entry.source)
+            _check_loss_argument(loss, entries[arg])
         out[loss] = list(entries.values())
     return out
+
+
+def _check_loss_argument(loss: str, entry: SpaceEntry) -> None:
+    """Refuse an entry the loss's constructor would refuse at every trial (checked with the
+    range's midpoint, through the benchmark's ``--loss-param`` check); miner arguments are
+    passed as given."""
+    from ..losses import convert_loss_params
+
+    mid = (entry.low + entry.high) / 2
+    loss_kwargs, _ = split_params({entry.name: round(mid) if entry.kind == "int" else mid})
+    try:
+        convert_loss_params(loss, loss_kwargs)
+    except ValueError as e:
+        raise ValueError(f"{entry.source}: {e}") from None
 
 
 def format_spaces(spaces: dict[str, list[SpaceEntry]]) -> str:

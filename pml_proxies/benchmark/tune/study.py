@@ -17,11 +17,12 @@ import platform
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..interrupt import check as check_interrupt
+from .errors import StorageError, UsageError
 from .spaces import SpaceEntry
 from .trial import Objective, TrialConfig
 
@@ -32,6 +33,13 @@ ERROR_ATTR = "error"
 
 
 MACHINE_ATTR = "machine"
+#: study attribute holding the protocol's settings (``"protocol"`` holds their fingerprint)
+PROTOCOL_FIELDS_ATTR = "protocol_fields"
+#: the settings a worker must share with a study to join it
+WORKER_KEYS = ("loss", "space", "n_trials", "protocol", "prune")
+#: the settings that must match for a report (the re-runs train under this protocol); the
+#: budget and the sampler are read from the study
+REPORT_KEYS = ("loss", "space", "protocol")
 
 
 def machine() -> str:
@@ -65,6 +73,55 @@ def default_storage(output: str | Path) -> str:
     return f"sqlite:///{Path(output).resolve() / 'tune.sqlite3'}"
 
 
+def check_storage_url(url: str) -> None:
+    """Refuse, before anything is written, a ``--storage`` URL that cannot hold a search: not a
+    database URL, an in-memory SQLite database (lost when the command ends, and private to one
+    process: the report would find no study), an SQLite file in a folder that does not exist.
+
+    Raises:
+        UsageError: naming ``--storage`` and the URL.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:
+        raise UsageError(
+            f"--storage {url!r} is not a database URL ({e}); e.g. sqlite:///path/tune.sqlite3 "
+            "or postgresql://user@host:5432/db"
+        ) from None
+    if parsed.get_backend_name() != "sqlite":
+        return
+    database = parsed.database or ""
+    if database in ("", ":memory:") or "mode=memory" in url or database.startswith("file::memory"):
+        raise UsageError(
+            f"--storage {url!r} is an in-memory SQLite database: the studies would be lost when "
+            "the command ends; give a file (sqlite:///path/tune.sqlite3) or leave --storage out "
+            "(OUTPUT/tune.sqlite3)"
+        )
+    folder = Path(database).parent
+    if not folder.is_dir():
+        raise UsageError(f"--storage {url!r}: the folder {folder} does not exist")
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password hidden (for messages)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL: shown as given
+        return url
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (a database driver's own, not SQLAlchemy's)."""
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def postgres_driver_url(url: str) -> str:
     """``url`` with an explicit driver for a plain ``postgresql://`` URL: SQLAlchemy 2.1 picks
     psycopg (3) for it, the ``[postgres]`` extra installs psycopg2; the one installed is used.
@@ -87,12 +144,20 @@ def make_storage(
     url: str, heartbeat_interval: int = 10, grace_period: int = 30, max_retry: int = 3
 ):
     """An Optuna ``RDBStorage`` with heartbeats: a RUNNING trial without a heartbeat for
-    ``grace_period`` s is failed and retried (at most ``max_retry`` times)."""
+    ``grace_period`` s is failed and retried (at most ``max_retry`` times).
+
+    Raises:
+        StorageError: the storage cannot be opened (one line naming the URL, password hidden,
+            and the database's own message).
+    """
     optuna = optuna_or_exit()
     from optuna import storages
     from optuna.storages import RDBStorage
 
-    url = postgres_driver_url(url)
+    try:
+        url = postgres_driver_url(url)
+    except ImportError as e:
+        raise StorageError(str(e)) from None
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -116,7 +181,9 @@ def make_storage(
             return RDBStorage(url, **kwargs)
         except Exception as e:  # noqa: BLE001 - two processes creating a fresh schema at once
             if attempt == SCHEMA_ATTEMPTS - 1 or not _schema_race(e):
-                raise
+                raise StorageError(
+                    f"cannot open the storage {shown_url(url)}: {_one_line(e)}"
+                ) from e
             time.sleep(1 + attempt)
     raise AssertionError("unreachable")
 
@@ -172,6 +239,7 @@ class SearchSettings:
         startup_trials: random trials before TPE (and before the pruner prunes).
         protocol: fingerprint of the benchmark protocol (a resumed study must match it).
         command: the command that created the study (reported).
+        protocol_fields: the settings behind ``protocol`` (a refusal names the differing ones).
     """
 
     n_trials: int
@@ -180,6 +248,87 @@ class SearchSettings:
     startup_trials: int = 2
     protocol: str = ""
     command: str = ""
+    protocol_fields: dict[str, Any] = field(default_factory=dict)
+
+    def expected(self, loss: str, space: list[SpaceEntry]) -> dict[str, Any]:
+        """The study attributes of ``loss`` a worker must share (:data:`WORKER_KEYS`)."""
+        return {
+            "loss": loss,
+            "space": space_attr(space),
+            "n_trials": self.n_trials,
+            "protocol": self.protocol,
+            "prune": self.prune,
+        }
+
+    def written(self, loss: str, space: list[SpaceEntry]) -> dict[str, Any]:
+        """Every study attribute the creator of the study of ``loss`` writes."""
+        return {
+            **self.expected(loss, space),
+            "command": self.command,
+            "seed": self.seed,
+            "startup_trials": self.startup_trials,
+            PROTOCOL_FIELDS_ATTR: self.protocol_fields,
+        }
+
+
+def _fmt_space(entries: dict[str, list]) -> str:
+    return ", ".join(f"{n}={lo:g}:{hi:g}:{kind}" for n, (lo, hi, kind) in entries.items())
+
+
+def settings_differences(attrs: dict, expected: dict, protocol_fields: dict) -> list[str]:
+    """``"setting: stored -> expected"`` for each setting of ``expected`` that the study
+    attributes ``attrs`` hold with another value; a protocol difference names the differing
+    protocol settings (``epochs: 2 -> 3``), a space difference the differing entries."""
+    from ..runner import protocol_differences
+
+    diffs = []
+    for key, value in expected.items():
+        if key not in attrs or attrs[key] == value:
+            continue
+        old = attrs[key]
+        if key == "protocol":
+            stored = attrs.get(PROTOCOL_FIELDS_ATTR)
+            named = protocol_differences(stored, protocol_fields) if stored else []
+            diffs += named or [f"protocol: fingerprint {old} -> {value} (settings not recorded)"]
+        elif key == "space":
+            before = {e[0]: e[1:] for e in old}
+            after = {e[0]: e[1:] for e in value}
+            gone = {k: v for k, v in before.items() if after.get(k) != v}
+            new = {k: v for k, v in after.items() if before.get(k) != v}
+            diffs.append(f"space: {_fmt_space(gone) or '-'} -> {_fmt_space(new) or '-'}")
+        else:
+            diffs.append(f"{key}: {old!r} -> {value!r}")
+    return diffs
+
+
+def _refuse(name: str, diffs: list[str]):
+    from ..runner import ProtocolMismatch
+
+    return ProtocolMismatch(
+        f"study {name!r} in this storage was searched with other settings ({'; '.join(diffs)}); "
+        "use the study's settings, or another --study-name (or --output) for a new search"
+    )
+
+
+def check_studies(
+    storage,
+    prefix: str,
+    spaces: dict[str, list[SpaceEntry]],
+    s: SearchSettings,
+    keys: tuple[str, ...] = WORKER_KEYS,
+) -> None:
+    """Refuse (``ProtocolMismatch``, naming each differing setting) a command whose ``keys``
+    settings differ from those of an existing study of ``spaces``; creates nothing."""
+    optuna = optuna_or_exit()
+    names = {x.study_name: x for x in optuna.get_all_study_summaries(storage)}
+    for loss, space in spaces.items():
+        summary = names.get(study_name(prefix, loss))
+        if summary is None or not space:
+            continue
+        expected = {k: v for k, v in s.expected(loss, space).items() if k in keys}
+        diffs = settings_differences(summary.user_attrs, expected, s.protocol_fields)
+        if diffs:
+            raise _refuse(summary.study_name, diffs)
 
 
 def open_study(
@@ -198,14 +347,8 @@ def open_study(
     written before comparing; settings still missing then (the creator died) are written."""
     optuna = optuna_or_exit()
     name = study_name(prefix, loss)
-    expected = {
-        "loss": loss,
-        "space": space_attr(space),
-        "n_trials": s.n_trials,
-        "protocol": s.protocol,
-        "prune": s.prune,
-    }
-    written = {**expected, "command": s.command, "seed": s.seed}
+    expected = s.expected(loss, space)
+    written = s.written(loss, space)
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
@@ -215,12 +358,9 @@ def open_study(
         return study
     attrs = _settings_of(study, list(expected), wait_s)
     _write_attrs(study, {k: v for k, v in written.items() if k not in attrs})  # creator died
-    for key, value in expected.items():
-        if key in attrs and attrs[key] != value:
-            raise ValueError(
-                f"study {name!r} in this storage was created with {key}={attrs.get(key)!r}, "
-                f"not {value!r}: use another --study-name (or --output) for a new search"
-            )
+    diffs = settings_differences(attrs, expected, s.protocol_fields)
+    if diffs:
+        raise _refuse(name, diffs)
     return study
 
 
@@ -317,11 +457,12 @@ def run_worker(
             if len(ahead) >= n:  # another worker took the last slot meanwhile
                 trial.set_user_attr(SURPLUS_ATTR, True)
                 raise _Surplus
-            trial.set_user_attr(MACHINE_ATTR, machine())
-            params = suggest(trial, space)
-            config = TrialConfig(loss, params, trial.number, trials_dir / loss / f"{trial.number}")
-            try:
-                return objective(config, _OptunaReporter(trial, settings.prune))
+            try:  # an error anywhere, sampling included, counts toward the error budget
+                trial.set_user_attr(MACHINE_ATTR, machine())
+                params = suggest(trial, space)
+                path = trials_dir / loss / f"{trial.number}"
+                return objective(TrialConfig(loss, params, trial.number, path),
+                                 _OptunaReporter(trial, settings.prune))  # fmt: skip
             except optuna.TrialPruned:
                 raise
             except Exception as e:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..config import BenchmarkConfig
+from .errors import UsageError
 from .spaces import split_params
 
 
@@ -98,15 +99,30 @@ class BenchmarkObjective:
     def data(self):
         if self._data is None:
             self._data = load_data(self.config)
-            if self.folds == 1 and len(self._data.val) == 0:
-                raise ValueError("tuning needs validation classes: --val-fraction > 0")
         return self._data
+
+    def check(self) -> None:
+        """Load the data and refuse, before any trial, a search every trial would fail:
+        no validation classes (``--val-fraction 0``), more folds than half the training classes.
+
+        Raises:
+            UsageError: naming the option.
+        """
+        data = self.data()
+        if self.folds == 1 and len(data.val) == 0:
+            raise UsageError("--val-fraction: tuning needs validation classes (> 0, or --folds K)")
+        if self.folds > 1:
+            try:
+                fold_classes(data, self.folds, self.config.split_seed)
+            except ValueError as e:
+                raise UsageError(f"--folds {self.folds}: {e}") from None
 
     def __call__(self, trial: TrialConfig, reporter: Reporter) -> float:
 
         from ..train import torch_threads, train_and_evaluate
 
         spec = trial_spec(self.config, trial.loss, trial.params, self.trial_seed)
+        self.check()
         data = self.data()
         folds: list = (
             fold_classes(data, self.folds, self.config.split_seed) if self.folds > 1 else [None]
