@@ -146,7 +146,8 @@ class DistributedProxyLoss(DistributedLossWrapper):
     With several processes ``forward`` returns ``world_size x`` the loss of the gathered global
     batch (what DDP's gradient average needs; divide by ``world_size`` to log the global loss);
     with one process it returns ``loss(...)``. Save and load ``wrapper.loss.state_dict()``: it
-    does not depend on the world size.
+    does not depend on the world size. A miner's ``indices_tuple`` must index the gathered batch:
+    wrap the miner in PML's ``DistributedMinerWrapper`` (the proxy losses take none).
     """
 
     def __init__(self, loss: torch.nn.Module) -> None:
