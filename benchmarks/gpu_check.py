@@ -20,7 +20,11 @@ the exit code is 1 if any check FAILs:
    ``TorchKNN`` (and faiss when installed) on the device, time, peak memory, and every metric
    against a CPU computation on a subset;
 5. the main job: the benchmark CLI (``python -m pml_proxies.benchmark``) on the device, every
-   loss, one seed, with the small CNN and the EfficientNet-Lite0 trunk.
+   loss, one seed, with the small CNN and the EfficientNet-Lite0 trunk;
+6. ddp: with two or more CUDA devices, ``examples/cub200_recipe.py --quick --dataset digits``
+   (a few iterations) under ``torchrun --nproc-per-node 2`` with NCCL for Proxy-ISA and VCPA,
+   against the same run on one process (``"world_size"`` recorded, metrics compared); SKIP with
+   fewer devices.
 
 ``--device cpu`` uses reduced sizes, compares float32 (and bf16 / fp16 autocast) on the CPU with
 float64 on the CPU, and skips what needs CUDA with a printed reason; CI runs it as a test
@@ -86,7 +90,7 @@ TARGET_VCPA_RESNET_STEP = 1.4
 #: Per-part time budgets in seconds on CUDA (the whole run, imports included, must stay within
 #: 6 minutes on one H200). A part stops starting new checks once its budget is spent; those
 #: checks SKIP with a reason. The CPU mode uses the same budgets times ``cpu_budget_scale``.
-BUDGETS = {"equality": 40, "sync": 15, "speed": 100, "evaluation": 45, "main_job": 150}
+BUDGETS = {"equality": 40, "sync": 15, "speed": 100, "evaluation": 45, "main_job": 150, "ddp": 120}
 
 
 @dataclass(frozen=True)
@@ -1037,6 +1041,64 @@ def _main_job_row(part, name, trunk, device, sizes, root, workdir, results, runs
     )
 
 
+#: metrics of the recipe on 2 GPUs against 1 GPU: float32 sums in another order (gathered batch,
+#: DDP average) and cuDNN's nondeterministic kernels shift embeddings by ~1e-6; a retrieval metric
+#: moves only when a near-tie flips (one query of the 896 digits: 1.1e-3)
+DDP_METRIC_TOL = 2e-3
+
+
+def part_ddp(part: Part, device: torch.device, sizes: Sizes) -> None:
+    """The recipe for a few iterations with NCCL on 2 GPUs against 1 GPU (SKIP without 2)."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    for loss in ("proxy_isa", "vcpa"):
+        name = f"recipe under torchrun, 2 GPUs, NCCL: {loss}"
+        if count < 2:
+            part.add(name, SKIP, reason=f"needs 2 CUDA devices, found {count} ({device.type})")
+            continue
+        part.guarded(name, lambda n=name, loss=loss: _ddp_row(part, n, loss, "cuda"))
+
+
+def _ddp_row(part: Part, name: str, loss: str, device_type: str) -> None:
+    """One row: the recipe with ``loss`` on 1 and 2 processes of ``device_type`` (cuda: NCCL;
+    cpu: gloo, what the tests run)."""
+    recipe = REPO / "examples" / "cub200_recipe.py"
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    histories, commands = [], []
+    with tempfile.TemporaryDirectory(prefix="gpu_check_ddp_") as tmp:
+        for nproc in (1, 2):
+            launcher = [sys.executable]
+            if nproc > 1:
+                launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+            out = Path(tmp) / str(nproc)
+            cmd = [*launcher, str(recipe), "--quick", "--dataset", "digits", "--loss", loss,
+                   "--device", device_type, "--output-dir", str(out)]  # fmt: skip
+            commands.append(" ".join(cmd))
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, timeout=max(10.0, part.left / 2)
+            )
+            if proc.returncode != 0:
+                part.add(name, FAIL, reason=f"{nproc} process(es): rc {proc.returncode}; "
+                         f"{proc.stderr[-300:]}", command=commands[-1])  # fmt: skip
+                return
+            results = json.loads((out / "results.json").read_text())
+            if results["world_size"] != nproc:
+                part.add(name, FAIL, reason=f"world_size {results['world_size']} != {nproc}")
+                return
+            histories.append(results["history"])
+    diff = max(
+        abs(a[k] - b[k]) for a, b in zip(*histories) for k in a if k not in ("epoch", "train_loss")
+    )
+    part.add(
+        name,
+        PASS if diff <= DDP_METRIC_TOL else FAIL,
+        measured=f"max metric difference {diff:.2e}",
+        target=f"<= {DDP_METRIC_TOL:g}",
+        commands=commands,
+    )
+
+
 def _finished_runs(out: Path) -> dict[str, dict]:
     """Test metrics of the runs a benchmark finished (``runs/<loss>/seed_0/result.json``)."""
     finished = {}
@@ -1068,7 +1130,7 @@ def _finite_summary(summary: list[dict]) -> bool:
 
 
 # ------------------------------------------------------------------------ driver
-PARTS = ("equality", "sync", "speed", "evaluation", "main_job")
+PARTS = ("equality", "sync", "speed", "evaluation", "main_job", "ddp")
 
 
 #: modules the check needs beyond torch: (import name, distribution, parts that need it)
@@ -1182,6 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
         "sync": part_sync,
         "speed": part_speed,
         "evaluation": part_evaluation,
+        "ddp": part_ddp,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,16 @@ from typing import Any
 
 __version__ = "0.2.0"
 
-_SUBMODULES = ("datasets", "functional", "hooks", "losses", "reducers", "regularizers", "utils")
+_SUBMODULES = (
+    "datasets",
+    "distributed",
+    "functional",
+    "hooks",
+    "losses",
+    "reducers",
+    "regularizers",
+    "utils",
+)
 
 __all__ = ["AccuracyCalculator", "__version__", *_SUBMODULES]
 

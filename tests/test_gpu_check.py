@@ -173,3 +173,16 @@ def test_cpu_mode_main_job_subprocess(tmp_path):
     assert losses == set(gpu_check._expected_losses())
     assert "--device cpu" in results["command"] and "--dataset digits" in results["command"]
     assert "| main_job |" in proc.stdout  # the printed table
+
+
+@pytest.mark.slow  # three recipe launches
+def test_ddp_part_row_on_the_cpu_with_gloo():
+    """Part 6's row, run with gloo on the CPU (the part itself SKIPs without 2 CUDA devices)."""
+    part = gpu_check.Part("ddp", 300)
+    gpu_check._ddp_row(part, "ddp row", "proxy_isa", "cpu")
+    (check,) = part.checks
+    assert check.status == "PASS", check
+    assert "--nproc-per-node 2" in check.data["commands"][1]
+    skipped = gpu_check.Part("ddp", 300)
+    gpu_check.part_ddp(skipped, torch.device("cpu"), gpu_check.SIZES["tiny"])
+    assert {c.status for c in skipped.checks} == {"SKIP"}
