@@ -157,6 +157,14 @@ def build_parser() -> ArgumentParser:
         "finishes, and at most every 30 s when something else changed)",
     )
     p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="train each run with DistributedDataParallel on N processes (one per GPU; gloo on "
+        "CPU): the command runs itself under torch.distributed.run (the same as running it "
+        "under torchrun); the global batch is --batch-size; not with --jobs > 1 (default: 1)",
+    )
+    p.add_argument(
         "--debug", action="store_true", help="show Python tracebacks of errors (default: no)"
     )
     return p
@@ -198,6 +206,7 @@ def list_losses(dataset: str) -> str:
 def _usage_error(parser: argparse.ArgumentParser, e: ConfigError) -> NoReturn:
     """argparse's usage error (exit 2) naming the option of the config field."""
     flags = {f.name: _flag(f) for f in fields(BenchmarkConfig)}
+    flags["nproc_per_node"] = "--nproc-per-node"
     parser.error(f"argument {flags.get(e.field, e.field)}: {e.message}")
 
 
@@ -209,19 +218,51 @@ def main(argv: list[str] | None = None) -> int:
         return tune_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .runner import FolderBusy, ProtocolMismatch, resolve_specs, run_benchmark
+    from .runner import resolve_specs
 
     if args.list_losses:
         print(list_losses(getattr(args, "dataset", field_default(_field("dataset")))))
         return 0
+    from . import distributed as ddp
+
     try:
         config = config_from_args(args, argv)
-        resolve_specs(config)  # loss arguments checked by the losses' constructors
+        specs = resolve_specs(config)  # loss arguments checked by the losses' constructors
+        ddp.check_nproc(config, args.nproc_per_node)
     except ConfigError as e:
         _usage_error(parser, e)
     except ValueError as e:  # a loss argument the spec builder refused
         parser.error(f"argument --loss-param: {e}")
+    if (args.nproc_per_node or 1) > 1 and not ddp.under_torchrun() and not args.report_only:
+        return _launch(config, specs, argv, args.nproc_per_node)
+    try:
+        return _main(args, config, parser)
+    finally:
+        from ..distributed import destroy
+
+        destroy()  # under torchrun
+
+
+def _launch(config: BenchmarkConfig, specs, argv: list[str], nproc: int) -> int:
+    """``--nproc-per-node N``: refuse a folder of another protocol here, then run the same
+    command under ``torch.distributed.run`` (:func:`~pml_proxies.benchmark.distributed.launch`).
+    """
+    from pathlib import Path
+
+    from . import distributed as ddp
+    from .runner import ProtocolMismatch, check_folder
+
+    try:
+        check_folder(config, specs, Path(config.output))
+    except ProtocolMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return ddp.launch(argv, nproc)
+
+
+def _main(args: argparse.Namespace, config: BenchmarkConfig, parser: ArgumentParser) -> int:
     from .interrupt import catching_interrupts
+    from .runner import FolderBusy, ProtocolMismatch, run_benchmark
 
     try:
         with catching_interrupts():
@@ -241,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
         return 1
+    if not out:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     print()
     print(out["files"]["summary_md"].read_text())
     print(f"{out['skipped']} finished run(s) reused. Report: {out['files']['report_md']}")

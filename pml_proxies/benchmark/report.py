@@ -588,6 +588,16 @@ def hyper_parameter_lines(specs: list[RunSpec]) -> list[str]:
 RUN_FILES = ("result.json", "map_data.npz", "logs/", "tensorboard/")
 
 
+def world_sizes_text(results: list[dict]) -> str:
+    """``"processes per run (world size, torchrun / --nproc-per-node): 2"`` from the runs'
+    ``world_size`` (1 where a result predates it), each size with its runs' count when they
+    differ."""
+    sizes = [int(r.get("world_size", 1)) for r in results]
+    counts = {n: sizes.count(n) for n in sorted(set(sizes))}
+    text = ", ".join(str(n) if len(counts) == 1 else f"{n} ({c} runs)" for n, c in counts.items())
+    return f"processes per run (world size, torchrun / --nproc-per-node): {text or 1}"
+
+
 def report_markdown(
     config: BenchmarkConfig,
     data: BenchmarkData,
@@ -612,7 +622,8 @@ def report_markdown(
         f"* versions: {', '.join(f'{k} {v}' for k, v in env.items())}",
         f"* git commit: {commit or 'not run from a git checkout'}",
         f"* device: {device_description(config.device)}; torch CPU threads: "
-        f"{info.threads} per run; runs trained at once (--jobs): {info.jobs}",
+        f"{info.threads} per run; runs trained at once (--jobs): {info.jobs}; "
+        f"{world_sizes_text(results)}",
         f"* started {start}; this invocation took {info.total_s:.0f} s ({info.trained} run(s) "
         f"trained, {info.reused} finished run(s) reused); training time of all reported runs: "
         f"{train_s:.0f} s",

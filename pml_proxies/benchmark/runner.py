@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import distributed as ddp
 from . import report
 from .config import NON_PROTOCOL_FIELDS, BenchmarkConfig, ConfigError
 from .data import BenchmarkData, load_config_data
@@ -96,8 +97,25 @@ def run_benchmark(config: BenchmarkConfig, report_only: bool = False) -> dict:
         FolderBusy: another benchmark is running on the output folder.
         RunsFailed: some runs raised (each is noted with its loss and seed when it fails); the
             other runs were trained and the report written first.
+
+    Under ``torchrun`` (:mod:`~pml_proxies.benchmark.distributed`) every process calls it: each
+    run is trained by all of them (DDP); rank 0 alone writes the folder and returns the above,
+    the other ranks return ``{}``. A run that raises there stops the job.
     """
+    config = ddp.setup(config)
     specs = resolve_specs(config)
+    if not ddp.is_main():
+        return ddp.follow(config, specs)
+    with ddp.leading() as send:
+        return _run_benchmark(config, specs, report_only, send)
+
+
+def _run_benchmark(
+    config: BenchmarkConfig,
+    specs: list[RunSpec],
+    report_only: bool,
+    send: Callable[[list[tuple[str, int]]], None],
+) -> dict:
     output = Path(config.output)
     if report_only and not output.is_dir():
         raise ConfigError(
@@ -109,7 +127,7 @@ def run_benchmark(config: BenchmarkConfig, report_only: bool = False) -> dict:
     try:
         with torch_threads(config), folder_lock(output):
             check_folder(config, specs, output)  # again, under the lock
-            return _run(config, specs, output, report_only)
+            return _run(config, specs, output, report_only, send)
     except BaseException:
         if fresh and not (output / "runs").exists():  # e.g. the data set failed to load
             shutil.rmtree(output, ignore_errors=True)
@@ -259,7 +277,13 @@ class RunsFailed(RuntimeError):
         self.failures = failures
 
 
-def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_only: bool) -> dict:
+def _run(
+    config: BenchmarkConfig,
+    specs: list[RunSpec],
+    output: Path,
+    report_only: bool,
+    send: Callable[[list[tuple[str, int]]], None],
+) -> dict:
     info = RunInfo(threads=torch.get_num_threads())
     # the data sets' own tqdm bars only on a terminal
     data = load_config_data(config, progress=config.progress and is_terminal())
@@ -276,6 +300,9 @@ def _run(config: BenchmarkConfig, specs: list[RunSpec], output: Path, report_onl
         elif not report_only:
             todo.append(i)
     info.jobs = config.jobs_for(len(todo)) if todo else 1
+    send(
+        [(specs[i].loss, specs[i].seed) for i in todo]
+    )  # the other ranks (torchrun) train them too
     failures = []
     outcomes = train_runs(
         [specs[i] for i in todo], data, output, config, info.jobs, on_wait=lambda: bar.refresh()
@@ -349,6 +376,8 @@ def train_runs(
                 spec, data, run_dir(output, spec.loss, spec.seed), position=1
             )
         except Exception as e:  # noqa: BLE001 - reported with its run; the others go on
+            if ddp.world_size() > 1:  # the other ranks cannot go on alone: stop the job
+                raise
             yield (
                 i,
                 RunFailure(

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
-from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader
 
+from ..distributed import DistributedMPerClassSampler, world
 from .config import BenchmarkConfig
 from .data import BenchmarkData
 from .interrupt import check as check_interrupt
@@ -33,6 +33,8 @@ from .spec import RunSpec, build_run_spec
 
 if TYPE_CHECKING:
     from record_keeper import RecordKeeper
+
+    from .distributed import DistributedRun
 
 RESULT_FILE = "result.json"
 
@@ -150,10 +152,19 @@ def compute_embeddings(
 def evaluate(model, dataset, calculator, config: BenchmarkConfig, return_embeddings=False):
     """Retrieval metrics of ``dataset`` against itself (leave-one-out, PML convention); with
     ``return_embeddings`` also the embeddings and labels."""
+    if world()[1] > 1:  # under torchrun: each process embeds a share, rank 0's metrics
+        from .distributed import evaluate_sharded
+
+        return evaluate_sharded(model, dataset, calculator, config, return_embeddings)
     emb, labels = compute_embeddings(model, dataset, config)
-    acc = calculator.get_accuracy(emb, labels, emb, labels, ref_includes_query=True)
-    acc = {k: float(v) for k, v in acc.items()}
+    acc = retrieval_metrics(calculator, emb, labels)
     return (acc, emb, labels) if return_embeddings else acc
+
+
+def retrieval_metrics(calculator, emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The metrics of ``emb`` against themselves (leave-one-out)."""
+    acc = calculator.get_accuracy(emb, labels, emb, labels, ref_includes_query=True)
+    return {k: float(v) for k, v in acc.items()}
 
 
 def make_optimizer(
@@ -203,10 +214,7 @@ def run_dir(output: Path, loss_name: str, seed: int) -> Path:
     return Path(output) / "runs" / loss_name / f"seed_{seed}"
 
 
-class ResultRecord(TypedDict):
-    """The schema of a run's ``result.json`` (written by :func:`train_and_evaluate`, checked by
-    :func:`inspect_run` whenever one is read): its fields and their JSON types."""
-
+class _RequiredResultFields(TypedDict):
     loss: str
     seed: int
     best_epoch: int
@@ -220,6 +228,13 @@ class ResultRecord(TypedDict):
     loss_kwargs: dict[str, str]
     config_fingerprint: str
     command: str
+
+
+class ResultRecord(_RequiredResultFields, total=False):
+    """The schema of a run's ``result.json`` (written by :func:`train_and_evaluate`, checked by
+    :func:`inspect_run` whenever one is read): its fields and their JSON types."""
+
+    world_size: int  # processes that trained the run (torchrun); absent in older folders: 1
 
 
 def inspect_run(directory: Path, spec: RunSpec | None = None) -> tuple[dict | None, str | None]:
@@ -316,6 +331,7 @@ class _Run:
     m_per_class: int
     num_classes: int
     iteration: int = 0
+    ddp: DistributedRun | None = None  # several processes (benchmark.distributed.attach)
 
 
 @dataclass
@@ -360,7 +376,7 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
             optimizer, step_size=config.lr_decay_epochs, gamma=config.lr_decay_gamma
         )
     m, batch_size = _batch_geometry(num_classes, config.m_per_class, config.batch_size)
-    sampler = MPerClassSampler(
+    sampler = DistributedMPerClassSampler(  # PML's MPerClassSampler, this process's share
         data.train.labels,
         m=m,
         batch_size=batch_size,
@@ -368,7 +384,7 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
     )
     loader = DataLoader(
         data.train,
-        batch_size=batch_size,
+        batch_size=sampler.local_batch_size,
         sampler=sampler,
         drop_last=True,
         num_workers=config.workers,
@@ -379,7 +395,7 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
     record_keeper, _, _ = logging_presets.get_record_keeper(
         str(out / "logs"), str(out / "tensorboard")
     )
-    return _Run(
+    run = _Run(
         model=model,
         loss=loss,
         miner=miner,
@@ -393,6 +409,9 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
         m_per_class=m,
         num_classes=num_classes,
     )
+    from .distributed import attach
+
+    return attach(run, spec)  # DDP pieces under torchrun
 
 
 def fit_one_epoch(run: _Run, spec: RunSpec, epoch: int, position: int = 0) -> float:
@@ -406,6 +425,10 @@ def fit_one_epoch(run: _Run, spec: RunSpec, epoch: int, position: int = 0) -> fl
     if not trunk_frozen and spec.trunk.freeze_bn:
         freeze_batchnorm(run.model.trunk)  # re-freeze BN affine params after the warm-up
     _train_mode(run.model, spec.trunk.freeze_bn, trunk_frozen)
+    network: torch.nn.Module = run.model
+    loss_fn = run.loss
+    if run.ddp is not None:  # under torchrun: DDP network, loss of the gathered global batch
+        network, loss_fn = run.ddp.network(run), run.ddp.loss
     losses = []
     bar = progress_bar(
         run.loader,
@@ -418,21 +441,23 @@ def fit_one_epoch(run: _Run, spec: RunSpec, epoch: int, position: int = 0) -> fl
         check_interrupt()  # a Ctrl-C swallowed by a finalizer stops here
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
-        emb = run.model(x)
+        emb = network(x)
         indices = run.miner(emb, y) if run.miner is not None else None
-        value = run.loss(emb, y, indices)
+        value = loss_fn(emb, y, indices)
         if not torch.isfinite(value):
             raise FloatingPointError(
                 f"{spec.loss} seed {spec.seed}: non-finite loss at epoch {epoch}"
             )
         value.backward()
+        if run.ddp is not None:  # the proxies' gradients, before clipping and the step
+            run.ddp.sync_gradients()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(
                 list(run.model.parameters()) + list(run.loss.parameters()), config.grad_clip
             )
         run.optimizer.step()
         run.iteration += 1
-        v = float(value.detach())
+        v = float(value.detach()) / (1 if run.ddp is None else run.ddp.world_size)
         losses.append(v)
         if run.iteration % config.log_freq == 0:
             _log_iteration(run, v)
@@ -493,7 +518,8 @@ def train_and_evaluate(
         ``loss``, ``seed``, ``best_epoch``, ``best_val_score``, ``train_time_s``, ``iterations``,
         ``batch_size``, ``m_per_class``, ``test`` (metrics or ``None``), ``history`` (per-epoch
         train loss and validation metrics), ``loss_kwargs``, ``config_fingerprint``, ``command``
-        (the command line that trained it).
+        (the command line that trained it), ``world_size`` (processes that trained it: 1, or
+        torchrun's, :mod:`~pml_proxies.benchmark.distributed`).
     """
     if val_classes is not None:
         data = data.with_validation_classes(val_classes)
@@ -554,6 +580,7 @@ def train_and_evaluate(
         "loss_kwargs": {k: repr(v) for k, v in spec.loss_kwargs.items()},
         "config_fingerprint": spec.fingerprint,
         "command": spec.config.command,
+        "world_size": world()[1],
     }
     persist(out, result)
     return result
