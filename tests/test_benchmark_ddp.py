@@ -9,11 +9,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from filelock import FileLock
 
 import pml_proxies
+from pml_proxies.benchmark import distributed as bench_ddp
 from pml_proxies.benchmark.cli import main
+from pml_proxies.benchmark.config import ConfigError
 from pml_proxies.benchmark.report import world_sizes_text
 from pml_proxies.benchmark.schema import schema_problem
 from pml_proxies.benchmark.train import ResultRecord
@@ -126,6 +131,29 @@ def test_under_torchrun_nproc_must_be_torchruns(tmp_path, capsys, monkeypatch):
         main(["--losses", "mpa", "--output", str(tmp_path / "never"), "--jobs", "2"])
     assert info.value.code == 2 and "argument --jobs:" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    config = SimpleNamespace(device="cuda", jobs=None, batch_size=8, m_per_class=4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="2 processes but 1 CUDA device"):
+        bench_ddp.check_nproc(config, 2)  # type: ignore[arg-type]
+    bench_ddp.check_nproc(config, 1)  # type: ignore[arg-type]
+    bench_ddp.check_nproc(SimpleNamespace(**{**vars(config), "device": "cpu"}), 2)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow  # 2 gloo processes
+@pytest.mark.timeout(600)
+def test_refusal_on_rank_0_stops_every_process(tmp_path):
+    """Rank 0 refuses a busy folder after the processes started: the others are told to stop
+    (no hang: the subprocess timeout), nothing is written."""
+    output = tmp_path / "busy"
+    output.mkdir()
+    with FileLock(str(output / ".lock"), timeout=0):
+        busy = _cli(output, "--nproc-per-node", "2")
+    assert busy.returncode != 0
+    assert "another benchmark is running on" in busy.stderr, busy.stderr[-3000:]
+    assert sorted(p.name for p in output.iterdir()) == [".lock"]
 
 
 def test_world_size_is_optional_in_results_and_reported():

@@ -80,7 +80,7 @@ def check_nproc(config: BenchmarkConfig, nproc: int | None) -> None:
 
     Raises:
         ConfigError: ``nproc`` < 1; under ``torchrun``, an ``nproc`` other than torchrun's
-            processes per node; :func:`check_world`.
+            processes per node; else on CUDA, more processes than GPUs; :func:`check_world`.
     """
     if nproc is None:
         return
@@ -93,6 +93,14 @@ def check_nproc(config: BenchmarkConfig, nproc: int | None) -> None:
             f"{nproc}, but torchrun started {local} processes per node: leave --nproc-per-node "
             "out under torchrun",
         )
+    if not under_torchrun() and str(config.device).startswith("cuda"):
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise ConfigError(
+                "nproc_per_node",
+                f"{nproc} processes but {gpus} CUDA device(s): one GPU per process (NCCL), or "
+                "--device cpu (gloo)",
+            )
     check_world(config, nproc)
 
 
