@@ -300,9 +300,8 @@ def _run(
         elif not report_only:
             todo.append(i)
     info.jobs = config.jobs_for(len(todo)) if todo else 1
-    send(
-        [(specs[i].loss, specs[i].seed) for i in todo]
-    )  # the other ranks (torchrun) train them too
+    # under torchrun the other ranks train these runs with this process
+    send([(specs[i].loss, specs[i].seed) for i in todo])
     failures = []
     outcomes = train_runs(
         [specs[i] for i in todo], data, output, config, info.jobs, on_wait=lambda: bar.refresh()

@@ -215,6 +215,8 @@ def run_dir(output: Path, loss_name: str, seed: int) -> Path:
 
 
 class _RequiredResultFields(TypedDict):
+    """The fields every ``result.json`` has (:class:`ResultRecord`)."""
+
     loss: str
     seed: int
     best_epoch: int
