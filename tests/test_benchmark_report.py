@@ -259,3 +259,13 @@ def test_cli_non_terminal_output_has_no_escape_codes(tmp_path):
     assert "\x1b" not in both and "\r" not in both
     assert "benchmark: 1/1" in proc.stderr  # one plain progress line per period and at the end
     assert (tmp_path / "q" / "report.md").is_file()
+
+
+def test_device_line_names_torchs_cpu_kernels():
+    """The kernel choice changes a run's rounding (runs are bit-reproducible on one machine and
+    one kernel choice only), so the report records it."""
+    code = "from pml_proxies.benchmark.report import device_description; print(device_description('cpu'))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "torch kernels: DEFAULT" in out.stdout

@@ -338,7 +338,10 @@ def device_description(device: str) -> str:
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     import os
 
-    return f"cpu ({os.cpu_count()} logical cores; {platform.processor() or platform.machine()})"
+    # torch's kernel choice (ATEN_CPU_CAPABILITY) decides the rounding: part of what a run is
+    kernels = torch.backends.cpu.get_cpu_capability()
+    machine = platform.processor() or platform.machine()
+    return f"cpu ({os.cpu_count()} logical cores; {machine}; torch kernels: {kernels})"
 
 
 def _yes_no(flag: bool) -> str:
