@@ -43,8 +43,12 @@ LOSSES = {
 # float operations differently: measured at most 1 ulp for every loss (3 seeds, both dtypes) but
 # VCPA with Newton steps, where a 1-ulp difference is amplified (exponents scaled by alpha = 32,
 # the Hessian Q - G^2 a difference of nearly equal terms, divided through by tau): measured up to
-# ~3,400 ulps (1e-4 relative in float32, 1e-12 in float64). A wrong value differs by O(1).
+# ~3,400 ulps (1e-4 relative in float32, 1e-12 in float64) with AVX-512 kernels, and in float64
+# up to ~9e4 ulps (2e-11 relative) with torch, oneDNN and MKL held to AVX2 (.ci/test's matrix):
+# how much the steps amplify depends on the kernels' rounding, so VCPA's float64 bound is 2^22
+# ulps (1e-9 relative). A wrong value differs by O(1).
 ULPS = {"default": 16, "vcpa": 2**14}
+ULPS_FLOAT64 = {"vcpa": 2**22}
 
 
 def batches(dtype):
@@ -100,6 +104,8 @@ def test_compiled_loss_matches_eager(name, dtype):
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, backend="aot_eager")
     ulps = ULPS.get(name, ULPS["default"])
+    if dtype == torch.float64:
+        ulps = ULPS_FLOAT64.get(name, ulps)
     assert_close_runs(run(eager, dtype), run(compiled, dtype), ulps)
     assert_same_state(eager, twin, ulps)  # the state the compiled steps committed
 
