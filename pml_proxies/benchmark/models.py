@@ -35,20 +35,41 @@ class _MaybeMaxPool(nn.Module):
 class SmallCNN(nn.Module):
     """Conv-BN-ReLU blocks (default 32, 64, 128 channels), each followed by 2x2 max pooling
     while the map is at least 2x2 (so 8x8 digits work). Output: a ``(B, widths[-1], h, w)``
-    feature map."""
+    feature map.
+
+    Computed for speed on the CPU, with the same mathematics: the pooling comes before the ReLU
+    (``relu(max(x)) = max(relu(x))``, and the gradients are the same, so a quarter of the ReLU
+    work); the weights and feature maps are ``channels_last``; in evaluation without autograd
+    each BatchNorm is folded into its convolution (``w * g / sqrt(v + eps)``, the usual
+    conv-BN fusion). Both change only the rounding of the float operations."""
 
     def __init__(self, in_channels: int = 1, widths=(32, 64, 128)) -> None:
         super().__init__()
         layers, c = [], in_channels
         for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(True)]
-            layers.append(_MaybeMaxPool())
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)]
+            layers += [_MaybeMaxPool(), nn.ReLU(True)]
             c = w
         self.features = nn.Sequential(*layers)
         self.out_channels = c
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.training or torch.is_grad_enabled():
+            return self.features(x)
+        return self._fused_forward(x)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation forward with every BatchNorm folded into the convolution before it."""
+        layers = list(self.features)
+        for conv, bn, pool, relu in zip(*(iter(layers),) * 4):
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight = conv.weight * scale[:, None, None, None]
+            bias = bn.bias - bn.running_mean * scale
+            x = F.conv2d(x, weight, bias, conv.stride, conv.padding)
+            x = relu(pool(x))
+        return x
 
 
 class _ToRGB(nn.Module):

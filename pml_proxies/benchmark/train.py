@@ -86,9 +86,11 @@ class _EvalImages:
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)`` of ``indices``: what the DataLoader's default collate gives."""
-        for i in indices:
-            if i not in self.items:
-                self.items[i] = self.dataset[i]
+        missing = [i for i in dict.fromkeys(indices) if i not in self.items]
+        if missing:
+            getitems = getattr(self.dataset, "__getitems__", None)
+            fetched = getitems(missing) if getitems else [self.dataset[i] for i in missing]
+            self.items.update(zip(missing, fetched))
         images, labels = zip(*(self.items[i] for i in indices))
         return torch.stack(images, 0), torch.tensor(labels)
 
@@ -355,6 +357,8 @@ class _Selection:
 def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
     """Build the network, loss, optimizer, sampler, loader, accuracy calculator and
     record-keeper of ``spec`` (seeded: every loss of a seed starts from the same network)."""
+    # imported here, not at start-up: PML's samplers package loads its testers (faiss, sklearn)
+    from pytorch_metric_learning.samplers import MPerClassSampler
     from pytorch_metric_learning.utils import logging_presets
 
     config = spec.config
