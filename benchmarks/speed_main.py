@@ -71,7 +71,9 @@ def child_cpu(args: list[str]) -> tuple[float, str]:
 
 def startup(repeats: int) -> None:
     py = sys.executable
-    help_cpu = min(child_cpu([py, "-m", "pml_proxies.benchmark", "--help"])[0] for _ in range(repeats))
+    help_cpu = min(
+        child_cpu([py, "-m", "pml_proxies.benchmark", "--help"])[0] for _ in range(repeats)
+    )
     probe = f"import sys, pml_proxies.benchmark.cli; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     help_heavy = child_cpu([py, "-c", probe])[1]
     runs = [child_cpu([py, "-c", WORKER_START.format(heavy=HEAVY)]) for _ in range(repeats)]
@@ -165,7 +167,10 @@ def evaluation(loss: str) -> None:
         result = train.train_and_evaluate(spec, data, tmp / "run")
         total = time.process_time() - start
     finally:
-        train.compute_embeddings, train.make_accuracy_calculator = compute_embeddings, make_calculator
+        train.compute_embeddings, train.make_accuracy_calculator = (
+            compute_embeddings,
+            make_calculator,
+        )
         shutil.rmtree(tmp)
     share = sum(spent.values()) / total
     print(

@@ -25,8 +25,8 @@ class LabeledDataset(Protocol):
     def __getitem__(self, index: int) -> Any: ...
 
 
-def batch_images(base) -> np.ndarray | None:
-    """``base.images`` when ``base`` holds its decoded images in memory as one uint8 array
+def batch_images(base) -> tuple[np.ndarray, Compose] | None:
+    """``(base.images, base.transform)`` when ``base`` holds its decoded images in memory as one uint8 array
     ``(N, H, W)`` or ``(N, H, W, C)`` (Omniglot: the whole set, 105 x 105 each) and its transform
     has a batched form (:meth:`~pml_proxies.datasets.transforms.Compose.batch`), else ``None``
     (file-backed sets, float images: one sample at a time through the transform)."""
@@ -36,7 +36,7 @@ def batch_images(base) -> np.ndarray | None:
         return None
     if not (isinstance(transform, Compose) and transform.supports_batch()):
         return None
-    return images
+    return images, transform
 
 
 class RelabeledSubset(Dataset):
@@ -61,26 +61,27 @@ class RelabeledSubset(Dataset):
         self.original_labels = base_labels[self.indices]
         self.labels = np.array([label_map[int(y)] for y in self.original_labels], dtype=np.int64)
         self.num_classes = len(label_map)
-        self._images = batch_images(base)
+        self._batched = batch_images(base)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        if self._images is not None:
+        if self._batched is not None:
             return self.__getitems__([i])[0]
         image, _ = self.base[int(self.indices[i])]
         return image, int(self.labels[i])
 
     def __getitems__(self, items: Sequence[int]) -> list:
         """``[self[i] for i in items]``, transformed as one batch where the images allow it."""
-        if self._images is None:
+        if self._batched is None:
             return [self[i] for i in items]
+        all_images, transform = self._batched
         rows = np.asarray(items, dtype=np.int64)
-        images = torch.from_numpy(self._images[self.indices[rows]])
+        images = torch.from_numpy(all_images[self.indices[rows]])
         if images.dim() == 4:  # (B, H, W, C) -> (B, C, H, W)
             images = images.permute(0, 3, 1, 2)
-        batch = self.base.transform.batch(images)
+        batch = transform.batch(images)
         return list(zip(batch.unbind(0), self.labels[rows].tolist()))
 
 

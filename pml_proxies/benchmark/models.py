@@ -52,7 +52,9 @@ class SmallCNN(nn.Module):
             c = w
         self.features = nn.Sequential(*layers)
         self.out_channels = c
-        self.to(memory_format=torch.channels_last)
+        for p in self.parameters():  # channels_last weights: the convolutions run NHWC
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -63,11 +65,14 @@ class SmallCNN(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The evaluation forward with every BatchNorm folded into the convolution before it."""
         layers = list(self.features)
-        for conv, bn, pool, relu in zip(*(iter(layers),) * 4):
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        for i in range(0, len(layers), 4):
+            conv, bn = cast(nn.Conv2d, layers[i]), cast(nn.BatchNorm2d, layers[i + 1])
+            mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+            scale = bn.weight * torch.rsqrt(var + bn.eps)
             weight = conv.weight * scale[:, None, None, None]
-            bias = bn.bias - bn.running_mean * scale
+            bias = bn.bias - mean * scale
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding)
+            pool, relu = layers[i + 2], layers[i + 3]
             x = relu(pool(x))
         return x
 

@@ -180,6 +180,10 @@ def recorded_protocol(output: Path) -> dict | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             problem: str | None = f"not valid JSON ({e})"
         else:  # config.json holds the settings at its top level
+            settings = data.get("protocol") if isinstance(data, dict) else None
+            settings = settings if name == PROTOCOL_FILE else data
+            if isinstance(settings, dict):  # recorded before the version existed: version 1
+                settings.setdefault("pipeline_version", 1)
             problem = schema_problem(data, schema if name == PROTOCOL_FILE else schema["protocol"])
         if problem is not None:
             raise ProtocolMismatch(

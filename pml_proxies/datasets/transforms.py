@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,13 +140,14 @@ class Compose:
         x = images[:, None] if images.dim() == 3 else images
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         draws: list[list] = [[] for _ in self.transforms]
+        steps: list[Any] = self.transforms  # each has out_size and batch (checked above)
         for _ in range(x.shape[0]):
             size = (int(x.shape[-2]), int(x.shape[-1]))
-            for j, t in enumerate(self.transforms):
+            for j, t in enumerate(steps):
                 if hasattr(t, "draw"):
                     draws[j].append(t.draw(*size))
                 size = t.out_size(*size)
-        for j, t in enumerate(self.transforms):
+        for j, t in enumerate(steps):
             x = t.batch(x, draws[j])
         return x
 
