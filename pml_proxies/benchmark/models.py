@@ -54,7 +54,7 @@ class SmallCNN(nn.Module):
         self.out_channels = c
         for p in self.parameters():  # channels_last weights: the convolutions run NHWC
             if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
+                p.data = p.data.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
