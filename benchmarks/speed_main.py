@@ -9,6 +9,8 @@
   same forward, backward and optimizer step on one batch taken from the same loader, on the same
   model, loss and optimizer; the two are interleaved (one epoch of each per round) and summed
   over ``--rounds`` rounds. Target: at most 1.2x.
+* ``runs`` (not in the default ``--parts``): CPU time of whole runs of ``--losses`` (seed 0),
+  one after another in this process after a short warm-up run.
 * ``evaluation``: one whole run (``train_and_evaluate``) with the CPU time of its per-epoch
   validation and final test (``train.evaluate``: embedding passes and metrics) measured, and
   that of the map data (``_save_map_data``: an embedding pass of up to ``map_samples``
@@ -21,6 +23,7 @@ from other processes changes it little.
 
     python benchmarks/speed_main.py                       # all parts, proxy_anchor
     python benchmarks/speed_main.py --parts iteration --loss mpa --rounds 4
+    python benchmarks/speed_main.py --parts runs --losses proxy_anchor,mpa,proxy_isa,vcpa
 
 The default run's CPU time is measured outside this script, with GNU time (README, "Speed").
 """
@@ -169,10 +172,38 @@ def evaluation(loss: str) -> None:
     )
 
 
+def runs(losses: list[str]) -> None:
+    """CPU time of whole runs (``train_and_evaluate``), one after another in this process after a
+    short warm-up run (so no run pays the imports and the per-process caches)."""
+    from pml_proxies.benchmark import train
+    from pml_proxies.benchmark.config import BenchmarkConfig
+    from pml_proxies.benchmark.data import load_config_data
+    from pml_proxies.benchmark.spec import build_run_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = BenchmarkConfig(losses=losses[:1], progress=False, epochs=1, iterations_per_epoch=2)
+        data = load_config_data(warm)
+        train.train_and_evaluate(build_run_spec(warm, losses[0], 0), data, Path(tmp) / "warm")
+        config = BenchmarkConfig(losses=losses, progress=False)
+        total = 0.0
+        for loss in losses:
+            start = time.process_time()
+            train.train_and_evaluate(build_run_spec(config, loss, 0), data, Path(tmp) / loss)
+            seconds = time.process_time() - start
+            total += seconds
+            print(f"runs: {loss} seed 0 {seconds:.1f} s CPU")
+    print(f"runs: {total:.1f} s CPU in all")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="startup,iteration,evaluation")
     p.add_argument("--loss", default="proxy_anchor")
+    p.add_argument(
+        "--losses",
+        default="proxy_anchor,mpa,proxy_isa,vcpa",
+        help="the losses of the 'runs' part",
+    )
     p.add_argument("--rounds", type=int, default=3, help="measured epochs of each loop")
     p.add_argument("--repeats", type=int, default=3, help="start-ups measured (best kept)")
     p.add_argument("--threads", type=int, default=1)
@@ -180,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = [s.strip() for s in args.parts.split(",")]
     if "startup" in parts:
         startup(args.repeats)
-    if {"iteration", "evaluation"} & set(parts):
+    if {"iteration", "evaluation", "runs"} & set(parts):
         import torch
 
         torch.set_num_threads(args.threads)
@@ -188,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         iteration(args.loss, args.rounds)
     if "evaluation" in parts:
         evaluation(args.loss)
+    if "runs" in parts:
+        runs(args.losses.split(","))
 
 
 if __name__ == "__main__":
