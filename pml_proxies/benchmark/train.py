@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..distributed import DistributedMPerClassSampler, world
+from ..functional.distributed import world
 from .config import BenchmarkConfig
 from .data import BenchmarkData
 from .interrupt import check as check_interrupt
@@ -357,9 +357,10 @@ class _Selection:
 def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
     """Build the network, loss, optimizer, sampler, loader, accuracy calculator and
     record-keeper of ``spec`` (seeded: every loss of a seed starts from the same network)."""
-    # imported here, not at start-up: PML's samplers package loads its testers (faiss, sklearn)
-    from pytorch_metric_learning.samplers import MPerClassSampler
     from pytorch_metric_learning.utils import logging_presets
+
+    # imported here, not at start-up: it loads PML's losses (scipy.stats and more)
+    from ..distributed import DistributedMPerClassSampler
 
     config = spec.config
     device = torch.device(config.device)
