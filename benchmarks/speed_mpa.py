@@ -60,7 +60,7 @@ def speed_table(args, device: torch.device) -> list[dict]:
         losses = build_losses(num_classes, args.dim, args.centers, device)
         embeddings, labels = make_batch(args.batch, args.dim, num_classes, device)
         steps = {n: forward_backward(fn, embeddings, labels) for n, fn in losses.items()}
-        times = interleaved_times(steps, device, args.repeats, f"C={num_classes}")
+        times = interleaved_times(steps, device, args.repeats, f"C={num_classes}", args.clock)
         soft_triple = times[f"PML SoftTripleLoss (K={args.centers})"]
         proxy_anchor = times["PML ProxyAnchorLoss"]
         for name, seconds in times.items():
@@ -170,6 +170,12 @@ def parse_args(argv=None):
     parser.add_argument("--centers", type=int, default=10, help="K for SoftTriple and MPA")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or process CPU time (steadier on a loaded machine; use --threads 1)",
     )
     parser.add_argument("--skip-regularizer", action="store_true")
     parser.add_argument("--probe", choices=["with", "without"], help=argparse.SUPPRESS)

@@ -38,6 +38,12 @@ NON_PROTOCOL_FIELDS = (
 
 #: default equivalence margin of the report's verdicts, in the report's units (metric x100)
 DEFAULT_EQUIVALENCE_MARGIN = 1.0
+#: version of the computation behind the protocol's settings, recorded in ``protocol.json``: a
+#: change that alters what a run computes with the same settings bumps it, so that folders of
+#: earlier runs are refused as another protocol. 2: images transformed in batches on tensors
+#: (float resampling instead of PIL's uint8 one), the small CNN channels_last with
+#: BatchNorm folded into the convolutions in evaluation.
+PIPELINE_VERSION = 2
 #: default seeds (five: enough for the paired tests to decide clear differences)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
@@ -199,7 +205,7 @@ class BenchmarkConfig:
                                 type=_int_list, default_text="1,2,4,8")  # fmt: skip
     ndcg_ks: list[int] = _opt([10], "k of nDCG@k", "evaluation and execution", type=_int_list,
                               default_text="10")  # fmt: skip
-    eval_batch_size: int = _opt(256, "batch size of the embedding passes",
+    eval_batch_size: int = _opt(128, "batch size of the embedding passes",
                                 "evaluation and execution", type=int)  # fmt: skip
     # execution
     device: str = _opt(
@@ -232,6 +238,9 @@ class BenchmarkConfig:
         "setting, not part of the protocol (--report-only may change it)",
         "report",
         type=float,
+    )
+    pipeline_version: int = _opt(
+        PIPELINE_VERSION, "version of the computation behind these settings", cli=False
     )
     command: str = _opt("", "the command line that made this config", cli=False)
 
@@ -343,6 +352,11 @@ class BenchmarkConfig:
             loss_name,
             self.loss_params.get(loss_name, {}) if loss_name is not None else None,
         )
+
+
+def config_record(config: BenchmarkConfig) -> dict:
+    """The config as saved in ``config.json``."""
+    return asdict(config)
 
 
 def protocol_fingerprint(protocol: dict, loss_name: str | None, loss_params: dict | None) -> str:

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset
+
+from ..datasets.transforms import Compose
 
 
 class LabeledDataset(Protocol):
@@ -22,8 +25,27 @@ class LabeledDataset(Protocol):
     def __getitem__(self, index: int) -> Any: ...
 
 
+def batch_images(base) -> tuple[np.ndarray, Compose] | None:
+    """``(base.images, base.transform)`` when ``base`` holds its decoded images in memory as one uint8 array
+    ``(N, H, W)`` or ``(N, H, W, C)`` (Omniglot: the whole set, 105 x 105 each) and its transform
+    has a batched form (:meth:`~pml_proxies.datasets.transforms.Compose.batch`), else ``None``
+    (file-backed sets, float images: one sample at a time through the transform)."""
+    images = getattr(base, "images", None)
+    transform = getattr(base, "transform", None)
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (3, 4)):
+        return None
+    if not (isinstance(transform, Compose) and transform.supports_batch()):
+        return None
+    return images, transform
+
+
 class RelabeledSubset(Dataset):
     """Samples ``indices`` of ``base`` with labels mapped to ``0..n-1`` by ``label_map``.
+
+    Where ``base`` holds its images in memory as one uint8 array (:func:`batch_images`), a batch
+    (``__getitems__``, what the DataLoader asks for) is transformed at once on tensors, every image
+    with the random draws it would get alone; ``subset[i]`` takes the same path, so both give the
+    same tensors.
 
     Attributes:
         labels: numpy int64 labels (contiguous), as PML's samplers want.
@@ -39,13 +61,28 @@ class RelabeledSubset(Dataset):
         self.original_labels = base_labels[self.indices]
         self.labels = np.array([label_map[int(y)] for y in self.original_labels], dtype=np.int64)
         self.num_classes = len(label_map)
+        self._batched = batch_images(base)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
+        if self._batched is not None:
+            return self.__getitems__([i])[0]
         image, _ = self.base[int(self.indices[i])]
         return image, int(self.labels[i])
+
+    def __getitems__(self, items: Sequence[int]) -> list:
+        """``[self[i] for i in items]``, transformed as one batch where the images allow it."""
+        if self._batched is None:
+            return [self[i] for i in items]
+        all_images, transform = self._batched
+        rows = np.asarray(items, dtype=np.int64)
+        images = torch.from_numpy(all_images[self.indices[rows]])
+        if images.dim() == 4:  # (B, H, W, C) -> (B, C, H, W)
+            images = images.permute(0, 3, 1, 2)
+        batch = transform.batch(images)
+        return list(zip(batch.unbind(0), self.labels[rows].tolist()))
 
 
 @dataclass

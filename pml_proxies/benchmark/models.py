@@ -35,20 +35,46 @@ class _MaybeMaxPool(nn.Module):
 class SmallCNN(nn.Module):
     """Conv-BN-ReLU blocks (default 32, 64, 128 channels), each followed by 2x2 max pooling
     while the map is at least 2x2 (so 8x8 digits work). Output: a ``(B, widths[-1], h, w)``
-    feature map."""
+    feature map.
+
+    Computed for speed on the CPU, with the same mathematics: the pooling comes before the ReLU
+    (``relu(max(x)) = max(relu(x))``, and the gradients are the same, so a quarter of the ReLU
+    work); the weights and feature maps are ``channels_last``; in evaluation without autograd
+    each BatchNorm is folded into its convolution (``w * g / sqrt(v + eps)``, the usual
+    conv-BN fusion). Both change only the rounding of the float operations."""
 
     def __init__(self, in_channels: int = 1, widths=(32, 64, 128)) -> None:
         super().__init__()
         layers, c = [], in_channels
         for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(True)]
-            layers.append(_MaybeMaxPool())
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)]
+            layers += [_MaybeMaxPool(), nn.ReLU(True)]
             c = w
         self.features = nn.Sequential(*layers)
         self.out_channels = c
+        for p in self.parameters():  # channels_last weights: the convolutions run NHWC
+            if p.dim() == 4:
+                p.data = p.data.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.training or torch.is_grad_enabled():
+            return self.features(x)
+        return self._fused_forward(x)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation forward with every BatchNorm folded into the convolution before it."""
+        layers = list(self.features)
+        for i in range(0, len(layers), 4):
+            conv, bn = cast(nn.Conv2d, layers[i]), cast(nn.BatchNorm2d, layers[i + 1])
+            mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+            scale = bn.weight * torch.rsqrt(var + bn.eps)
+            weight = conv.weight * scale[:, None, None, None]
+            bias = bn.bias - mean * scale
+            x = F.conv2d(x, weight, bias, conv.stride, conv.padding)
+            pool, relu = layers[i + 2], layers[i + 3]
+            x = relu(pool(x))
+        return x
 
 
 class _ToRGB(nn.Module):

@@ -8,14 +8,13 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .config import DEFAULT_EQUIVALENCE_MARGIN
+from .config import DEFAULT_EQUIVALENCE_MARGIN, config_record  # noqa: F401
 from .metrics import metric_label, metric_order
 from .plots import plot_embedding_maps, plot_metric_bars, plot_training_curves  # noqa: F401
 from .stats import (
@@ -282,11 +281,6 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------ report.md
-def config_record(config: BenchmarkConfig) -> dict:
-    """The config as saved in ``config.json``."""
-    return asdict(config)
-
-
 def versions() -> dict[str, str]:
     """Versions of this package, torch, PML, faiss, numpy and Python."""
     import numpy

@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import distributed as ddp
-from . import report
-from .config import NON_PROTOCOL_FIELDS, BenchmarkConfig, ConfigError
+from .config import NON_PROTOCOL_FIELDS, BenchmarkConfig, ConfigError, config_record
 from .data import BenchmarkData, load_config_data
 from .losses import build_loss
 from .parallel import RunFailure, train_parallel
@@ -181,6 +180,10 @@ def recorded_protocol(output: Path) -> dict | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             problem: str | None = f"not valid JSON ({e})"
         else:  # config.json holds the settings at its top level
+            settings = data.get("protocol") if isinstance(data, dict) else None
+            settings = settings if name == PROTOCOL_FILE else data
+            if isinstance(settings, dict):  # recorded before the version existed: version 1
+                settings.setdefault("pipeline_version", 1)
             problem = schema_problem(data, schema if name == PROTOCOL_FILE else schema["protocol"])
         if problem is not None:
             raise ProtocolMismatch(
@@ -289,7 +292,7 @@ def _run(
     data = load_config_data(config, progress=config.progress and is_terminal())
     _record_protocol(config, output)
     with open(output / CONFIG_FILE, "w") as f:
-        json.dump(report.config_record(config), f, indent=2, default=str)
+        json.dump(config_record(config), f, indent=2, default=str)
 
     results: dict[int, dict] = {}
     todo = []
@@ -326,7 +329,9 @@ def _run(
             raise RunsFailed(failures)
         raise ValueError(f"{output} holds no finished run of these losses and seeds to report")
     order = sorted(results)
-    files, runs, summary = report.write_report(
+    from .report import write_report  # pandas, matplotlib, scipy: only once there is a report
+
+    files, runs, summary = write_report(
         config, data, [specs[i] for i in order], [results[i] for i in order], output, info
     )
     if failures:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..distributed import DistributedMPerClassSampler, world
+from ..functional.distributed import world
 from .config import BenchmarkConfig
 from .data import BenchmarkData
 from .interrupt import check as check_interrupt
@@ -86,9 +86,11 @@ class _EvalImages:
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)`` of ``indices``: what the DataLoader's default collate gives."""
-        for i in indices:
-            if i not in self.items:
-                self.items[i] = self.dataset[i]
+        missing = [i for i in dict.fromkeys(indices) if i not in self.items]
+        if missing:
+            getitems = getattr(self.dataset, "__getitems__", None)
+            fetched = getitems(missing) if getitems else [self.dataset[i] for i in missing]
+            self.items.update(zip(missing, fetched))
         images, labels = zip(*(self.items[i] for i in indices))
         return torch.stack(images, 0), torch.tensor(labels)
 
@@ -356,6 +358,9 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
     """Build the network, loss, optimizer, sampler, loader, accuracy calculator and
     record-keeper of ``spec`` (seeded: every loss of a seed starts from the same network)."""
     from pytorch_metric_learning.utils import logging_presets
+
+    # imported here, not at start-up: it loads PML's losses (scipy.stats and more)
+    from ..distributed import DistributedMPerClassSampler
 
     config = spec.config
     device = torch.device(config.device)

@@ -4,12 +4,19 @@ Every random choice draws from torch's global RNG (``torch.rand``, ``torch.empty
 so a pipeline is reproducible under ``torch.manual_seed`` and, inside a ``DataLoader``, under
 torch's per-worker seeding. Geometric transforms accept a PIL image or a float tensor (C, H, W)
 (uint8 arrays become PIL images, float arrays become tensors).
+
+:meth:`Compose.batch` applies a pipeline to a batch of equally sized images at once (a uint8 or
+float tensor ``(B, C, H, W)``): each image draws its random parameters as ``Compose.__call__``
+would, in the same order, and the resampling is one batched matrix product per axis
+(antialiased bilinear, the filter of PIL's ``BILINEAR`` and of
+``F.interpolate(..., antialias=True)``, computed in float32 without PIL's rounding to uint8).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +78,32 @@ def _resize(img, height: int, width: int):
     return x[0, 0] if squeeze else x[0]
 
 
+def _axis_weights(start: torch.Tensor, length: torch.Tensor, size_in: int, size_out: int):
+    """``(B, size_out, size_in)`` weights resampling the pixels ``[start, start + length)`` of an
+    axis of ``size_in`` pixels to ``size_out`` pixels: PIL's antialiased bilinear filter (a
+    triangle of half-width ``max(1, length / size_out)`` input pixels around each output pixel's
+    centre, taps outside the span dropped, rows normalised to sum 1)."""
+    start, length = start.float()[:, None, None], length.float()[:, None, None]
+    scale = length / size_out
+    support = scale.clamp(min=1.0)
+    centre = (torch.arange(size_out, dtype=torch.float32)[:, None] + 0.5) * scale + start
+    pos = torch.arange(size_in, dtype=torch.float32) + 0.5  # pixel centres, (size_in,)
+    w = (pos - centre).abs_().div_(support).neg_().add_(1.0).clamp_(min=0.0)
+    w.mul_((pos > start) & (pos < start + length))
+    return w.div_(w.sum(-1, keepdim=True))
+
+
+def resample(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Crop ``boxes`` (``(B, 4)`` integer ``top, left, height, width``, or ``(1, 4)``: the same
+    box for every image) out of the float images ``x`` ``(B, C, H, W)`` and resize each crop to
+    ``size`` (height, width) with antialiased bilinear interpolation: two batched matrix
+    products, ``Wy @ x @ Wx^T``."""
+    boxes = torch.as_tensor(boxes, dtype=torch.int64).reshape(-1, 4)
+    wy = _axis_weights(boxes[:, 0], boxes[:, 2], x.shape[-2], size[0])
+    wx = _axis_weights(boxes[:, 1], boxes[:, 3], x.shape[-1], size[1])
+    return torch.matmul(torch.matmul(wy[:, None], x), wx[:, None].transpose(-1, -2))
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
@@ -89,6 +122,34 @@ class Compose:
         for t in self.transforms:
             img = t(img)
         return img
+
+    def supports_batch(self) -> bool:
+        """Whether every transform has a batched form (:meth:`batch` works)."""
+        return all(hasattr(t, "batch") and hasattr(t, "out_size") for t in self.transforms)
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """The pipeline applied to equally sized images ``(B, C, H, W)`` or ``(B, H, W)`` (uint8
+        in 0..255 or float in [0, 1]) at once: a float tensor ``(B, C', H', W')``.
+
+        Image ``b`` draws its random parameters as ``self(image_b)`` would, images in order (the
+        same draws from torch's global RNG as a loop over the images); only the resampling
+        arithmetic differs from the PIL path (float32, not rounded to uint8).
+        """
+        if not self.supports_batch():
+            raise TypeError(f"{self!r} has a transform without a batched form")
+        x = images[:, None] if images.dim() == 3 else images
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        draws: list[list] = [[] for _ in self.transforms]
+        steps: list[Any] = self.transforms  # each has out_size and batch (checked above)
+        for _ in range(x.shape[0]):
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            for j, t in enumerate(steps):
+                if hasattr(t, "draw"):
+                    draws[j].append(t.draw(*size))
+                size = t.out_size(*size)
+        for j, t in enumerate(steps):
+            x = t.batch(x, draws[j])
+        return x
 
     def __repr__(self) -> str:
         inner = "".join(f"\n    {t!r}," for t in self.transforms)
@@ -109,17 +170,25 @@ class ConvertChannels:
         if isinstance(img, Image.Image):
             mode = "L" if self.channels == 1 else "RGB"
             return img if img.mode == mode else img.convert(mode)
-        if img.dim() == 2:
-            img = img[None]
-        c = img.shape[0]
+        return self._convert(img[None] if img.dim() == 2 else img, 0)
+
+    def _convert(self, img: torch.Tensor, dim: int) -> torch.Tensor:
+        c = img.shape[dim]
         if c == self.channels:
             return img
         if c == 1:
-            return img.expand(3, -1, -1).clone()
+            return img.repeat_interleave(3, dim)
         if c in (3, 4):
             w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype, device=img.device)
-            return (img[:3] * w[:, None, None]).sum(0, keepdim=True)
+            return (img.narrow(dim, 0, 3) * w[:, None, None]).sum(dim, keepdim=True)
         raise ValueError(f"cannot convert a {c}-channel tensor to {self.channels} channels")
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+    def batch(self, x: torch.Tensor, draws: list) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, channels, H, W)``."""
+        return self._convert(x, 1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(channels={self.channels})"
@@ -134,15 +203,22 @@ class Resize:
 
     def __call__(self, img):
         img = _as_image(img)
-        h, w = _size(img)
-        if isinstance(self.size, int):
-            if h <= w:
-                nh, nw = self.size, max(1, int(self.size * w / h))
-            else:
-                nh, nw = max(1, int(self.size * h / w)), self.size
-        else:
-            nh, nw = self.size
-        return _resize(img, nh, nw)
+        return _resize(img, *self.out_size(*_size(img)))
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        h, w = height, width
+        if not isinstance(self.size, int):
+            return self.size
+        if h <= w:
+            return self.size, max(1, int(self.size * w / h))
+        return max(1, int(self.size * h / w)), self.size
+
+    def batch(self, x: torch.Tensor, draws: list) -> torch.Tensor:
+        h, w = _size(x)
+        size = self.out_size(h, w)
+        if size == (h, w):
+            return x
+        return resample(x, torch.tensor([[0, 0, h, w]]), size)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size})"
@@ -166,6 +242,12 @@ class CenterCrop:
         top = int(round((h - th) / 2.0))
         left = int(round((w - tw) / 2.0))
         return _crop(img, top, left, th, tw)
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.size
+
+    def batch(self, x: torch.Tensor, draws: list) -> torch.Tensor:
+        return self(x)  # slicing (and padding) of the last two dimensions
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size})"
@@ -218,6 +300,15 @@ class RandomResizedCrop:
         top, left, h, w = self.get_params(*_size(img))
         return _resize(_crop(img, top, left, h, w), *self.size)
 
+    draw = get_params
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.size
+
+    def batch(self, x: torch.Tensor, draws: list) -> torch.Tensor:
+        """Image ``b`` cropped to ``draws[b]`` (``get_params``) and resized to ``size``."""
+        return resample(x, torch.tensor(draws, dtype=torch.int64), self.size)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
 
@@ -230,11 +321,22 @@ class RandomHorizontalFlip:
 
     def __call__(self, img):
         img = _as_image(img)
-        if torch.rand(1).item() < self.p:
+        if self.draw(*_size(img)):
             if isinstance(img, Image.Image):
                 return img.transpose(Image.FLIP_LEFT_RIGHT)
             return img.flip(-1)
         return img
+
+    def draw(self, height: int, width: int) -> bool:
+        """Whether to mirror (one draw of torch's global RNG)."""
+        return torch.rand(1).item() < self.p
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+    def batch(self, x: torch.Tensor, draws: list) -> torch.Tensor:
+        flip = torch.tensor(draws, dtype=torch.bool)[:, None, None, None]
+        return torch.where(flip, x.flip(-1), x)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p})"
@@ -267,6 +369,12 @@ class ToTensor:
             return x.permute(2, 0, 1).contiguous()
         raise ValueError(f"expected a 2-D or 3-D array, got shape {tuple(img.shape)}")
 
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+    def batch(self, x: torch.Tensor, draws: list) -> torch.Tensor:
+        return x  # Compose.batch works on floats in [0, 1] from the start
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -276,6 +384,12 @@ class Invert:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return 1.0 - x
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+    def batch(self, x: torch.Tensor, draws: list) -> torch.Tensor:
+        return self(x)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -294,6 +408,16 @@ class Normalize:
                 f"Normalize has {self.mean.shape[0]} channels, the image has {x.shape[0]}"
             )
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+    def batch(self, x: torch.Tensor, draws: list) -> torch.Tensor:
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(
+                f"Normalize has {self.mean.shape[0]} channels, the images have {x.shape[1]}"
+            )
+        return (x - self.mean.to(x.dtype)[None]) / self.std.to(x.dtype)[None]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
