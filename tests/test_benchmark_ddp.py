@@ -77,9 +77,12 @@ def test_two_processes_match_one_and_resume(tmp_path):
             e["best_epoch"], e["iterations"], e["batch_size"]
         )  # fmt: skip
         # retrieval metrics count neighbours: equal unless float rounding (gathered batch in
-        # another sum order, DDP's gradient average) flips a near-tie; measured <= 4e-6
+        # another sum order, DDP's gradient average) flips a near-tie; measured <= 4e-6, but for
+        # VCPA, whose Newton steps amplify the rounding even at temperature 1: 1.1e-4 (a flipped
+        # near-tie moves a metric by about 1/896 times its rank discount), so 2e-4 for it
+        tolerance = 2e-4 if run.startswith("runs/vcpa/") else 1e-5
         for metric, value in e["test"].items():
-            assert a["test"][metric] == pytest.approx(value, abs=1e-5), (run, metric)
+            assert a["test"][metric] == pytest.approx(value, abs=tolerance), (run, metric)
         for row_a, row_e in zip(a["history"], e["history"], strict=True):
             # float32 losses in another order, the rounding grown over 6 AdamW steps
             assert row_a["train_loss"] == pytest.approx(row_e["train_loss"], rel=1e-4), run
