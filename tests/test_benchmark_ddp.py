@@ -24,7 +24,7 @@ from pml_proxies.benchmark.schema import schema_problem
 from pml_proxies.benchmark.train import ResultRecord
 
 REPO = Path(pml_proxies.__file__).resolve().parents[1]
-LOSSES = ("proxy_anchor", "mpa", "proxy_isa", "vcpa")
+LOSSES = ("proxy_anchor", "mpa", "mpa_dw", "mpa_ap", "proxy_isa", "vcpa")
 #: digits (no augmentation), the small CNN with frozen BatchNorm (no batch statistics): 2
 #: processes compute what 1 does; batch 8 = 2 classes x 4 images, one class per process. VCPA at
 #: temperature 1: the paper's 0.01 makes its Newton steps (Hessian scale alpha^2 / tau) amplify
