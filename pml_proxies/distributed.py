@@ -70,6 +70,7 @@ process)::
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from collections.abc import Iterator
@@ -118,10 +119,23 @@ def init_from_env(device: str | torch.device = "cpu") -> tuple[int, int, torch.d
     return rank, world_size, device
 
 
-def destroy() -> None:
-    """Destroy the default process group where one is initialised (end of a script)."""
+def destroy(wait: bool = True) -> None:
+    """End of a script: wait for every rank (:func:`torch.distributed.barrier`; ``wait=False``
+    on a failure path, where a peer may be gone), then destroy the default process group, where
+    one is initialised.
+
+    The barrier keeps a rank that finished early (every rank but 0 skips the metrics and the
+    writing) from tearing its connections down while rank 0 still works, and the garbage
+    collection afterwards frees the group's last references (a DDP wrapper's, for instance)
+    while the interpreter is still alive: gloo's worker threads destroyed during interpreter
+    shutdown can abort the process ("terminate called without an active exception", SIGABRT),
+    which torchrun reports as a failed job although every result was written.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        gc.collect()
 
 
 def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -179,3 +179,32 @@ def _assert_relative(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     if expected.numel():
         scale = float(expected.abs().max()) or 1.0
         assert float((actual - expected).abs().max()) <= tol * scale, what
+
+
+def _leave_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    if rank == 0:  # the slow rank: metrics and writing, while the other has nothing left to do
+        import time
+
+        time.sleep(1.0)
+        open(os.path.join(out_dir, "written"), "w").close()
+    D.destroy()
+    if rank == 1:  # left only after rank 0 had finished (not a timing race: a barrier)
+        assert os.path.exists(os.path.join(out_dir, "written"))
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.timeout(120)
+def test_destroy_waits_for_every_rank_before_tearing_the_group_down(tmp_path):
+    """A rank that finished early tearing its gloo connections down during interpreter
+    shutdown, while rank 0 still worked, aborted it (SIGABRT) in CI; ``destroy`` now waits."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(
+        _leave_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method=method,
+    )

@@ -235,12 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --loss-param: {e}")
     if (args.nproc_per_node or 1) > 1 and not ddp.under_torchrun() and not args.report_only:
         return _launch(config, specs, argv, args.nproc_per_node)
-    try:
-        return _main(args, config, parser)
-    finally:
-        from ..distributed import destroy
+    from ..distributed import destroy
 
-        destroy()  # under torchrun
+    try:
+        status = _main(args, config, parser)
+    except BaseException:
+        destroy(wait=False)  # under torchrun; a peer may be gone
+        raise
+    destroy()  # under torchrun: every rank leaves together
+    return status
 
 
 def _launch(config: BenchmarkConfig, specs, argv: list[str], nproc: int) -> int:
