@@ -25,7 +25,7 @@ from other processes changes it little.
     python benchmarks/speed_main.py --parts iteration --loss mpa --rounds 4
     python benchmarks/speed_main.py --parts runs --losses proxy_anchor,mpa,proxy_isa,vcpa
 
-The default run's CPU time is measured outside this script, with GNU time (README, "Speed").
+The default run's CPU time is measured outside this script, with GNU time (docs/speed.md).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def test_registry_builds_every_loss(name):
 
 
 def test_registry_defaults_and_errors():
-    # the papers' defaults (README table)
+    # the papers' defaults (docs/benchmark.md table)
     assert registry.loss_kwargs("mpa")["centers_per_class"] == 10
     assert registry.loss_kwargs("mpa", "sop")["centers_per_class"] == 2
     assert registry.loss_kwargs("proxy_anchor") == {"margin": 0.1, "alpha": 32}

@@ -65,7 +65,7 @@ def similarity_table(x, centers, labels, num_classes, k, pooling):
 
 
 def naive_mpa(x, centers, labels, num_classes, k, pooling, weights=None):
-    """Eq. 6 (C- = all classes, docs/methods.md), PML miner weights as ``+ (w - 1)`` exponents."""
+    """Eq. 6 (C- = all classes, docs/mpa.md), PML miner weights as ``+ (w - 1)`` exponents."""
     S = similarity_table(x, centers, labels, num_classes, k, pooling)
     batch = len(labels)
     w = [1.0] * batch if weights is None else [float(v) for v in weights]

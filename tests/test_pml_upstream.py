@@ -4,7 +4,7 @@ Proxy-Anchor: ``MultiProxyAnchorLoss(K=1)`` and ``ProxyISALoss`` with both weigh
 PML's test compares its loss with the original Proxy-Anchor code on 180 2-D embeddings at angles
 0..179 degrees (10 classes, labels 0..4, margin 0.5, alpha 32; alpha 1 in float16) and checks
 ``get_logits``. These tests check the same behaviours against a reference written here from the
-formula, plus the documented differences (README "Decisions where the papers are silent")."""
+formula, plus the documented differences (docs/losses.md, "PML parity")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of ProxyISALoss against an independent loop reference (docs/methods.md), PML's
+"""Tests of ProxyISALoss against an independent loop reference (docs/proxy-isa.md), PML's
 ProxyAnchorLoss, and of its state handling (resume, eval mode, failed steps, distributed)."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ STATE = (
 
 # --------------------------------------------------------------------------- reference
 class Reference:
-    """The method of docs/methods.md step by step with plain Python loops (state in Python
+    """The method of docs/proxy-isa.md step by step with plain Python loops (state in Python
     floats)."""
 
     def __init__(self, C, T, margin, alpha, volume_bound, hardness_scale, sensitivity,

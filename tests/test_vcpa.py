@@ -351,7 +351,7 @@ PAPER_STEPS_CYCLE = pytest.mark.xfail(
     strict=True,
     reason="known limitation of the paper's method: at a small temperature the full diagonal "
     "Newton steps (a Jacobi iteration on strongly coupled blocks, eigenvalues of D^-1 H above 2) "
-    "overshoot and cycle (README, benchmarks/vcpa_dynamics.py)",
+    "overshoot and cycle (docs/vcpa.md, benchmarks/vcpa_dynamics.py)",
 )
 
 

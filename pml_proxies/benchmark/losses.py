@@ -50,7 +50,7 @@ class LossSpec:
         target: ``"module:ClassName"`` of the loss, imported lazily.
         kwargs: the papers' default keyword arguments (besides ``num_classes`` and
             ``embedding_size``).
-        source: where the defaults come from (documented in the README table).
+        source: where the defaults come from (documented in the table of docs/benchmark.md).
         proxy_based: whether the loss takes ``num_classes`` / ``embedding_size`` and owns
             learnable parameters.
         miner: ``"module:ClassName"`` of its miner, or ``None``.

@@ -29,8 +29,8 @@ def check_cosine_distance(distance) -> None:
     if not same:
         raise ValueError(
             "distance must be PML's CosineSimilarity() with its default settings (the default): "
-            "the losses of pml-proxies are defined on the cosine similarity (docs/methods.md, "
-            f"'Shared rules'); got {distance!r}"
+            "the losses of pml-proxies are defined on the cosine similarity (docs/losses.md, "
+            f"'Rules every loss follows'); got {distance!r}"
         )
 
 
@@ -43,7 +43,7 @@ def _commit_state(loss: BaseProxyLoss, update: dict) -> None:
 
 
 class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
-    """Common behaviour of the proxy losses of this package (docs/methods.md, "Shared rules").
+    """Common behaviour of the proxy losses of this package (docs/losses.md).
 
     * checks its input and raises ``ValueError`` naming the problem *before* any state changes
       (labels outside ``[0, num_classes)``, wrong shapes, embedding size mismatch, non-finite

@@ -16,7 +16,7 @@ class MultiProxyAnchorLoss(BaseMultiProxyLoss):
           + 1/C    sum_{c}       log(1 + sum_{x in X_c-} exp( alpha (S(x,c) + delta)))
           + tau R
 
-    ``X_c-`` is taken over all classes (docs/methods.md, "MPA family"), so that ``K = 1`` is
+    ``X_c-`` is taken over all classes (docs/mpa.md, "Decisions"), so that ``K = 1`` is
     exactly PML's ``ProxyAnchorLoss``. PML miners' ``indices_tuple`` weight samples as in
     ``ProxyAnchorLoss``.
 

@@ -56,7 +56,7 @@ def _fixed_point_bits(memory_size: int) -> int:
 
 class ProxyISALoss(BaseProxyLoss):
     """Informative Sample-Aware Proxy loss (Li et al., "Informative Sample-Aware Proxy for Deep
-    Metric Learning", MMAsia 2022, eq. 12-17 and Algorithm 1; docs/methods.md, "Proxy-ISA").
+    Metric Learning", MMAsia 2022, eq. 12-17 and Algorithm 1; docs/proxy-isa.md).
 
     Proxy-Anchor whose exponents are scaled by per-pair weights ``w+`` / ``w-`` that depend on a
     per-class state: the number of clean samples seen ``n_c``, the effective number

@@ -1,7 +1,7 @@
 """Variational Continual Proxy-Anchor (VCPA) loss.
 
 Method notes (equations implemented, decisions where the paper is silent, the damped and
-monotone Newton modes): ``docs/methods.md``, section "VCPA".
+monotone Newton modes): ``docs/vcpa.md``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def proxy_anchor_newton_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form gradient and diagonal Hessian of the Proxy-Anchor loss w.r.t. the proxies.
 
-    VCPA supplement eq. 23-25 with the ``1/|C+|``, ``1/C`` normalisation of ``docs/methods.md``
+    VCPA supplement eq. 23-25 with the ``1/|C+|``, ``1/C`` normalisation of ``docs/vcpa.md``
     (section "VCPA"): the derivatives of
 
         L = 1/|C+| sum_c log(1 + sum_{i: y_i=c}  exp(alpha (delta - s_ic)))
@@ -367,7 +367,7 @@ def _track_for_projection(loss: VCPALoss) -> None:
 class VCPALoss(BaseProxyLoss):
     """Variational Continual Proxy-Anchor loss (Kim, Guerrero, Pham, Pavlovic, "Variational
     Continual Proxy-Anchor for Deep Metric Learning", Algorithm 1, eq. 12-13 and supplement
-    eq. 15-30; notes in ``docs/methods.md``, section "VCPA").
+    eq. 15-30; notes in ``docs/vcpa.md``).
 
     Each class has a Gaussian proxy ``q(p_c) = N(mu_c, diag(sigma_c^2))`` (prior and initial value
     ``mu = 0, sigma = 1``). Every training step (``forward`` in training mode):

@@ -48,7 +48,7 @@ class IntraClassCenterRegularizer(BaseRegularizer):
     Args:
         centers_per_class: ``K``, an integer >= 1.
         eps: added inside the square root, whose gradient is infinite at identical centers
-            (docs/methods.md, "MPA family"); finite and >= 0 (0: the exact value, as PML).
+            (docs/mpa.md, "Decisions"); finite and >= 0 (0: the exact value, as PML).
         **kwargs: PML ``BaseRegularizer`` keyword arguments.
     """
 

@@ -34,7 +34,7 @@ DEFAULT_NDCG_KS = (10,)
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
 # Bytes held per (query, neighbour) pair while one chunk is evaluated: the search's distances and
 # indices (twice: the self-match removal copies them), the neighbours' labels, the match mask and
-# the float64 temporaries of the rank metrics. Measured peaks stay below this (README, "Speed").
+# the float64 temporaries of the rank metrics. Measured peaks stay below this (docs/speed.md).
 _BYTES_PER_NEIGHBOUR = 64
 # Bytes held per (query, reference) pair by the positive-rank path: the float32 ranking scores and
 # the int32 count of positives ranked before each reference (the histogram input, offset in
@@ -44,7 +44,7 @@ _RANK_BYTES_PER_REFERENCE = 12
 # positions and the float64 temporaries of the metrics.
 _RANK_BYTES_PER_POSITIVE = 128
 # Searches of at least this fraction of the references use the positive-rank path (whose cost
-# does not depend on k). Measured (README, "Evaluation at scale"): 10,000 x 128 self-retrieval,
+# does not depend on k). Measured (docs/speed.md, "Evaluation at scale"): 10,000 x 128 self-retrieval,
 # 100 classes, every kNN metric, TorchKNN, 1 thread: the neighbour lists win at k = 1,000, the
 # ranks at k = 3,000.
 RANK_PATH_MIN_FRACTION = 0.2
