@@ -23,6 +23,9 @@ from .transforms import (
 )
 
 DATASET_NAMES = ("digits", "omniglot", "cub200", "cars196", "sop", "inshop")
+#: a user's own images: ``csv:PATH`` (an OML retrieval dataframe), ``folder:PATH`` (an image
+#: folder); see :mod:`pml_proxies.datasets.dataframe`
+USER_DATA_PREFIXES = ("csv:", "folder:")
 
 _CLASSES = {
     "digits": ("digits", "Digits"),
@@ -42,7 +45,12 @@ EVAL_RESIZE_RATIO = 256 / 224
 
 
 def dataset_class(name: str) -> type[BaseDataset]:
-    """The class implementing data set ``name`` (one of ``DATASET_NAMES``)."""
+    """The class implementing data set ``name`` (one of ``DATASET_NAMES``, or ``csv:PATH`` /
+    ``folder:PATH``: :class:`~pml_proxies.datasets.dataframe.RetrievalDataset`)."""
+    if name.startswith(USER_DATA_PREFIXES):
+        from .dataframe import RetrievalDataset
+
+        return RetrievalDataset
     if name not in _CLASSES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASET_NAMES}")
     module, cls = _CLASSES[name]
@@ -64,13 +72,35 @@ def get_dataset(
     transforms ``get_transforms(name, train=False)``; pass ``get_transforms(name, train=True)``
     for training augmentation. ``download=True`` fetches missing files where that is possible.
     Extra keyword arguments go to the data set class (e.g. ``variant`` for Omniglot).
+
+    A user's own images: ``name="csv:PATH"`` reads an OML retrieval dataframe (relative image
+    paths start from ``root`` when given, else from the CSV's folder; ``split="test"`` is its
+    validation rows), ``name="folder:PATH"`` an image folder (keyword ``test_fraction`` and
+    ``seed`` for a folder without ``train/`` and ``test/``); both validated as
+    :mod:`pml_proxies.datasets.dataframe` describes, with the natural-image transforms.
     """
+    if name.startswith(USER_DATA_PREFIXES):
+        return _user_dataset(name, split, root, transform, **kwargs)
     cls: Any = dataset_class(name)  # the file-backed classes take root / download
     if transform is None:
         transform = get_transforms(name, train=False)
     if name == "digits":
         return cls(split=split, transform=transform, **kwargs)
     return cls(split=split, root=root, transform=transform, download=download, **kwargs)
+
+
+def _user_dataset(name: str, split: str, root, transform, **kwargs) -> BaseDataset:
+    from .dataframe import RetrievalDataset, read_dataframe, read_image_folder
+
+    kind, _, path = name.partition(":")
+    if not path:
+        raise ValueError(f"dataset {name!r}: give a path after {kind + ':'!r}")
+    if kind == "csv":
+        table = read_dataframe(path, root=root, **kwargs)
+    else:
+        table = read_image_folder(path, **kwargs)
+    transform = get_transforms(name, train=False) if transform is None else transform
+    return RetrievalDataset(table, split, transform)
 
 
 def get_transforms(
