@@ -19,6 +19,7 @@ from pml_proxies.datasets.dataframe import (
     read_dataframe,
     read_image_folder,
 )
+from pml_proxies.datasets.features import read_features
 
 HEADER = ["label", "path", "split", "is_query", "is_gallery"]
 
@@ -293,3 +294,66 @@ def test_a_corrupt_image_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(OSError, match="x.png"):
         load_image_file(str(tmp_path / "x.png"))
+
+
+# ------------------------------------------------------------------ frozen features
+def _features(tmp_path: Path, dtype=np.float32, **changes) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = dict(
+        features=rng.standard_normal((10, 6)).astype(dtype),
+        labels=np.array([0, 0, 1, 1, 2, 2, 7, 7, 9, 9]),
+        split=np.array(["train"] * 6 + ["validation"] * 4),
+        category=np.array(list("aabbccddee")),
+    )
+    arrays.update(changes)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(tmp_path / "f.npz", **arrays)
+    return tmp_path / "f.npz"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_features_file_reads_into_splits(tmp_path, dtype):
+    path = _features(tmp_path, dtype)
+    train, test = get_dataset(f"features:{path}", "train"), get_dataset(f"features:{path}", "test")
+    assert (len(train), len(test), train.feature_dim) == (6, 4, 6)
+    x, y = test[2]
+    expected = np.load(path)["features"][8].astype(np.float32)
+    assert x.dtype == torch.float32 and np.array_equal(x.numpy(), expected) and y == 1
+    assert test.classes == ["7", "9"] and test.categories == list("ddee")
+    assert test.is_query.all() and test.is_gallery.all()  # defaults: every validation row
+    with pytest.raises(ValueError, match="no image transforms"):
+        get_transforms(f"features:{path}", train=True)
+
+
+@pytest.mark.parametrize(
+    "changes, column, words",
+    [
+        (dict(labels=None), "labels", "missing"),
+        (dict(features=np.zeros((10,), np.float32)), "features", "N x F float"),
+        (dict(features=np.zeros((10, 2), np.int64)), "features", "N x F float"),
+        (dict(labels=np.arange(10.0)), "labels", "integers"),
+        (dict(split=np.array(["train"] * 6 + ["test"] * 4)), "split", "one of"),
+        (dict(is_query=np.array([True] + [False] * 9)), "is_query", "False on train rows"),
+        (dict(is_query=np.zeros(10, bool), is_gallery=np.zeros(10, bool)), "is_query", "neither"),
+        (dict(is_gallery=np.array([False] * 8 + [True] * 2)), "labels", "no gallery row"),
+        (dict(labels=np.arange(4)), "labels", "shape"),
+    ],
+)
+def test_bad_features_files_are_refused_naming_the_array(tmp_path, changes, column, words):
+    with pytest.raises(DataframeError) as info:
+        read_features(_features(tmp_path, **changes))
+    assert info.value.column == column and words in str(info.value)
+
+
+def test_non_finite_features_are_refused_with_their_rows(tmp_path):
+    features = np.ones((10, 3), np.float32)
+    features[[3, 8], 1] = np.nan
+    with pytest.raises(DataframeError) as info:
+        read_features(_features(tmp_path, features=features))
+    assert info.value.lines == [3, 8] and "not finite" in str(info.value)
+
+
+def test_a_file_that_is_not_npz_is_refused(tmp_path):
+    (tmp_path / "f.npz").write_bytes(b"junk")
+    with pytest.raises(DataframeError, match="not a readable .npz"):
+        read_features(tmp_path / "f.npz")

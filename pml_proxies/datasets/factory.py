@@ -24,8 +24,9 @@ from .transforms import (
 
 DATASET_NAMES = ("digits", "omniglot", "cub200", "cars196", "sop", "inshop")
 #: a user's own images: ``csv:PATH`` (an OML retrieval dataframe), ``folder:PATH`` (an image
-#: folder); see :mod:`pml_proxies.datasets.dataframe`
-USER_DATA_PREFIXES = ("csv:", "folder:")
+#: folder; see :mod:`pml_proxies.datasets.dataframe`), ``features:PATH`` (frozen features in an
+#: ``.npz`` file; see :mod:`pml_proxies.datasets.features`)
+USER_DATA_PREFIXES = ("csv:", "folder:", "features:")
 
 _CLASSES = {
     "digits": ("digits", "Digits"),
@@ -47,6 +48,10 @@ EVAL_RESIZE_RATIO = 256 / 224
 def dataset_class(name: str) -> type[BaseDataset]:
     """The class implementing data set ``name`` (one of ``DATASET_NAMES``, or ``csv:PATH`` /
     ``folder:PATH``: :class:`~pml_proxies.datasets.dataframe.RetrievalDataset`)."""
+    if name.startswith("features:"):
+        from .features import FeaturesDataset
+
+        return FeaturesDataset
     if name.startswith(USER_DATA_PREFIXES):
         from .dataframe import RetrievalDataset
 
@@ -78,6 +83,8 @@ def get_dataset(
     validation rows), ``name="folder:PATH"`` an image folder (keyword ``test_fraction`` and
     ``seed`` for a folder without ``train/`` and ``test/``); both validated as
     :mod:`pml_proxies.datasets.dataframe` describes, with the natural-image transforms.
+    ``name="features:PATH"`` reads frozen features (:mod:`pml_proxies.datasets.features`):
+    items are feature vectors, and ``transform`` (default none) applies to them.
     """
     if name.startswith(USER_DATA_PREFIXES):
         return _user_dataset(name, split, root, transform, **kwargs)
@@ -95,6 +102,12 @@ def _user_dataset(name: str, split: str, root, transform, **kwargs) -> BaseDatas
     kind, _, path = name.partition(":")
     if not path:
         raise ValueError(f"dataset {name!r}: give a path after {kind + ':'!r}")
+    if kind == "features":  # vectors, no image transforms (``transform`` applies to the tensor)
+        from .features import FeaturesDataset
+
+        features = FeaturesDataset(path, split, **kwargs)
+        features.transform = transform
+        return features
     if kind == "csv":
         table = read_dataframe(path, root=root, **kwargs)
     else:
@@ -138,6 +151,8 @@ def get_transforms(
 
     Random choices use torch's global RNG: reproducible under ``torch.manual_seed``.
     """
+    if name.startswith("features:"):
+        raise ValueError("features (features:PATH) are vectors: they take no image transforms")
     cls = dataset_class(name)
     size = int(image_size or cls.default_image_size)
     if size < 1:
