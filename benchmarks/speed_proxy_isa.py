@@ -46,7 +46,9 @@ def fill_steady_state(loss: ProxyISALoss, seed: int = 0) -> None:
     loss.memory_count.fill_(T)
     loss.memory_write_position.fill_(int(torch.randint(0, T, (1,), generator=gen)))
     loss.memory_class_counts.zero_().index_add_(0, labels, torch.ones_like(labels))
-    loss.memory_class_sums.zero_().index_put_((labels,), loss._quantise(entries), accumulate=True)
+    loss.memory_class_sums.zero_().index_put_(
+        (labels,), loss.memory.quantise(entries), accumulate=True
+    )
     counts = torch.randint(20, 400, (C,), generator=gen).to(device)
     loss.sample_counts.copy_(counts)
     beta = (loss.volume_bound - 1) / loss.volume_bound

@@ -131,7 +131,7 @@ def test_host_read_preview_finds_host_reads_and_their_site():
         torch.ones(()).item()
         loss_fn(x, labels)
     assert any("test_gpu_check.py" in s and s.startswith("item") for s in sites)
-    assert any("pml_proxies/losses/proxy_isa_loss.py" in s for s in sites)
+    assert any("pml_proxies/utils/class_memory_bank.py" in s for s in sites)
     assert torch.Tensor.item is item  # restored
 
 

@@ -101,13 +101,13 @@ def random_state(loss: ProxyISALoss, fill: int, gen: torch.Generator) -> dict:
 
 def spy_dense_choices(monkeypatch, loss) -> list:
     choices = []
-    choose = loss._dense_sum_changes
+    choose = loss.memory._dense_sum_changes
 
     def spy(rewritten):
         choices.append(choose(rewritten))
         return choices[-1]
 
-    monkeypatch.setattr(loss, "_dense_sum_changes", spy)
+    monkeypatch.setattr(loss.memory, "_dense_sum_changes", spy)
     return choices
 
 
@@ -205,7 +205,7 @@ def test_loading_rows_that_are_not_normalised_raises():
     slot_class = int(state["memory_labels"][1])
     state["memory_class_sums"].zero_().index_put_(
         (state["memory_labels"].clamp(min=0),),
-        loss._quantise(state["memory_embeddings"]),
+        loss.memory.quantise(state["memory_embeddings"]),
         accumulate=True,
     )
     assert slot_class >= 0

@@ -9,6 +9,8 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..functional import distributed, proxy_math
 from ..functional.validation import check_choice, check_int, check_real
+from ..utils.class_memory_bank import BUFFERS as MEMORY_BUFFERS
+from ..utils.class_memory_bank import ClassMemoryBank
 from .base_proxy_loss import BaseProxyLoss
 
 POSITIVE_WEIGHTINGS = ("none", "inverse_effective_number", "lower_bound", "decay")
@@ -48,10 +50,25 @@ def _check_decay_timing(value) -> float:
     return decay_timing
 
 
-def _fixed_point_bits(memory_size: int) -> int:
-    """Fraction bits of the int64 per-class sums of the memory: room for ``memory_size`` unit
-    vectors without overflow, at most 40 bits (quantisation step 2^-40 per coordinate)."""
-    return min(40, 62 - int(memory_size).bit_length())
+def _memory_key(name: str) -> str:
+    """The ``state_dict`` key of the memory buffer ``name``: ``memory_<name>``, flat, as the keys
+    were before the memory had a class of its own (saved states keep loading)."""
+    return "memory_" + name
+
+
+def _flat_memory_keys(module: ProxyISALoss, state_dict, prefix: str, local_metadata) -> None:
+    """``state_dict`` post-hook: the memory's ``memory.<name>`` entries as ``memory_<name>``
+    (same order: the submodule's entries come last, as its buffers were registered last)."""
+    for name in MEMORY_BUFFERS:
+        state_dict[prefix + _memory_key(name)] = state_dict.pop(prefix + "memory." + name)
+    getattr(state_dict, "_metadata", {}).pop(prefix + "memory", None)
+
+
+def _memory_buffer(name: str) -> property:
+    return property(
+        lambda self: getattr(self.memory, name),
+        doc=f"The memory's ``{name}`` buffer (``state_dict`` key ``{_memory_key(name)}``).",
+    )
 
 
 class ProxyISALoss(BaseProxyLoss):
@@ -123,10 +140,11 @@ class ProxyISALoss(BaseProxyLoss):
         proxies: Parameter ``(C, D)``, initialised as PML's ``ProxyAnchorLoss``.
         epoch, memory_enabled, filter_enabled: the schedule (buffers).
         sample_counts, effective_numbers, learned_similarities: ``n_c``, ``E_c``, ``s_c``.
-        memory_embeddings, memory_labels (-1 = empty), memory_write_position, memory_count:
-            the ring buffer; memory_class_counts and memory_class_sums (int64 fixed point with
-            2^-40 resolution, coarser for T >= 2^22; exact and order-independent) summarise it
-            per class.
+        memory: the :class:`~pml_proxies.utils.class_memory_bank.ClassMemoryBank` of the last
+            ``T`` clean embeddings, with exact (int64 fixed-point) per-class sums. Its buffers
+            are saved under the keys ``memory_embeddings``, ``memory_labels`` (-1 = empty),
+            ``memory_write_position``, ``memory_count``, ``memory_class_counts`` and
+            ``memory_class_sums``, and read as attributes of those names.
 
     Statistics (PML recordable stats, only with ``collect_stats=True``): ``mean_effective_number``,
     ``memory_fill`` (fraction of ``T``), ``outlier_fraction`` (of the batch's positives),
@@ -136,6 +154,8 @@ class ProxyISALoss(BaseProxyLoss):
     Shape:
         embeddings ``(B, D)``, labels ``(B,)`` in ``[0, C)``; output a scalar.
     """
+
+    memory: ClassMemoryBank
 
     def __init__(
         self,
@@ -184,12 +204,6 @@ class ProxyISALoss(BaseProxyLoss):
         self.positive_weighting = positive_weighting
         self.negative_weighting = negative_weighting
         self.distributed_batch_layout = distributed_batch_layout
-        self.fixed_point_bits = _fixed_point_bits(T)
-        # None: host-side sizes on CPU, fixed-shape (sync-free) updates elsewhere; True/False
-        # force one of the two (tests run both)
-        self.sync_free_memory_updates: bool | None = None
-        # reusable work tensors of the state update (not state; see _scratch)
-        self._workspace: dict[str, torch.Tensor] = {}
 
         self.proxies = torch.nn.Parameter(torch.empty(C, D))
         self.weight_init_func(self.proxies)
@@ -201,12 +215,8 @@ class ProxyISALoss(BaseProxyLoss):
         self.register_buffer("sample_counts", torch.zeros(C, dtype=long))
         self.register_buffer("effective_numbers", torch.zeros(C))
         self.register_buffer("learned_similarities", torch.ones(C))
-        self.register_buffer("memory_embeddings", torch.zeros(T, D))
-        self.register_buffer("memory_labels", torch.full((T,), -1, dtype=long))
-        self.register_buffer("memory_write_position", torch.zeros((), dtype=long))
-        self.register_buffer("memory_count", torch.zeros((), dtype=long))
-        self.register_buffer("memory_class_counts", torch.zeros(C, dtype=long))
-        self.register_buffer("memory_class_sums", torch.zeros(C, D, dtype=long))
+        self.memory = ClassMemoryBank(T, C, D)
+        self.register_state_dict_post_hook(_flat_memory_keys)
 
         # Python mirrors of the schedule buffers (no host sync per step); refreshed by
         # set_epoch and load_state_dict.
@@ -235,14 +245,54 @@ class ProxyISALoss(BaseProxyLoss):
         self.filter_enabled.fill_(filter_on)
         self._epoch, self._memory_on, self._filter_on = epoch, memory_on, filter_on
 
+    # the memory's buffers, read as the attributes they were before it had a class of its own
+    memory_embeddings = _memory_buffer("embeddings")
+    memory_labels = _memory_buffer("labels")
+    memory_write_position = _memory_buffer("write_position")
+    memory_count = _memory_buffer("count")
+    memory_class_counts = _memory_buffer("class_counts")
+    memory_class_sums = _memory_buffer("class_sums")
+
+    @property
+    def fixed_point_bits(self) -> int:
+        """Fraction bits of the memory's int64 per-class sums (40, fewer for T >= 2^22)."""
+        return self.memory.fixed_point_bits
+
+    @property
+    def sync_free_memory_updates(self) -> bool | None:
+        """How the memory chooses its slots (``memory.sync_free_updates``): ``None`` by device
+        (host-side sizes on CPU, fixed-shape updates elsewhere); ``True``/``False`` force one."""
+        return self.memory.sync_free_updates
+
+    @sync_free_memory_updates.setter
+    def sync_free_memory_updates(self, value: bool | None) -> None:
+        self.memory.sync_free_updates = value
+
+    # ----------------------------------------------------------------- state loading
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        # the loss's buffers, the memory's under their state_dict keys, then the parameters
+        own = super()._state_tensors()
+        tensors = {name: tensor for name, tensor in own.items() if name in self._buffers}
+        tensors.update((_memory_key(n), b) for n, b in self.memory.named_buffers())
+        tensors.update((name, tensor) for name, tensor in own.items() if name not in tensors)
+        return tensors
+
     def check_state_dict(self, state_dict, prefix: str = "") -> None:
         # every tensor on its own (shape, finite, integral), then the state as it will be after
         # the load (loaded tensors, the current buffers for keys a partial load leaves out)
         super().check_state_dict(state_dict, prefix)
         state = {
-            name: state_dict.get(prefix + name, buffer) for name, buffer in self._buffers.items()
+            name: state_dict.get(prefix + name, tensor)
+            for name, tensor in self._state_tensors().items()
         }
         self._check_state(state)
+
+    def before_state_load(self, state_dict, prefix: str) -> None:
+        # the memory's flat keys to the submodule's, which torch loads next
+        for name in MEMORY_BUFFERS:
+            key = prefix + _memory_key(name)
+            if key in state_dict:
+                state_dict[prefix + "memory." + name] = state_dict.pop(key)
 
     def after_state_load(self) -> None:
         self._epoch = int(self.epoch)
@@ -250,10 +300,11 @@ class ProxyISALoss(BaseProxyLoss):
         self._filter_on = bool(self.filter_enabled)
 
     def _check_state(self, state: dict) -> None:
-        """Raise ``ValueError`` unless ``state`` (buffer name -> tensor, each of the buffer's
-        shape, finite and integral where the buffer is) is a consistent state of this loss: label
-        range, counts that cannot be negative, and the memory's bookkeeping (count, write
-        position, per-class counts and fixed-point sums) matching its entries."""
+        """Raise ``ValueError`` unless ``state`` (``state_dict`` key -> tensor, each of the
+        buffer's shape, finite and integral where the buffer is) is a consistent state of this
+        loss: the memory's bookkeeping (:meth:`ClassMemoryBank.check_layout`), counts that cannot
+        be negative, and the memory's rows and fixed-point sums
+        (:meth:`ClassMemoryBank.check_rows`)."""
         C, D, T = self.num_classes, self.embedding_size, self.memory_size
 
         def fail(message: str):
@@ -262,48 +313,13 @@ class ProxyISALoss(BaseProxyLoss):
                 f"memory_size={T}: {message}"
             )
 
-        def get(name: str) -> torch.Tensor:
-            return state[name].detach().to("cpu")
-
-        labels = get("memory_labels").long()
-        if T and (int(labels.min()) < -1 or int(labels.max()) >= C):
-            fail(
-                f"memory_labels must lie in [-1, {C}) (-1: empty slot), got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
-        filled = labels >= 0
-        count, position = int(get("memory_count")), int(get("memory_write_position"))
-        if count != int(filled.sum()):
-            fail(f"memory_count={count} but {int(filled.sum())} slots hold an entry")
-        if not 0 <= position < T:
-            fail(f"memory_write_position must lie in [0, {T}), got {position}")
-        if count < T and (position != count or not bool(filled[:count].all())):
-            fail(
-                "a memory that is not full holds slots 0 .. memory_count - 1 and writes next "
-                "at slot memory_count"
-            )
-        if not torch.equal(
-            get("memory_class_counts").long(), torch.bincount(labels[filled], minlength=C)
-        ):
-            fail("memory_class_counts do not count the entries of memory_labels")
+        memory = {name: state[_memory_key(name)] for name in MEMORY_BUFFERS}
+        self.memory.check_layout(memory, _memory_key(""), fail)
         for name in ("sample_counts", "effective_numbers", "epoch"):
-            if bool((get(name) < 0).any()):
-                fail(f"{name} must be >= 0, got {float(get(name).min()):g}")
-        rows = get("memory_embeddings").to(self.memory_embeddings.dtype)
-        if bool((rows[~filled] != 0).any()):
-            fail("empty memory slots (label -1) must hold zero rows")
-        # the memory holds L2-normalised embeddings (what keeps the float64 accumulation of the
-        # per-class sums exact, see _dense_sum_changes); 1.01 leaves room for rounding
-        largest = float(torch.linalg.vector_norm(rows.double(), dim=1).max()) if T else 0.0
-        if largest > 1.01:
-            fail(f"memory_embeddings must hold L2-normalised rows, got a row of norm {largest:.4g}")
-        sums = torch.zeros(C, D, dtype=torch.long)
-        for start in range(0, T, 4096):  # chunks: no (T, D) int64 temporary
-            chunk = slice(start, start + 4096)
-            index = (labels[chunk].clamp(min=0),)
-            sums.index_put_(index, self._quantise(rows[chunk]), accumulate=True)
-        if not torch.equal(get("memory_class_sums").long(), sums):
-            fail("memory_class_sums are not the fixed-point sums of the memory's entries per class")
+            value = state[name].detach().to("cpu")
+            if bool((value < 0).any()):
+                fail(f"{name} must be >= 0, got {float(value.min()):g}")
+        self.memory.check_rows(memory, _memory_key(""), fail)
 
     # ----------------------------------------------------------------- forward
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -467,222 +483,30 @@ class ProxyISALoss(BaseProxyLoss):
         beta = (self.volume_bound - 1.0) / self.volume_bound
         # E = (1 - beta^n) / (1 - beta) = (beta^n - 1) / (beta - 1), in float64
         effective_numbers = torch.float_power(beta, sample_counts).sub_(1.0).div_(beta - 1.0)
-        push = self._stage_push(entries, labels, keep) if self._memory_on else None
+        push = self.memory.stage(entries, labels, keep) if self._memory_on else None
         # ---- writes only from here on
         self.sample_counts.copy_(sample_counts)
         self.effective_numbers.copy_(effective_numbers)
         if push is not None:
-            self._write_push(push)
+            self.memory.write(push)
             self._update_learned_similarities(labels, proxies)
-
-    def _quantise(self, rows: torch.Tensor, sign: float = 1.0, dtype=torch.long) -> torch.Tensor:
-        """``sign * rows`` in fixed point, ``trunc(sign * rows * 2^bits)``: scaling by a power of
-        two is exact and the truncation is toward zero, so a memory row always gives the same
-        integers (and ``sign = -1`` exactly their negatives). ``dtype``: int64 (the sums' format)
-        or float64 (the same integers, exact there as well: their magnitude is below 2^53; the
-        result is then a work tensor, valid until the next call)."""
-        if dtype == torch.long:
-            return (rows * (sign * 2.0**self.fixed_point_bits)).long()
-        # one pass: rows / (sign * 2^-bits) is exact as well, truncated toward zero
-        step = sign * 2.0**-self.fixed_point_bits
-        out = self._scratch("quantised", rows.shape, dtype, rows.device)
-        if rows.dtype == dtype:
-            return torch.div(rows, step, rounding_mode="trunc", out=out)
-        scaled = self._scratch("scaled", rows.shape, rows.dtype, rows.device)
-        return out.copy_(torch.div(rows, step, rounding_mode="trunc", out=scaled))
-
-    def _scratch(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A work tensor of the state update, reused from step to step (contents undefined): on
-        CPU, allocating its large temporaries anew every step costs page faults that took as long
-        as the arithmetic. Not state: never saved, rebuilt on another device or dtype."""
-        view = self._workspace.get(name)
-        if view is not None and (view.shape, view.dtype, view.device) == (shape, dtype, device):
-            return view  # the steady state: no new tensor, not even a view
-        storage = self._workspace.get(name + ".storage")
-        numel = math.prod(shape)
-        if storage is None or storage.dtype != dtype or storage.device != device:
-            storage = None
-        if storage is None or storage.numel() < numel:
-            storage = torch.empty(numel, dtype=dtype, device=device)
-            self._workspace[name + ".storage"] = storage
-        view = self._workspace[name] = storage[:numel].view(shape)
-        return view
-
-    def _dense_sum_changes(self, rewritten: int) -> bool:
-        """Whether a step that rewrites ``rewritten`` memory slots accumulates the change of the
-        per-class sums in a dense ``(C, D)`` float64 buffer (few classes: cheaper) rather than
-        row by row into the int64 sums (many classes).
-
-        Both give the same integers: a step's change of a class coordinate is a sum of at most
-        ``2 * rewritten`` fixed-point values, each an integer of magnitude at most
-        ``2^(bits + 1)`` (memory rows are L2-normalised, so ``|x_d| <= 1`` up to rounding; the load
-        check rejects rows of norm above 1.01); with ``rewritten <= 2^(51 - bits)`` every partial
-        sum is an integer of magnitude at most 2^53, exact in float64 in any order."""
-        return self.num_classes <= 2 * rewritten and rewritten <= 2 ** (51 - self.fixed_point_bits)
-
-    def _stage_push(self, entries, labels, keep) -> dict | None:
-        """The memory update that pushes the kept rows (in batch order) into the ring buffer, as
-        a sequential FIFO would (wrap-around and batches larger than T included), computed
-        without writing anything (``None``: nothing to push).
-
-        Two ways of choosing the slots, one bookkeeping: on CPU the sizes are read on the host
-        (free there) and the rows go to at most two contiguous slices (:meth:`_stage_host_sizes`);
-        on other devices a host read is a sync, so fixed-shape index operations choose the slots
-        on the device (:meth:`_stage_fixed_shape`). ``sync_free_memory_updates`` forces one
-        (tests run both against the same reference). Either way the rows leaving and entering
-        the slots give the change of the per-class sums (:meth:`_stage_sums`)."""
-        sync_free = self.sync_free_memory_updates
-        if sync_free is None:
-            sync_free = entries.device.type != "cpu"
-        push: dict | None
-        if sync_free:
-            push = self._stage_fixed_shape(entries, labels, keep)
-        else:
-            push = self._stage_host_sizes(entries, labels, keep)
-        if push is not None:
-            push["sums"] = self._stage_sums(push.pop("removed"), push.pop("added"))
-        return push
-
-    def _stage_sums(self, removed: list, added: list) -> dict:
-        """The change of ``memory_class_sums`` when the ``removed`` rows leave and the ``added``
-        rows enter the memory (lists of ``(class index, rows)``; an empty slot counts as a zero
-        row of class 0): summed per class into a dense int64 ``(C, D)`` change (``"dense"``,
-        exact through float64, see :meth:`_dense_sum_changes`), or as fixed-point int64 rows
-        with their classes (``"rows"``), added to the sums when written."""
-        changes = [(index, rows, -1.0) for index, rows in removed]
-        changes += [(index, rows, 1.0) for index, rows in added]
-        if not self._dense_sum_changes(sum(index.shape[0] for index, _ in added)):
-            return {"rows": [(index, self._quantise(rows, sign)) for index, rows, sign in changes]}
-        sums = self.memory_class_sums
-        dense = self._scratch("dense", sums.shape, torch.float64, sums.device).zero_()
-        for index, rows, sign in changes:
-            dense.index_add_(0, index, self._quantise(rows, sign, torch.float64))
-        return {"dense": self._scratch("change", sums.shape, sums.dtype, sums.device).copy_(dense)}
-
-    def _write_push(self, push: dict) -> None:
-        """Write a staged memory update (nothing here can fail on an index: all were used in
-        staging)."""
-        sums = self.memory_class_sums
-        if "dense" in push["sums"]:
-            sums.add_(push["sums"]["dense"])
-        else:
-            for index, rows in push["sums"]["rows"]:
-                sums.index_put_((index,), rows, accumulate=True)
-        for slots, rows, labels in push["writes"]:
-            if isinstance(slots, slice):
-                self.memory_embeddings[slots].copy_(rows)
-                self.memory_labels[slots].copy_(labels)
-            else:
-                self.memory_embeddings.index_copy_(0, slots, rows)
-                self.memory_labels.index_copy_(0, slots, labels)
-        self.memory_class_counts.copy_(push["class_counts"])
-        for buffer, value in ((self.memory_write_position, push["write_position"]),
-                              (self.memory_count, push["count"])):  # fmt: skip
-            # a host value (host-sizes path) or a device tensor (fixed-shape path)
-            if isinstance(value, int):
-                buffer.fill_(value)
-            else:
-                buffer.copy_(value)
-
-    def _stage_host_sizes(self, entries, labels, keep) -> dict | None:
-        """:meth:`_stage_push` with the sizes read on the host: the kept rows go to at most two
-        contiguous slices; since a consistent memory holds its entries in slots
-        ``[0, memory_count)``, only the slots below the count lose a row."""
-        T = self.memory_size
-        if keep is not None:
-            kept = keep.nonzero().squeeze(1)
-            if kept.shape[0] < labels.shape[0]:
-                entries, labels = entries.index_select(0, kept), labels.index_select(0, kept)
-        pushed = entries.shape[0]
-        if pushed == 0:
-            return None
-        position, count = int(self.memory_write_position), int(self.memory_count)
-        start = position
-        if pushed > T:  # only the last T rows survive, from slot position + pushed - T on
-            entries, labels = entries[pushed - T :], labels[pushed - T :]
-            start = (position + pushed - T) % T
-        n = entries.shape[0]
-        rows = entries.to(self.memory_embeddings.dtype)
-        first = min(n, T - start)
-        slices = [slice(start, start + first)] + ([slice(0, n - first)] if first < n else [])
-        writes, removed, offset = [], [], 0
-        for slots in slices:
-            length = slots.stop - slots.start
-            part = slice(offset, offset + length)
-            writes.append((slots, rows[part], labels[part]))
-            filled = slice(slots.start, min(slots.stop, count))
-            if filled.start < filled.stop:
-                removed.append((self.memory_labels[filled], self.memory_embeddings[filled]))
-            offset += length
-        ones = torch.ones_like(labels)
-        class_counts = self.memory_class_counts.index_add(0, labels, ones)
-        for index, _ in removed:
-            class_counts.index_add_(0, index, ones[: index.shape[0]], alpha=-1)
-        return {
-            "writes": writes,
-            "removed": removed,
-            "added": [(labels, rows)],
-            "class_counts": class_counts,
-            "write_position": (position + pushed) % T,
-            "count": min(count + pushed, T),
-        }
-
-    def _stage_fixed_shape(self, entries, labels, keep) -> dict:
-        """The slots of :meth:`_stage_push` chosen with fixed-shape device operations (no host
-        sync): ``L = min(B, T)`` slots from the write position on are rewritten, each with the
-        last kept row that a sequential FIFO would leave there, or with its own old content when
-        fewer than ``L`` rows were kept (unchanged slots cancel exactly in the per-class sums;
-        label -1 marks a slot that stays empty, its row is zero)."""
-        T, B = self.memory_size, entries.shape[0]
-        L = min(B, T)
-        device = entries.device
-        if keep is None:
-            order = torch.arange(B, device=device)
-            # torch.full, not torch.tensor: a host value copied to CUDA is a blocking H2D copy
-            n_keep = torch.full((), B, dtype=torch.long, device=device)
-        else:
-            # kept rows first, in batch order
-            order = torch.sort((~keep).to(torch.int8), stable=True).indices
-            n_keep = keep.sum()
-        j = torch.arange(L, device=device)
-        valid = j < n_keep
-        # the last kept rank r < n_keep with r = j (mod T) ends up in slot ptr + j
-        rank = j + T * torch.div((n_keep - 1 - j).clamp(min=0), T, rounding_mode="floor")
-        src = order.index_select(0, rank.clamp(max=B - 1))
-        slots = (self.memory_write_position + j) % T
-        old_rows = self.memory_embeddings.index_select(0, slots)
-        old_labels = self.memory_labels.index_select(0, slots)
-        new_rows = entries.index_select(0, src).to(old_rows.dtype)
-        rows = torch.where(valid.unsqueeze(1), new_rows, old_rows)
-        new_labels = torch.where(valid, labels.index_select(0, src), old_labels)
-        old_index, new_index = old_labels.clamp(min=0), new_labels.clamp(min=0)
-        class_counts = self.memory_class_counts.index_put(
-            (old_index,), -(old_labels >= 0).long(), accumulate=True
-        ).index_put_((new_index,), (new_labels >= 0).long(), accumulate=True)
-        return {
-            "writes": [(slots, rows, new_labels)],
-            "removed": [(old_index, old_rows)],
-            "added": [(new_index, rows)],
-            "class_counts": class_counts,
-            "write_position": (self.memory_write_position + n_keep) % T,
-            "count": (self.memory_count + n_keep).clamp(max=T),
-        }
 
     def _update_learned_similarities(self, labels, proxies) -> None:
         """``s_c = h * mean_{memory entries of c} cos(entry, p_c)`` for the batch's classes."""
-        scale = self.hardness_scale * 2.0**-self.fixed_point_bits
+        memory = self.memory
+        scale = self.hardness_scale * 2.0**-memory.fixed_point_bits
         current = self.learned_similarities
         if self.num_classes <= labels.shape[0]:
             # fewer classes than samples: compute every class, update those of the batch
-            counts, sums = self.memory_class_counts, self.memory_class_sums
-            converted = self._scratch("converted", sums.shape, proxies.dtype, sums.device)
+            counts, sums = memory.class_counts, memory.class_sums
+            converted = memory.scratch("converted", sums.shape, proxies.dtype, sums.device)
             dots = converted.copy_(sums).mul_(proxies).sum(1)
             estimate = dots.mul_(scale).div_(counts.clamp(min=1)).to(current.dtype)
             update = torch.zeros_like(counts, dtype=torch.bool).index_fill_(0, labels, True)
             torch.where(update.logical_and_(counts > 0), estimate, current, out=current)
             return
-        counts = self.memory_class_counts.index_select(0, labels)
-        sums = self.memory_class_sums.index_select(0, labels).to(proxies.dtype)
+        counts = memory.class_counts.index_select(0, labels)
+        sums = memory.class_sums.index_select(0, labels).to(proxies.dtype)
         dots = (sums * proxies.index_select(0, labels)).sum(1)
         estimate = dots.mul_(scale).div_(counts.clamp(min=1)).to(current.dtype)
         updated = torch.where(counts > 0, estimate, current.index_select(0, labels))
@@ -698,7 +522,7 @@ class ProxyISALoss(BaseProxyLoss):
     def _state_stats(self) -> None:
         self.mean_effective_number = self.effective_numbers.double().mean().item()
         self.mean_learned_similarity = self.learned_similarities.double().mean().item()
-        self.memory_fill = self.memory_count.item() / self.memory_size
+        self.memory_fill = self.memory.count.item() / self.memory_size
 
     def _batch_stats(self, B, C, outliers, pos_weights, neg_weight_sum) -> None:
         self.outlier_fraction = 0.0 if outliers is None else outliers.double().mean().item()
