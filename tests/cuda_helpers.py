@@ -49,8 +49,9 @@ def synchronize(device: torch.device) -> None:
 #: log-sum-exps over up to C * K terms and a few optimizer steps amplify that to ~1e-5.
 TOL_FLOAT32 = 1e-4
 #: VCPA's Newton steps at the paper's temperature 0.01: the ``L_PA / tau`` term dominates the KL
-#: damping, the diagonal steps oscillate (README, "Known limitation") and amplify float32 rounding
-#: step after step when few samples dominate a class's weights (measured on the CPU against
+#: damping, the diagonal steps oscillate (docs/vcpa.md, "Why the paper's steps do not lower the
+#: objective") and amplify float32 rounding step after step when few samples dominate a class's
+#: weights (measured on the CPU against
 #: float64 at D = 64: 3e-4 after one training step of M = 10 Newton steps, 1e-2 after eight; at
 #: D = 512, the CUDA sizes: 7e-7). The sequence is therefore checked at temperature 1 (float32
 #: within 1e-6 of float64 after eight steps at both sizes), and the paper's temperature over one
