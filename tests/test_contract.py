@@ -196,6 +196,7 @@ def test_labels_as_a_list_raise_type_error(loss_cls):
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("loss_cls", ALL_LOSSES, ids=lambda c: c.__name__)
 def test_labels_on_another_device_are_moved_before_validation(loss_cls):

@@ -491,6 +491,7 @@ def test_sync_free_state_update_builds_no_tensor_from_host_values(monkeypatch):
         loss._staged_state = None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_state_update_has_no_host_sync():
     loss, batches = sync_free_steps("cuda")

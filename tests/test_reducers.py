@@ -65,6 +65,7 @@ def test_every_loss_uses_it_by_default_with_pml_values():
         torch.testing.assert_close(ours(emb, labels), pml(emb, labels), rtol=0, atol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_on_cuda():
     emb = torch.randn(6, 3, device="cuda")

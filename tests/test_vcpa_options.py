@@ -415,6 +415,7 @@ def test_failing_step_commits_nothing_for_every_option(options, monkeypatch):
 
 
 # --------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("options", OPTION_PARAMS)
 def test_cuda_training_step_has_no_host_sync(options):
