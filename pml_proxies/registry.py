@@ -454,7 +454,8 @@ def convert_loss_params(name: str, overrides: Mapping[str, Any] | None) -> dict:
     for arg, value in (overrides or {}).items():
         if arg not in accepted:
             raise ValueError(
-                f"loss {name!r} has no argument {arg!r}; its arguments: {', '.join(sorted(accepted))}"
+                f"loss {name!r} has no argument {arg!r}; "
+                f"its arguments: {', '.join(sorted(accepted))}"
             )
         try:
             out[arg] = _convert(accepted[arg], f"loss {name!r} argument {arg!r}", value)
@@ -616,7 +617,7 @@ def _fmt_kwargs(kwargs: Mapping[str, Any]) -> str:
 
 def loss_table_markdown() -> str:
     """The registry as a Markdown table: name, class (and miner), the papers and default values
-    (:attr:`LossSpec.source`), and the per-data-set arguments (README, documentation)."""
+    (:attr:`LossSpec.source`), and the per-data-set arguments (the table of docs/benchmark.md)."""
     lines = [
         "| Loss | Class | Papers and defaults | Per data set |",
         "| --- | --- | --- | --- |",

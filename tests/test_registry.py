@@ -34,8 +34,8 @@ from pml_proxies.regularizers import IntraClassCenterRegularizer
 ROOT = Path(__file__).resolve().parents[1]
 C, D = 5, 8
 
-# The papers' numbers, written by hand (README table): what each loss is built with by direct
-# construction, per data set, independent of the registry's data.
+# The papers' numbers, written by hand (the table of docs/benchmark.md): what each loss is built
+# with by direct construction, per data set, independent of the registry's data.
 _MPA = dict(centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, weight_reg_weight=0.2)
 _VCPA_CARS = dict(temperature=0.001)
 _VCPA_SOP = dict(temperature=0.001, newton_steps=0)

@@ -1,9 +1,10 @@
 """Search spaces of the tuned benchmark: the library registry's (:mod:`pml_proxies.registry`,
 :attr:`~pml_proxies.registry.LossSpec.space`), or those of an MLRC configs folder.
 
-Each registry space mirrors the YAML file of ``powerful_benchmarker_configs/config_loss_and_miners/``
-named by its :attr:`~pml_proxies.registry.LossSpec.mlrc_config` (the tests check that they agree),
-so that powerful-benchmarker searches the same ranges. Given a configs folder (``--configs`` or
+Each registry space mirrors the YAML file of
+``powerful_benchmarker_configs/config_loss_and_miners/`` named by its
+:attr:`~pml_proxies.registry.LossSpec.mlrc_config` (the tests check that they agree), so that
+powerful-benchmarker searches the same ranges. Given a configs folder (``--configs`` or
 ``$PML_PROXIES_MLRC_CONFIGS``), the spaces are read from its YAML files instead: every
 ``~BAYESIAN~`` / ``~LOG_BAYESIAN~`` / ``~INT_BAYESIAN~`` range (loss kwargs, nested kwargs, miner
 kwargs) becomes a :class:`SpaceEntry`; the YAML's other keys are fixed settings of the MLRC
