@@ -2,6 +2,10 @@
 
 Submodules are imported lazily, so ``import pml_proxies.losses`` loads only what the losses need
 (torch and PML), not the data sets, the benchmark or the metric stack.
+
+``pml_proxies.create_loss(name, num_classes, embedding_size, dataset=None, **overrides)`` builds
+a loss of the registry (:mod:`pml_proxies.registry`) with its papers' defaults;
+``pml_proxies.list_losses()`` names them.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ _SUBMODULES = (
     "hooks",
     "losses",
     "reducers",
+    "registry",
     "regularizers",
     "utils",
 )
 
-__all__ = ["AccuracyCalculator", "__version__", *_SUBMODULES]
+#: names of :mod:`pml_proxies.registry` exported here
+_REGISTRY = ("create_loss", "create_miner", "list_losses")
+
+__all__ = ["AccuracyCalculator", "__version__", *_REGISTRY, *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
@@ -32,6 +40,8 @@ def __getattr__(name: str) -> Any:
         from .utils.accuracy_calculator import AccuracyCalculator
 
         return AccuracyCalculator
+    if name in _REGISTRY:
+        return getattr(importlib.import_module(".registry", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

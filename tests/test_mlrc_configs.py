@@ -124,6 +124,54 @@ def test_config_tree_is_complete():
     assert "config_optimizers/proxy_lr_bayes_opt.yaml" in names
 
 
+def test_every_registry_loss_config_exists():
+    from pml_proxies.registry import LOSSES
+
+    names = {p.relative_to(CONFIGS).as_posix() for p in YAMLS}
+    for spec in LOSSES.values():
+        if spec.mlrc_config is not None:
+            assert f"config_loss_and_miners/{spec.mlrc_config}" in names, spec.name
+
+
+def _registry_loss_configs():
+    """(registry name, YAML path) of each paper's loss of the registry: its search config and
+    its paper-defaults config ``*_fixed.yaml`` where there is one (variants share the paper's)."""
+    from pml_proxies.registry import LOSSES
+
+    out = []
+    for spec in LOSSES.values():
+        if spec.mlrc_config is None or spec.variant_of is not None:
+            continue
+        search = CONFIGS / "config_loss_and_miners" / spec.mlrc_config
+        fixed = search.with_name(f"{search.stem}_fixed.yaml")
+        out += [(spec.name, p) for p in (search, fixed) if p.is_file()]
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, path", _registry_loss_configs(), ids=[p.name for _, p in _registry_loss_configs()]
+)
+def test_fixed_loss_settings_are_the_registry_defaults(name, path):
+    """Every fixed scalar argument of a loss's MLRC config (the paper's defaults in
+    ``*_fixed.yaml``, the settings a search keeps fixed) is the registry's default for that loss
+    (CUB-200's; the configs' comments say how to set the other data sets')."""
+    from pml_proxies.registry import LOSSES, effective_kwargs
+
+    spec = LOSSES[name]
+    kwargs = yaml.safe_load(path.read_text())["loss_funcs~OVERRIDE~"]["metric_loss"]
+    defaults = effective_kwargs(name)
+    rename = dict(spec.mlrc_rename)
+    checked = []
+    for key, value in kwargs[spec.class_name].items():
+        key = str(key)
+        if MODIFIER.search(key) or isinstance(value, dict) or key == "embedding_size":
+            continue  # ranges, objects (regularisers), the protocol's embedding size
+        arg = rename.get(key, key)
+        assert arg in defaults and defaults[arg] == value, (path.name, key, value)
+        checked.append(arg)
+    assert checked or not path.stem.endswith("_fixed"), f"{path.name} fixes no argument"
+
+
 @pytest.mark.parametrize("path", YAMLS, ids=[p.relative_to(CONFIGS).as_posix() for p in YAMLS])
 def test_yaml_names_existing_classes_with_valid_arguments(path):
     config = yaml.safe_load(path.read_text())

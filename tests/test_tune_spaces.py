@@ -1,5 +1,6 @@
-"""Search spaces of ``pml-proxies-benchmark tune``: the mapping table against the MLRC YAMLs,
-``--space`` overrides, and how trial parameters reach the benchmark's losses and optimizer."""
+"""Search spaces of ``pml-proxies-benchmark tune``: the registry's spaces and the mapping table
+against the MLRC YAMLs, ``--space`` overrides, and how trial parameters reach the benchmark's
+losses and optimizer."""
 
 from __future__ import annotations
 
@@ -75,6 +76,34 @@ def test_space_names_are_constructor_arguments_of_the_registry(name):
     assert loss is not None and (proxy_lr is None) == (sp.PROXY_LR not in params)
     for key, value in overrides.get("miner_kwargs", {}).items():
         assert getattr(miner, key) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_registry_space_is_the_mlrc_yaml_space(name, monkeypatch):
+    """The tuner's default spaces (the registry's) hold exactly the ranges of the MLRC YAMLs, in
+    the same order (the order of the trial's suggestions)."""
+    monkeypatch.delenv(sp.CONFIGS_ENV, raising=False)
+    registry_space = sp.loss_space(name)
+    assert {e.source for e in registry_space} <= {sp.REGISTRY_SOURCE}
+    yaml_space = sp.loss_space(name, CONFIGS)
+    assert [(e.name, e.low, e.high, e.kind) for e in registry_space] == [
+        (e.name, e.low, e.high, e.kind) for e in yaml_space
+    ]
+    assert bool(registry_space) == (name != "normalized_softmax")
+
+
+def test_configs_folder_from_the_environment_replaces_the_registry_spaces(tmp_path, monkeypatch):
+    (tmp_path / "config_loss_and_miners").mkdir()
+    (tmp_path / "config_loss_and_miners" / "proxy_nca.yaml").write_text(
+        "loss_funcs~OVERRIDE~:\n  metric_loss:\n    ProxyNCALoss:\n"
+        "      softmax_scale~BAYESIAN~: [2, 3]\n"
+    )
+    monkeypatch.setenv(sp.CONFIGS_ENV, str(tmp_path))
+    (e,) = sp.loss_space("proxy_nca")
+    assert (e.name, e.kind, e.low, e.high) == ("softmax_scale", "float", 2, 3)
+    assert e.source == "proxy_nca.yaml:softmax_scale"
+    monkeypatch.delenv(sp.CONFIGS_ENV)
+    assert [e.source for e in sp.loss_space("proxy_nca")] == [sp.REGISTRY_SOURCE] * 2
 
 
 def test_proxy_lr_entry_follows_the_yaml_comment():

@@ -1,18 +1,21 @@
-"""Search spaces of the tuned benchmark, read from the MLRC configs (one source of truth).
+"""Search spaces of the tuned benchmark: the library registry's (:mod:`pml_proxies.registry`,
+:attr:`~pml_proxies.registry.LossSpec.space`), or those of an MLRC configs folder.
 
-Each registry loss (:data:`pml_proxies.benchmark.losses.LOSSES`) maps to one YAML file of
-``powerful_benchmarker_configs/config_loss_and_miners/`` through :data:`LOSS_CONFIGS`, the ONE
-table of this module. Every ``~BAYESIAN~`` / ``~LOG_BAYESIAN~`` / ``~INT_BAYESIAN~`` range of the
-YAML (loss kwargs, nested kwargs, miner kwargs) becomes a :class:`SpaceEntry`; the YAML's other
-keys are fixed settings of the MLRC experiments (embedding size, centers per class, ...) and are
-left to the benchmark's protocol and the registry's paper defaults. A loss whose YAML says
+Each registry space mirrors the YAML file of
+``powerful_benchmarker_configs/config_loss_and_miners/`` named by its
+:attr:`~pml_proxies.registry.LossSpec.mlrc_config` (the tests check that they agree), so that
+powerful-benchmarker searches the same ranges. Given a configs folder (``--configs`` or
+``$PML_PROXIES_MLRC_CONFIGS``), the spaces are read from its YAML files instead: every
+``~BAYESIAN~`` / ``~LOG_BAYESIAN~`` / ``~INT_BAYESIAN~`` range (loss kwargs, nested kwargs, miner
+kwargs) becomes a :class:`SpaceEntry`; the YAML's other keys are fixed settings of the MLRC
+experiments (embedding size, centers per class, ...) and are left to the benchmark's protocol and
+the registry's paper defaults. A loss whose YAML says
 ``Use with --config_optimizers [..., proxy_lr_bayes_opt]`` also gets the proxy learning rate of
 ``config_optimizers/proxy_lr_bayes_opt.yaml`` (an absolute lr, entry ``proxy_lr``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from ...functional.validation import check_real
+from ...registry import MINER_PREFIX, PROXY_LR, check_range
 from ..losses import LOSS_NAMES, LOSSES
 
 #: environment variable naming the ``powerful_benchmarker_configs`` folder
 CONFIGS_ENV = "PML_PROXIES_MLRC_CONFIGS"
 CONFIGS_DIRNAME = "powerful_benchmarker_configs"
-PROXY_LR = "proxy_lr"
 PROXY_LR_YAML = "config_optimizers/proxy_lr_bayes_opt.yaml"
-MINER_PREFIX = "miner."
+#: source of the entries of the registry's spaces
+REGISTRY_SOURCE = "registry"
 
 _MARKERS = {"~BAYESIAN~": "float", "~LOG_BAYESIAN~": "log", "~INT_BAYESIAN~": "int"}
 _OPTIMIZERS_COMMENT = re.compile(r"--config_optimizers\s*\[([^\]]*)\]")
@@ -49,25 +53,15 @@ class LossConfig:
     rename: tuple[tuple[str, str], ...] = ()
 
 
-#: THE mapping table: registry name -> its MLRC config, or ``None`` for "no space".
+#: registry name -> its MLRC config, or ``None`` for "no space" (a view of the registry's
+#: :attr:`~pml_proxies.registry.LossSpec.mlrc_config` and ``mlrc_rename``).
 LOSS_CONFIGS: dict[str, LossConfig | None] = {
-    "mpa": LossConfig("mpa.yaml", "MultiProxyAnchorLoss"),
-    "mpa_dw": LossConfig("mpa_dw.yaml", "DataWiseMultiProxyAnchorLoss"),
-    "mpa_ap": LossConfig("mpa_ap.yaml", "AllPairsMultiProxyAnchorLoss"),
-    "proxy_isa": LossConfig("proxy_isa.yaml", "ProxyISALoss"),
-    "vcpa": LossConfig("vcpa.yaml", "VCPALoss"),
-    # the same space as the paper's VCPA; its newton_damping=0.25 stays fixed (registry kwargs)
-    "vcpa_damped": LossConfig("vcpa.yaml", "VCPALoss"),
-    "proxy_anchor": LossConfig("proxy_anchor.yaml", "ProxyAnchorLoss"),
-    # the registry calls SoftTriple's regulariser weight tau (its builder turns it into
-    # weight_reg_weight of IntraClassCenterRegularizer, MLRC's SparseCentersRegularizer)
-    "soft_triple": LossConfig(
-        "soft_triple.yaml", "SoftTripleLoss", rename=(("weight_reg_weight", "tau"),)
-    ),
-    "proxy_nca": LossConfig("proxy_nca.yaml", "ProxyNCALoss"),
-    "multi_similarity": LossConfig("multi_similarity_miner.yaml", "MultiSimilarityLoss"),
-    # no MLRC config in this repository: tuned with its paper default only (reported as such)
-    "normalized_softmax": None,
+    name: (
+        LossConfig(spec.mlrc_config, spec.class_name, spec.mlrc_rename)
+        if spec.mlrc_config is not None
+        else None
+    )
+    for name, spec in LOSSES.items()
 }
 
 
@@ -157,16 +151,7 @@ def _entry(name: str, kind: str, bounds: list, source: str) -> SpaceEntry:
 
 def make_entry(name: str, low: float, high: float, kind: str, source: str) -> SpaceEntry:
     """A checked :class:`SpaceEntry` (``ValueError`` naming ``source`` when the range is bad)."""
-    if kind not in ("float", "log", "int"):
-        raise ValueError(f"{source}: kind must be float, log or int, got {kind!r}")
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"{source}: low and high must be finite, got [{low:g}, {high:g}]")
-    if not low <= high:
-        raise ValueError(f"{source}: low ({low:g}) must be <= high ({high:g})")
-    if kind == "log" and low <= 0:
-        raise ValueError(f"{source}: a log range needs low > 0, got {low:g}")
-    if kind == "int" and (low != math.floor(low) or high != math.floor(high)):
-        raise ValueError(f"{source}: an int range needs integer bounds, got [{low:g}, {high:g}]")
+    check_range(low, high, kind, source)
     return SpaceEntry(name, float(low), float(high), kind, source)
 
 
@@ -178,7 +163,9 @@ def uses_proxy_lr_space(yaml_text: str) -> bool:
 
 
 def loss_space(name: str, configs: str | os.PathLike | None = None) -> list[SpaceEntry]:
-    """The search space of registry loss ``name`` (empty for a loss with no MLRC config).
+    """The search space of registry loss ``name`` (empty for a loss without one): the
+    registry's, or, with a configs folder (``configs``, else ``$PML_PROXIES_MLRC_CONFIGS``), the
+    one of its MLRC config there (empty for a loss with no MLRC config).
 
     Raises:
         ValueError: unknown loss, a YAML without the mapped class, or a YAML range the mapping
@@ -186,6 +173,11 @@ def loss_space(name: str, configs: str | os.PathLike | None = None) -> list[Spac
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSS_NAMES)}")
+    if configs is None and not os.environ.get(CONFIGS_ENV):
+        return [
+            make_entry(key, r.low, r.high, r.kind, REGISTRY_SOURCE)
+            for key, r in LOSSES[name].space.items()
+        ]
     cfg = LOSS_CONFIGS.get(name)
     if cfg is None:
         return []
