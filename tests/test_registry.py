@@ -239,3 +239,17 @@ def test_benchmark_losses_are_the_registry():
     assert bench.DATASET_DEFAULTS == {
         n: s.dataset_kwargs for n, s in registry.LOSSES.items() if s.dataset_kwargs
     }
+
+
+def test_the_docs_loss_table_is_the_registrys():
+    """docs/benchmark.md holds a copy of the generated table (a static site cannot run code):
+    regenerate it with ``loss_table_markdown()`` when a loss or a default changes."""
+    from pathlib import Path
+
+    from pml_proxies.registry import loss_table_markdown
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "benchmark.md").read_text()
+    table = page.split("<!-- registry table: start -->\n")[1].split(
+        "\n<!-- registry table: end -->"
+    )[0]
+    assert table == loss_table_markdown().strip()
