@@ -13,6 +13,7 @@ import torch
 from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..functional import retrieval_metrics as rm
 from ..functional.validation import check_real
 from .knn import DefaultKMeans, DefaultKNN, TorchKNN, centre, ranking_scores
 
@@ -188,160 +189,48 @@ def _same_label(knn_labels, query_labels, label_comparison_fn) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- per-query metric values
+# Every metric is one function of ``functional.retrieval_metrics``, which reads the ranks of each
+# query's relevant references; both paths (neighbour lists, positives' ranks) put one chunk of
+# queries in that form (a ``_Chunk``) and call the metric through the one table, ``_per_query``.
 
 
-class _Neighbours(NamedTuple):
-    """What the per-query metrics of one chunk of queries read."""
+class _Chunk(NamedTuple):
+    """What the per-query metrics of one chunk of queries read, on either path: ``rm``'s
+    ``(ranks, relevant)`` for the metrics of this class, and for PML's in PML's layout (on the
+    neighbour path the first ``pml_k`` columns, so that MAP sums in PML's order; the rank path
+    passes its positives' ranks to both)."""
 
-    same: torch.Tensor  # (n, k) bool: neighbour i has the query's label
-    pml_k: int  # columns PML's metrics see (PML's own k)
+    ranks: torch.Tensor  # (n, m) long: ranks of the relevant references, every one searched
+    relevant: torch.Tensor  # (n, m) bool
+    pml_ranks: torch.Tensor  # the same for PML's metrics (rm's input)
+    pml_relevant: torch.Tensor
+    pml_k: int  # ranks PML's metrics see (PML's own k)
     pml_counts: torch.Tensor  # (n,) PML's count_per_query (R-Precision, MAP, MAP@R)
     num_relevant: torch.Tensor  # (n,) R_q (nDCG)
 
 
-def _pml_columns(nb: _Neighbours) -> torch.Tensor:
-    if nb.pml_k >= nb.same.shape[1]:
-        return nb.same
-    return nb.same[:, : nb.pml_k].contiguous()
-
-
-def _precision_at_1(nb: _Neighbours) -> torch.Tensor:
-    return torch.sum(_pml_columns(nb)[:, :1], dim=1).type(torch.float64) / 1
-
-
-def _r_precision(nb: _Neighbours) -> torch.Tensor:
-    same = _pml_columns(nb)
-    columns = torch.arange(same.shape[1], device=same.device)
-    relevance_mask = columns < nb.pml_counts[:, None]
-    matches = torch.sum(same * relevance_mask, dim=1)
-    return matches.type(torch.float64) / torch.sum(relevance_mask, dim=1)
-
-
-def _average_precision(nb: _Neighbours, at_r: bool) -> torch.Tensor:
-    same = _pml_columns(nb)
-    ranks = torch.arange(1, same.shape[1] + 1, device=same.device)
-    knn_mask = ranks - 1 < nb.pml_counts[:, None] if at_r else torch.ones_like(same)
-    equality = same * knn_mask
-    cumulative_correct = torch.cumsum(equality, dim=1)
-    precision_at_ks = (cumulative_correct * equality).type(torch.float64) / ranks
-    return torch.sum(precision_at_ks * knn_mask, dim=1) / nb.pml_counts
-
-
-def _reciprocal_rank(nb: _Neighbours) -> torch.Tensor:
-    same = _pml_columns(nb)
-    found = same.sum(-1) > 0
-    descending = torch.arange(same.shape[1], 0, -1, device=same.device)
-    rank = torch.argmax(same * descending, 1) + 1.0  # the first match; default float dtype
-    return torch.where(found, 1.0 / rank, torch.zeros_like(rank))
-
-
-def _recall(cutoff: int, nb: _Neighbours) -> torch.Tensor:
-    return nb.same[:, :cutoff].any(dim=1).to(torch.float64)
-
-
-def _discounts(cutoff: int, device) -> torch.Tensor:
-    """``1 / log2(i + 1)`` for ranks ``i = 1 .. cutoff`` (float64)."""
-    ranks = torch.arange(1, cutoff + 1, dtype=torch.float64, device=device)
-    return 1.0 / torch.log2(ranks + 1.0)
-
-
-def _row_sums_in_order(values: torch.Tensor) -> torch.Tensor:
-    """Each row's sum, added left to right (a running sum: ``torch.cumsum`` is a sequential loop
-    on CPU). A matrix product or ``torch.sum`` lets the kernel (BLAS blocking, vector width,
-    threads) choose the order, so the last bits would depend on the CPU and on how the queries
-    are chunked; here they do not, and adding the zeros of non-relevant ranks is exact, so the
-    neighbour-list and positive-rank paths give the same bits."""
-    if values.shape[1] == 0:
-        return values.new_zeros(values.shape[0])
-    return torch.cumsum(values, dim=1)[:, -1]
-
-
-def _ideal_dcg(discounts: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
-    """The ideal DCG@k: ``min(k, R_q)`` positives first (``R_q`` clamped to >= 1)."""
-    ideal_len = num_relevant.clamp(min=1, max=len(discounts)).to(torch.long)
-    return torch.cumsum(discounts, dim=0)[ideal_len - 1]
-
-
-def _ndcg(cutoff: int, nb: _Neighbours) -> torch.Tensor:
-    same = nb.same[:, :cutoff].to(torch.float64)
-    discounts = _discounts(cutoff, same.device)
-    dcg = _row_sums_in_order(same * discounts[: same.shape[1]])  # 2^r - 1 = r for binary r
-    return dcg / _ideal_dcg(discounts, nb.num_relevant)
-
-
-_PML_PER_QUERY: dict[str, Callable[[_Neighbours], torch.Tensor]] = {
-    "precision_at_1": _precision_at_1,
-    "r_precision": _r_precision,
-    "mean_average_precision_at_r": functools.partial(_average_precision, at_r=True),
-    "mean_average_precision": functools.partial(_average_precision, at_r=False),
-    "mean_reciprocal_rank": _reciprocal_rank,
+_PML_PER_QUERY: dict[str, Callable[[_Chunk], torch.Tensor]] = {
+    "precision_at_1": lambda c: rm.precision_at_1(c.pml_ranks, c.pml_relevant, c.pml_k),
+    "r_precision": lambda c: rm.r_precision(c.pml_ranks, c.pml_relevant, c.pml_counts, c.pml_k),
+    "mean_average_precision_at_r": lambda c: rm.average_precision(
+        c.pml_ranks, c.pml_relevant, c.pml_counts, c.pml_k, at_r=True
+    ),
+    "mean_average_precision": lambda c: rm.average_precision(
+        c.pml_ranks, c.pml_relevant, c.pml_counts, c.pml_k
+    ),
+    "mean_reciprocal_rank": lambda c: rm.reciprocal_rank(c.pml_ranks, c.pml_relevant, c.pml_k),
 }
 
 
-# ------------------------------------------- the same per-query values from positives' ranks
+def _recall(cutoff: int, chunk: _Chunk) -> torch.Tensor:
+    return rm.recall_at_k(chunk.ranks, chunk.relevant, cutoff)
 
 
-class _Ranks(NamedTuple):
-    """What the per-query metrics read on the positive-rank path: each query's positives by
-    their 0-based position among all references (the query itself excluded), ascending."""
-
-    positions: torch.Tensor  # (n, m) long, nondecreasing along a row over the valid slots
-    valid: torch.Tensor  # (n, m) bool: the slot holds a positive (its first R_q slots)
-    pml_k: int  # positions PML's metrics see (PML's own k)
-    pml_counts: torch.Tensor  # (n,) PML's count_per_query (R-Precision, MAP, MAP@R)
-    num_relevant: torch.Tensor  # (n,) R_q (nDCG)
+def _ndcg(cutoff: int, chunk: _Chunk) -> torch.Tensor:
+    return rm.ndcg_at_k(chunk.ranks, chunk.relevant, chunk.num_relevant, cutoff)
 
 
-def _seen(rk: _Ranks, limit) -> torch.Tensor:
-    """``(n, m)`` bool: a positive ranked before ``limit`` (an int or an ``(n,)`` tensor)."""
-    if isinstance(limit, torch.Tensor):
-        limit = limit[:, None]
-    return rk.valid & (rk.positions < limit)
-
-
-def _rank_precision_at_1(rk: _Ranks) -> torch.Tensor:
-    return torch.sum(_seen(rk, min(1, rk.pml_k)), dim=1).type(torch.float64) / 1
-
-
-def _rank_r_precision(rk: _Ranks) -> torch.Tensor:
-    limit = rk.pml_counts.clamp(max=rk.pml_k)
-    return torch.sum(_seen(rk, limit), dim=1).type(torch.float64) / limit
-
-
-def _rank_average_precision(rk: _Ranks, at_r: bool) -> torch.Tensor:
-    limit = rk.pml_counts.clamp(max=rk.pml_k) if at_r else rk.pml_k
-    seen = _seen(rk, limit)
-    # the j-th positive (0-based) at position p has precision (j + 1) / (p + 1) there
-    correct = torch.arange(1, seen.shape[1] + 1, device=seen.device).expand_as(seen)
-    precision = correct.type(torch.float64) / (rk.positions + 1)
-    return torch.sum(torch.where(seen, precision, 0.0), dim=1) / rk.pml_counts
-
-
-def _rank_reciprocal_rank(rk: _Ranks) -> torch.Tensor:
-    found = _seen(rk, rk.pml_k)[:, 0]
-    rank = rk.positions[:, 0] + 1.0  # default float dtype, as _reciprocal_rank
-    return torch.where(found, 1.0 / rank, torch.zeros_like(rank))
-
-
-def _rank_recall(cutoff: int, rk: _Ranks) -> torch.Tensor:
-    return _seen(rk, cutoff)[:, 0].to(torch.float64)
-
-
-def _rank_ndcg(cutoff: int, rk: _Ranks) -> torch.Tensor:
-    discounts = _discounts(cutoff, rk.positions.device)
-    seen = _seen(rk, cutoff)
-    gains = discounts[rk.positions.clamp(max=cutoff - 1)]
-    dcg = _row_sums_in_order(torch.where(seen, gains, 0.0))  # positives in rank order
-    return dcg / _ideal_dcg(discounts, rk.num_relevant)
-
-
-_PML_PER_QUERY_FROM_RANKS: dict[str, Callable[[_Ranks], torch.Tensor]] = {
-    "precision_at_1": _rank_precision_at_1,
-    "r_precision": _rank_r_precision,
-    "mean_average_precision_at_r": functools.partial(_rank_average_precision, at_r=True),
-    "mean_average_precision": functools.partial(_rank_average_precision, at_r=False),
-    "mean_reciprocal_rank": _rank_reciprocal_rank,
-}
+_discounts = rm.dcg_discounts  # the name the tests read
 
 
 def _class_blocks(
@@ -365,13 +254,15 @@ def _positive_positions(
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(positions, valid)`` of one chunk's positives among all references, without sorting
-    a row: ``(n, m)``, ascending along each row over its ``num_positives`` valid slots.
+    a row: ``(n, m)``, strictly increasing along each row, its valid slots first (the ranks of
+    the relevant references, as :mod:`~pml_proxies.functional.retrieval_metrics` reads them).
     ``buffers``: a float ``(>= n, N)`` and an int32 ``(>= n, N)`` tensor to reuse (one pair for
     all chunks keeps the allocator from fragmenting memory over many chunks).
 
     Scores are TorchKNN's ranking ``||r||^2 - 2 q.r`` (:func:`~.knn.ranking_scores`).
-    ``positives`` ``(n, m)`` holds each query's positive reference indices, padded with any one of them (``own``, the query's own
-    reference index in self-retrieval, is among them and is no positive). The positives' sorted
+    ``positives`` ``(n, m)`` holds each query's positive reference indices, padded with any one
+    of them (``own``, the query's own reference index in self-retrieval, is among them and is
+    no positive). The positives' sorted
     scores ``P`` split each row's other references: ``s = #{P < x}``, so a reference scoring
     ``x`` precedes the j-th positive iff ``x <= P_j`` iff ``s <= j``; a per-row histogram of
     ``s`` and its cumsum count them. A tie between a positive and another reference ranks the
@@ -420,10 +311,13 @@ def _query_counts(
 
 def _neighbours(
     knn_labels, query_labels, counts: _QueryCounts, label_comparison_fn, pml_k: int | None = None
-) -> _Neighbours:
+) -> _Chunk:
+    """A chunk from its neighbour lists: the hit matrix in rank order (``rm.hits_to_ranks``);
+    PML's metrics read its first ``pml_k`` columns (a contiguous copy)."""
     same = _same_label(knn_labels, query_labels, label_comparison_fn)
     pml_k = same.shape[1] if pml_k is None else pml_k
-    return _Neighbours(same, pml_k, counts.pml_counts, counts.num_relevant)
+    pml_same = same if pml_k >= same.shape[1] else same[:, :pml_k].contiguous()
+    return _Chunk(*rm.hits_to_ranks(same), *rm.hits_to_ranks(pml_same), pml_k, *counts)
 
 
 def _average(
@@ -468,8 +362,7 @@ def recall_at_k(
 ):
     """DML Recall@k: 1 for a query when one of its ``k`` nearest references has its label."""
     same = _same_label(knn_labels, query_labels, label_comparison_fn)
-    empty = torch.zeros(0, dtype=torch.long, device=same.device)
-    hit = _recall(k, _Neighbours(same, same.shape[1], empty, empty))
+    hit = rm.recall_at_k(*rm.hits_to_ranks(same), k)
     return _average(hit, query_labels, avg_of_avgs, return_per_class)
 
 
@@ -485,7 +378,7 @@ def ndcg_at_k(
     """nDCG@k of binary relevance (MPA paper eq. 19-20), ``num_relevant`` = ``R_q`` >= 1."""
     same = _same_label(knn_labels, query_labels, label_comparison_fn)
     num_relevant = torch.as_tensor(num_relevant, device=same.device)
-    values = _ndcg(k, _Neighbours(same, same.shape[1], num_relevant, num_relevant))
+    values = rm.ndcg_at_k(*rm.hits_to_ranks(same), num_relevant, k)
     return _average(values, query_labels, avg_of_avgs, return_per_class)
 
 
@@ -528,11 +421,12 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     O(chunk x references + queries x metrics), for every ``k`` including ``None``; the chunk holds
     ``memory_budget_mb / (64 bytes x (neighbours searched + 1))`` queries (for a search of
     neighbour lists; the positive-rank path below needs none). The per-query values are
-    PML's formulas, so every metric equals PML's calculator (and the unchunked computation)
-    given the same neighbours. Label counts and the lone-query test take O(N) memory (PML's take
-    O(classes x N)). NMI / AMI cluster all queries at once (O(N) memory). A kNN metric added by a
-    subclass (or a PML metric a subclass overrides) is not streamed: it gets the whole search
-    result, O(N x k), through PML's ``_get_accuracy`` as before.
+    PML's formulas, each written once in :mod:`pml_proxies.functional.retrieval_metrics` and
+    called by both paths, so every metric equals PML's calculator (and the unchunked
+    computation) given the same neighbours. Label counts and the lone-query test take O(N)
+    memory (PML's take O(classes x N)). NMI / AMI cluster all queries at once (O(N) memory). A
+    kNN metric added by a subclass (or a PML metric a subclass overrides) is not streamed: it
+    gets the whole search result, O(N x k), through PML's ``_get_accuracy`` as before.
 
     **One search.** The neighbours searched are widened to ``max(recall_ks + ndcg_ks)`` when PML's
     ``k`` gives fewer (``k`` is an int below that, or ``"max_bin_count"`` is smaller), and capped at
@@ -556,12 +450,13 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     label at exactly the same distance as a positive ranks before it (pessimistic; the
     neighbour-list path and PML order such ties arbitrarily, as ``topk`` / faiss return them);
     without such ties the values equal the neighbour-list path's, precision@1, R-Precision,
-    MRR and Recall@k exactly, MAP, MAP@R and nDCG@k up to float64 summation order (gaps of a
-    few 1e-17 seen; the tests allow 1e-12). The path is taken only where it is exact: the default label comparison on 1-D
-    labels, the calculator's own exact search (``knn_func`` ``None``, a ``DefaultKNN`` or a
-    ``TorchKNN``, not a subclass: any other ``knn_func`` is always called) and no selected kNN
-    metric that needs the neighbour list (a subclass's); ``last_path`` tells which path the
-    latest ``get_accuracy`` took (``"rank"`` or ``"neighbours"``). With faiss installed the
+    MRR, Recall@k and nDCG@k (a left-to-right running sum) exactly on CPU, MAP and MAP@R up to
+    float64 summation order (gaps of a few 1e-17 seen; the tests allow 1e-12). The path is
+    taken only where it is exact: the default label comparison on 1-D labels, the calculator's
+    own exact search (``knn_func`` ``None``, a ``DefaultKNN`` or a ``TorchKNN``, not a
+    subclass: any other ``knn_func`` is always called) and no selected kNN metric that needs
+    the neighbour list (a subclass's); ``last_path`` tells which path the latest
+    ``get_accuracy`` took (``"rank"`` or ``"neighbours"``). With faiss installed the
     rank path ranks with torch, not faiss (both exact L2; only near-ties may differ).
 
     **Input.** ``get_accuracy`` raises ``ValueError`` for NaN or inf in the embeddings or the
@@ -621,27 +516,23 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         )
         # name -> cut-off of the metrics added here; PML discovers "calculate_<name>" via dir()
         self.retrieval_metric_ks: dict[str, int] = {}
-        self._per_query: dict[str, Callable[[_Neighbours], torch.Tensor]] = {}
-        self._per_query_from_ranks: dict[str, Callable[[_Ranks], torch.Tensor]] = {}
-        added: tuple[tuple[str, tuple[int, ...], Callable, Callable, Callable], ...] = (
-            ("recall_at_", self.recall_ks, self._calculate_recall_at_k, _recall, _rank_recall),
-            ("ndcg_at_", self.ndcg_ks, self._calculate_ndcg_at_k, _ndcg, _rank_ndcg),
+        # name -> per-query values of one chunk, on either path: the streamed metrics
+        self._per_query: dict[str, Callable[[_Chunk], torch.Tensor]] = {}
+        added: tuple[tuple[str, tuple[int, ...], Callable, Callable], ...] = (
+            ("recall_at_", self.recall_ks, self._calculate_recall_at_k, _recall),
+            ("ndcg_at_", self.ndcg_ks, self._calculate_ndcg_at_k, _ndcg),
         )
-        for prefix, ks, fn, metric, from_ranks in added:
+        for prefix, ks, fn, metric in added:
             for cutoff in ks:
                 setattr(self, f"calculate_{prefix}{cutoff}", functools.partial(fn, cutoff))
                 self.retrieval_metric_ks[f"{prefix}{cutoff}"] = cutoff
                 self._per_query[f"{prefix}{cutoff}"] = functools.partial(metric, cutoff)
-                self._per_query_from_ranks[f"{prefix}{cutoff}"] = functools.partial(
-                    from_ranks, cutoff
-                )
         for name, per_query in _PML_PER_QUERY.items():
             # a subclass overriding one of PML's metrics gets the unstreamed path for it
             if getattr(type(self), f"calculate_{name}") is getattr(
                 AccuracyCalculator, f"calculate_{name}"
             ):
                 self._per_query[name] = per_query
-                self._per_query_from_ranks[name] = _PML_PER_QUERY_FROM_RANKS[name]
         self.last_path: str | None = None
         super().__init__(
             include=include,
@@ -708,7 +599,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         return (
             num_k > 0
             and num_k >= RANK_PATH_MIN_FRACTION * available
-            and all(n in self._per_query_from_ranks for n in names)
+            and all(n in self._per_query for n in names)
             and self.label_comparison_fn is pml_ac.EQUALITY
             and query_labels.dim() == 1
             and reference_labels.dim() == 1
@@ -735,9 +626,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         counts = _query_counts(
             query_labels, label_counts, ref_includes_query, self.label_comparison_fn
         )
-        nb = _neighbours(knn_labels, query_labels, counts, self.label_comparison_fn)
+        chunk = _neighbours(knn_labels, query_labels, counts, self.label_comparison_fn)
         fn = self._per_query.get(name) or _PML_PER_QUERY[name]
-        return self._average(fn(nb), query_labels)
+        return self._average(fn(chunk), query_labels)
 
     def _average(self, values: torch.Tensor, labels: torch.Tensor):
         return _average(
@@ -954,7 +845,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             keep = not_lone[start:end]
             if not streamed or not torch.any(keep):
                 continue
-            nb = _neighbours(
+            chunk = _neighbours(
                 knn_labels[keep],
                 query_labels[start:end][keep],
                 _QueryCounts(*(c[start:end][keep] for c in counts)),
@@ -962,8 +853,8 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
                 pml_k,
             )
             for name in streamed:
-                values[name].append(self._per_query[name](nb))
-            del nb, knn_labels, distances, indices
+                values[name].append(self._per_query[name](chunk))
+            del chunk, knn_labels, distances, indices
         results = {}
         kept_labels = query_labels[not_lone]
         for name in streamed:
@@ -1032,7 +923,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
                     own,
                     buffers,
                 )
-                rk = _Ranks(positions, valid, pml_k, *(c[start:end] for c in counts))
+                chunk = _Chunk(
+                    positions, valid, positions, valid, pml_k, *(c[start:end] for c in counts)
+                )
                 for name in names:
-                    values[name].append(self._per_query_from_ranks[name](rk))
+                    values[name].append(self._per_query[name](chunk))
         return {name: torch.cat(v) for name, v in values.items()}
