@@ -12,6 +12,7 @@ from matplotlib.patches import Circle
 
 from pml_proxies.benchmark import plots
 from pml_proxies.benchmark.losses import LOSSES
+from pml_proxies.benchmark.store import RunFolder, RunStore
 
 OWN = ["mpa", "vcpa"]
 BASELINES = ["proxy_anchor", "multi_similarity"]
@@ -190,6 +191,13 @@ def _map_data(
     return folder
 
 
+def _read(dirs: dict) -> dict:
+    """The map data of the run folders ``dirs`` (loss -> folder) as the report reads it, through
+    the store (folders without ``map_data.npz`` left out)."""
+    maps = {name: RunFolder(folder).map_data() for name, folder in dirs.items()}
+    return {name: arrays for name, arrays in maps.items() if arrays is not None}
+
+
 def _by_label(fig) -> dict[str, object]:
     return {ax.get_label(): ax for ax in fig.axes if ax.get_label()}
 
@@ -205,7 +213,7 @@ def test_embedding_maps_show_training_with_proxies_above_test(tmp_path, dtype):
         "no_file": tmp_path / "missing",
     }
     path = tmp_path / "maps.png"
-    fig = plots.plot_embedding_maps(dirs, path, max_classes=5)
+    fig = plots.plot_embedding_maps(_read(dirs), path, max_classes=5)
     assert path.stat().st_size > 0
     axes = _by_label(fig)
     names = ["mpa", "vcpa", "multi_similarity"]
@@ -238,12 +246,12 @@ def test_embedding_maps_show_training_with_proxies_above_test(tmp_path, dtype):
 def test_embedding_maps_of_old_runs_without_training_embeddings_have_a_test_row(tmp_path):
     rng = np.random.default_rng(3)
     dirs = {n: _map_data(tmp_path / n, rng, train=False) for n in ("mpa", "proxy_anchor")}
-    fig = plots.plot_embedding_maps(dirs, tmp_path / "maps.png")
+    fig = plots.plot_embedding_maps(_read(dirs), tmp_path / "maps.png")
     assert (tmp_path / "maps.png").stat().st_size > 0
     assert sorted(_by_label(fig)) == ["test mpa", "test proxy_anchor"]
     # a mix of old and new runs: the old run's training panel says why it is empty
     dirs["vcpa"] = _map_data(tmp_path / "vcpa", rng)
-    axes = _by_label(plots.plot_embedding_maps(dirs, tmp_path / "mixed.png"))
+    axes = _by_label(plots.plot_embedding_maps(_read(dirs), tmp_path / "mixed.png"))
     assert len(axes) == 6 and "no training embeddings" in axes["train mpa"].get_title()
     assert not axes["train mpa"].collections and axes["train vcpa"].collections
 
@@ -252,7 +260,7 @@ def test_embedding_maps_wrap_many_losses_into_blocks_of_rows(tmp_path):
     rng = np.random.default_rng(4)
     names = [f"loss{i}" for i in range(5)]
     dirs = {n: _map_data(tmp_path / n, rng) for n in names}
-    axes = _by_label(plots.plot_embedding_maps(dirs, tmp_path / "maps.png", max_columns=3))
+    axes = _by_label(plots.plot_embedding_maps(_read(dirs), tmp_path / "maps.png", max_columns=3))
     rows = sorted({round(ax.get_window_extent().y0) for ax in axes.values()}, reverse=True)
     assert len(rows) == 4
     y = {k: round(ax.get_window_extent().y0) for k, ax in axes.items()}
@@ -261,8 +269,24 @@ def test_embedding_maps_wrap_many_losses_into_blocks_of_rows(tmp_path):
 
 
 def test_embedding_maps_without_map_data_write_nothing(tmp_path):
-    assert plots.plot_embedding_maps({"mpa": tmp_path}, tmp_path / "maps.png") is None
+    store = RunStore(tmp_path)
+    store.run("mpa", 0).path.mkdir(parents=True)  # a run folder without map data
+    maps = store.map_data({"mpa": 0, "vcpa": 0})
+    assert maps == {}
+    assert plots.plot_embedding_maps(maps, tmp_path / "maps.png") is None
     assert not (tmp_path / "maps.png").exists()
+
+
+def test_store_reads_map_data_in_the_order_asked(tmp_path):
+    rng = np.random.default_rng(7)
+    store = RunStore(tmp_path)
+    for loss in ("vcpa", "mpa"):
+        _map_data(store.run(loss, 1).path, rng)
+    maps = store.map_data({"mpa": 1, "proxy_anchor": 1, "vcpa": 1})
+    assert list(maps) == ["mpa", "vcpa"]
+    with np.load(store.run("vcpa", 1).path / "map_data.npz") as z:
+        assert sorted(maps["vcpa"]) == sorted(z.files)
+        assert all(np.array_equal(maps["vcpa"][k], z[k]) for k in z.files)
 
 
 def test_embedding_maps_tsne(tmp_path):
@@ -272,7 +296,7 @@ def test_embedding_maps_tsne(tmp_path):
             tmp_path / "vcpa", rng, uncertainty=rng.random(12), proxy_gap=3.0, noise=0.1
         )
     }
-    axes = _by_label(plots.plot_embedding_maps(dirs, tmp_path / "maps.png", method="tsne"))
+    axes = _by_label(plots.plot_embedding_maps(_read(dirs), tmp_path / "maps.png", method="tsne"))
     ax = axes["train vcpa"]
     assert ax.get_xlabel() == "t-SNE 1"
     _, shown, proxies = ax.collections[:3]
@@ -296,7 +320,7 @@ def test_embedding_maps_tsne(tmp_path):
 def test_embedding_maps_reject_bad_options_before_writing(tmp_path, kwargs, match):
     dirs = {"mpa": _map_data(tmp_path / "mpa", np.random.default_rng(6))}
     with pytest.raises(ValueError, match=match):
-        plots.plot_embedding_maps(dirs, tmp_path / "maps.png", **kwargs)
+        plots.plot_embedding_maps(_read(dirs), tmp_path / "maps.png", **kwargs)
     assert not (tmp_path / "maps.png").exists()
 
 

@@ -61,7 +61,8 @@ def train_parallel(
     jobs: int,
     on_wait: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, dict | RunFailure]]:
-    """Train ``runs`` (``(spec, run folder)``) with ``jobs`` spawned workers; yields
+    """Train ``runs`` (``(spec, path of its run folder)``, each stored through its
+    :class:`~pml_proxies.benchmark.store.RunFolder`) with ``jobs`` spawned workers; yields
     ``(index in runs, result dict or RunFailure)`` as each run finishes; ``on_wait()`` is called
     about twice a second while none finishes (a progress display's refresh). Closing the
     generator (or an exception in the consumer, e.g. ``KeyboardInterrupt``) stops every
@@ -234,6 +235,7 @@ def _serve(config, tasks, results, parent_pid: int, parent_package: str) -> None
         results.put(("fatal", pid, None, f"a worker could not start: {type(e).__name__}: {e}"))
         return
     from .spec import build_run_spec
+    from .store import RunFolder
     from .train import train_and_evaluate
 
     results.put(("ready", pid, None, None))
@@ -245,7 +247,7 @@ def _serve(config, tasks, results, parent_pid: int, parent_package: str) -> None
         results.put(("started", pid, index, None))
         try:
             spec = build_run_spec(replace(run_config, progress=False), loss, seed)
-            result = train_and_evaluate(spec, data, Path(directory))
+            result = train_and_evaluate(spec, data, RunFolder(directory))
         except Exception as e:  # noqa: BLE001 - reported with its run; the others go on
             results.put(
                 ("failed", pid, index, (f"{type(e).__name__}: {e}", traceback.format_exc()))

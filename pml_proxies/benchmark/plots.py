@@ -470,7 +470,7 @@ def _map_legend(fig: Figure, with_proxies: bool, with_uncertainty: bool) -> None
 
 
 def plot_embedding_maps(
-    run_dirs: Mapping[str, Path],
+    maps: Mapping[str, Mapping[str, np.ndarray]],
     path: Path | str,
     method: str = "pca",
     *,
@@ -488,10 +488,11 @@ def plot_embedding_maps(
     A ``map_data.npz`` without ``train_embeddings`` (older runs) gives a test panel only.
 
     Args:
-        run_dirs: loss name -> run folder holding ``map_data.npz`` (``embeddings``, ``labels``;
-            optional ``train_embeddings``, ``train_labels``, ``proxies``, ``proxy_labels``,
-            ``proxy_uncertainty``); folders without one are left out.
-        path: the PNG to write (nothing is written when no run has map data: returns ``None``).
+        maps: loss name -> the map data of its run (the arrays of its ``map_data.npz``, as
+            :meth:`~pml_proxies.benchmark.store.RunStore.map_data` reads them: ``embeddings``,
+            ``labels``; optional ``train_embeddings``, ``train_labels``, ``proxies``,
+            ``proxy_labels``, ``proxy_uncertainty``).
+        path: the PNG to write (nothing is written when ``maps`` is empty: returns ``None``).
         method: ``"pca"`` or ``"tsne"``.
         max_classes: classes coloured per map (evenly spaced labels, the same for every loss);
             the others are drawn light grey, their proxies not at all.
@@ -501,12 +502,7 @@ def plot_embedding_maps(
     method = check_choice("method", method, MAP_METHODS)
     max_classes = check_int("max_classes", max_classes, low=1, high=20)
     max_columns = check_int("max_columns", max_columns, low=1)
-    items = []
-    for name, folder in run_dirs.items():
-        f = Path(folder) / "map_data.npz"
-        if f.is_file():
-            with np.load(f) as z:
-                items.append((name, {k: z[k] for k in z.files}))
+    items = [(name, dict(arrays)) for name, arrays in maps.items()]
     if not items:
         return None
     with _one_blas_thread():

@@ -26,11 +26,19 @@ from .stats import (
     seeds_needed,
     verdict,
 )
+from .store import (
+    COMPARISON_FILE,
+    CONFIG_FILE,
+    PROTOCOL_FILE,
+    REPORT_FILES,
+    RUN_FILES,
+    RunInfo,
+    RunStore,
+)
 
 if TYPE_CHECKING:
     from .config import BenchmarkConfig
     from .data import BenchmarkData
-    from .runner import RunInfo
     from .spec import RunSpec
 
 #: fewer validation classes than this: model selection is noisy (a report caveat)
@@ -582,9 +590,6 @@ def hyper_parameter_lines(specs: list[RunSpec]) -> list[str]:
     return lines
 
 
-RUN_FILES = ("result.json", "map_data.npz", "logs/", "tensorboard/")
-
-
 def world_sizes_text(results: list[dict]) -> str:
     """``"processes per run (world size, torchrun / --nproc-per-node): 2"`` from the runs'
     ``world_size`` (1 where a result predates it), each size with its runs' count when they
@@ -603,7 +608,7 @@ def report_markdown(
     summary: pd.DataFrame,
     table_md: str,
     files: dict[str, Path],
-    output: Path,
+    output: RunStore | Path,
     info: RunInfo,
     comparison_md: str = "",
 ) -> str:
@@ -614,7 +619,8 @@ def report_markdown(
     start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.start))
     train_s = sum(float(r["train_time_s"]) for r in results)
     command = config.command or "(called from Python: run_benchmark)"
-    rel = {k: Path(v).relative_to(output).as_posix() for k, v in files.items()}
+    store = output if isinstance(output, RunStore) else RunStore(output)
+    rel = {k: store.relative(v) for k, v in files.items()}
     env_lines = [
         f"* versions: {', '.join(f'{k} {v}' for k, v in env.items())}",
         f"* git commit: {commit or 'not run from a git checkout'}",
@@ -635,11 +641,12 @@ def report_markdown(
     ]
     epochs_md = to_markdown(selected_epochs_table(specs, results, config))
     run_list = sorted({(r["loss"], r["seed"]) for r in results})
-    file_lines = [f"* `{p}`" for p in sorted({*rel.values(), "config.json", "protocol.json"})]
+    file_lines = [f"* `{p}`" for p in sorted({*rel.values(), CONFIG_FILE, PROTOCOL_FILE})]
+    run_folders = [f"`{store.relative(store.run(loss, seed).path)}/`" for loss, seed in run_list]
     file_lines += [
-        f"* `runs/<loss>/seed_<s>/`: {', '.join(f'`{f}`' for f in RUN_FILES)} for each of the "
-        f"{len(run_list)} runs: "
-        + ", ".join(f"`runs/{loss}/seed_{seed}/`" for loss, seed in run_list)
+        f"* `{store.relative(store.run('<loss>', '<s>').path)}/`: "
+        f"{', '.join(f'`{f}`' for f in RUN_FILES)} for each of the {len(run_list)} runs: "
+        + ", ".join(run_folders)
     ]
     plots = [f"![{k}]({v})" for k, v in rel.items() if v.endswith(".png") and files[k].is_file()]
     return "\n".join(
@@ -695,31 +702,25 @@ def write_report(
     data: BenchmarkData,
     specs: list[RunSpec],
     results: list[dict],
-    output: Path,
+    output: RunStore | Path,
     info: RunInfo,
 ) -> tuple[dict[str, Path], pd.DataFrame, pd.DataFrame]:
-    """Write runs.csv, summary.csv, summary.md, the PNG plots and report.md; returns
-    ``(files, runs, summary)`` (``files``: name -> path of every file written)."""
-    output = Path(output)
+    """Write runs.csv, summary.csv, summary.md, the PNG plots and report.md into the output
+    folder ``output`` (:class:`~pml_proxies.benchmark.store.RunStore` or its path; the map
+    data read from it); returns ``(files, runs, summary)`` (``files``: name -> path of every
+    file written)."""
+    store = output if isinstance(output, RunStore) else RunStore(output)
     runs = runs_table(results)
     loss_order = list(dict.fromkeys(s.loss for s in specs))
     summary = summary_table(runs, loss_order)
     table_md = to_markdown(display_table(summary))
-    files = {
-        "runs_csv": output / "runs.csv",
-        "summary_csv": output / "summary.csv",
-        "summary_md": output / "summary.md",
-        "report_md": output / "report.md",
-        "metrics_png": output / "metrics.png",
-        "curves_png": output / "training_curves.png",
-        "map_png": output / "embedding_maps.png",
-    }
+    files = {name: store.file(name) for name in REPORT_FILES}
     runs.to_csv(files["runs_csv"], index=False)
     summary.to_csv(files["summary_csv"], index=False)
     files["summary_md"].write_text(table_md + "\n")
-    comparison_md = write_comparison(config, runs, loss_order, output / "comparison.csv")
+    comparison_md = write_comparison(config, runs, loss_order, store.path / COMPARISON_FILE)
     if comparison_md:
-        files["comparison_csv"] = output / "comparison.csv"
+        files["comparison_csv"] = store.path / COMPARISON_FILE
     first_seed: dict[str, int] = {}
     for r in sorted(results, key=lambda r: config.seeds.index(r["seed"])):
         first_seed.setdefault(r["loss"], r["seed"])
@@ -727,21 +728,23 @@ def write_report(
     _plot(plot_training_curves, results, loss_order, config.primary_metric, files["curves_png"])
     _plot(
         plot_embedding_maps,
-        {loss: output / "runs" / loss / f"seed_{first_seed[loss]}" for loss in loss_order},
+        lambda: store.map_data({loss: first_seed[loss] for loss in loss_order}),
         files["map_png"],
         method=config.map_method,
     )
     files["report_md"].write_text(
         report_markdown(
-            config, data, specs, results, summary, table_md, files, output, info, comparison_md
+            config, data, specs, results, summary, table_md, files, store, info, comparison_md
         )
     )
     return files, runs, summary
 
 
 def _plot(function, *args, **kwargs) -> None:
-    """Draw one plot; a failing plot is reported and never loses the tables and the report."""
+    """Draw one plot; a failing plot is reported and never loses the tables and the report. An
+    argument given as a function without arguments is called here (read data: its failure is
+    the plot's)."""
     try:
-        function(*args, **kwargs)
+        function(*[a() if callable(a) else a for a in args], **kwargs)
     except Exception as e:  # noqa: BLE001
         print(f"note: {function.__name__} failed ({type(e).__name__}: {e})", file=sys.stderr)

@@ -1,21 +1,20 @@
 """One benchmark run: train one loss with one seed under the shared protocol, select the epoch on
-the validation classes, evaluate it on the test classes and write the results atomically."""
+the validation classes and evaluate it on the test classes (:func:`train_run`, which returns the
+results); :func:`train_and_evaluate` stores them through the run's
+:class:`~pml_proxies.benchmark.store.RunFolder`."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import os
 import random
-import shutil
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,15 +27,21 @@ from .interrupt import check as check_interrupt
 from .losses import build_loss, get_proxies
 from .models import EmbeddingNet, build_trunk, freeze_batchnorm
 from .progress import progress_bar
-from .schema import schema_problem
 from .spec import RunSpec, build_run_spec
+from .store import (
+    RESULT_FILE,
+    ResultRecord,
+    RunFolder,
+    inspect_run,
+    load_result,
+    run_dir,
+    run_folder,
+)
 
 if TYPE_CHECKING:
     from record_keeper import RecordKeeper
 
     from .distributed import DistributedRun
-
-RESULT_FILE = "result.json"
 
 
 # ------------------------------------------------------------------ helpers
@@ -193,108 +198,6 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adamw, adam, rmsprop, sgd")
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-def run_dir(output: Path, loss_name: str, seed: int) -> Path:
-    return Path(output) / "runs" / loss_name / f"seed_{seed}"
-
-
-class _RequiredResultFields(TypedDict):
-    """The fields every ``result.json`` has (:class:`ResultRecord`)."""
-
-    loss: str
-    seed: int
-    best_epoch: int
-    best_val_score: float | None
-    train_time_s: float
-    iterations: int
-    batch_size: int
-    m_per_class: int
-    test: dict[str, float] | None  # None: not evaluated on the test classes (tuning trials)
-    history: list[dict[str, float]]
-    loss_kwargs: dict[str, str]
-    config_fingerprint: str
-    command: str
-
-
-class ResultRecord(_RequiredResultFields, total=False):
-    """The schema of a run's ``result.json`` (written by :func:`train_and_evaluate`, checked by
-    :func:`inspect_run` whenever one is read): its fields and their JSON types."""
-
-    world_size: int  # processes that trained the run (torchrun); absent in older folders: 1
-
-
-def inspect_run(directory: Path, spec: RunSpec | None = None) -> tuple[dict | None, str | None]:
-    """``(result, problem)`` of the run folder ``directory``: the finished run's result dict and
-    ``None``, or ``None`` and why the run is not finished or is damaged, naming the file
-    (``None`` when the folder does not exist): no ``result.json``; a ``result.json`` that is not
-    JSON, does not match :class:`ResultRecord` (a missing field, a wrong type) or has no test
-    metrics; with ``spec``, one of another loss or seed or lacking one of ``spec``'s metrics; a
-    ``map_data.npz`` that cannot be read. (The protocol fingerprint is the caller's to
-    compare.)"""
-    directory = Path(directory)
-    path = directory / RESULT_FILE
-    if not path.is_file():
-        if directory.exists():
-            return None, f"{directory} has no {RESULT_FILE} (an unfinished run)"
-        return None, None
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"{path} is not valid JSON ({e})"
-    problem = schema_problem(result, ResultRecord)
-    if problem is None and result["test"] is None:
-        problem = "'test' is null (no test metrics)"
-    if problem is None and spec is not None:
-        problem = _spec_problem(result, spec)
-    if problem is not None:
-        return None, f"{path}: {problem}"
-    npz = directory / "map_data.npz"
-    try:
-        with np.load(npz) as z:
-            for key in z.files:
-                z[key]
-    except Exception as e:  # noqa: BLE001 - any unreadable archive is a damaged run
-        return None, f"{npz} cannot be read ({type(e).__name__}: {e})"
-    return result, None
-
-
-def _spec_problem(result: dict, spec: RunSpec) -> str | None:
-    """Why a schema-valid ``result`` is not a run of ``spec`` (another loss or seed, a metric
-    missing), or ``None``."""
-    for key in ("loss", "seed"):
-        if result[key] != getattr(spec, key):
-            return f"'{key}' is {result[key]!r}, expected {getattr(spec, key)!r}"
-    missing = [m for m in spec.metric_names if m not in result["test"]]
-    if missing:
-        return f"'test' lacks the metric(s) {', '.join(missing)}"
-    return None
-
-
-def load_result(output: Path, loss_name: str, seed: int) -> dict | None:
-    """The finished run's results, or ``None`` if the run has not finished or is damaged
-    (:func:`inspect_run`; no check against a spec)."""
-    return inspect_run(run_dir(output, loss_name, seed))[0]
-
-
 def _set_trunk_trainable(model: EmbeddingNet, trainable: bool) -> None:
     for p in model.trunk.parameters():
         p.requires_grad_(trainable)
@@ -354,9 +257,11 @@ class _Selection:
             self.loss = copy.deepcopy(run.loss.state_dict())
 
 
-def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
+def build_run(spec: RunSpec, data: BenchmarkData, out: RunFolder | Path) -> _Run:
     """Build the network, loss, optimizer, sampler, loader, accuracy calculator and
-    record-keeper of ``spec`` (seeded: every loss of a seed starts from the same network)."""
+    record-keeper of ``spec`` (seeded: every loss of a seed starts from the same network); the
+    record-keeper logs into the run folder ``out``
+    (:class:`~pml_proxies.benchmark.store.RunFolder` or its path)."""
     from pytorch_metric_learning.utils import logging_presets
 
     # imported here, not at start-up: it loads PML's losses (scipy.stats and more)
@@ -399,8 +304,9 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: Path) -> _Run:
         generator=torch.Generator().manual_seed(spec.seed),
         persistent_workers=config.workers > 0,
     )
+    folder = run_folder(out)
     record_keeper, _, _ = logging_presets.get_record_keeper(
-        str(out / "logs"), str(out / "tensorboard")
+        str(folder.logs), str(folder.tensorboard)
     )
     run = _Run(
         model=model,
@@ -486,18 +392,29 @@ def _log_iteration(run: _Run, value: float) -> None:
     )
 
 
-def train_and_evaluate(
+@dataclass
+class TrainedRun:
+    """What :func:`train_run` returns: the run's ``result`` (schema
+    :class:`~pml_proxies.benchmark.store.ResultRecord`) and its ``map_data`` (the arrays of
+    ``map_data.npz``, :func:`map_arrays`; ``None`` when the test classes were not evaluated)."""
+
+    result: dict
+    map_data: dict[str, np.ndarray] | None = None
+
+
+def train_run(
     spec: RunSpec,
     data: BenchmarkData,
-    out: Path,
+    folder: RunFolder,
     *,
     val_classes: Sequence | None = None,
     epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
     evaluate_test: bool = True,
     position: int = 0,
-) -> dict:
-    """Train ``spec``, select its epoch on the validation classes, evaluate it on the test
-    classes and write the run's files into ``out`` (emptied first).
+) -> TrainedRun:
+    """Train ``spec``, select its epoch on the validation classes and evaluate it on the test
+    classes; the results are returned, not written (the record-keeper alone logs into
+    ``folder.logs`` and ``folder.tensorboard`` as it trains).
 
     A plain training loop rather than PML's trainers: the protocol needs a frozen-trunk warm-up,
     gradient clipping, per-epoch model selection on held-out classes (the best epoch's weights
@@ -506,35 +423,30 @@ def train_and_evaluate(
     Args:
         spec: the run (:func:`~pml_proxies.benchmark.spec.build_run_spec`).
         data: the benchmark's data (:func:`~pml_proxies.benchmark.data.load_benchmark_data`).
-        out: the run's folder (record-keeper logs, tensorboard, ``result.json``,
-            ``map_data.npz``).
+        folder: the run's folder (:class:`~pml_proxies.benchmark.store.RunFolder`, started).
         val_classes: which training-split classes are the validation classes, as labels of
             the training split (``data.train.original_labels`` / ``data.val.original_labels``);
             the other training-split classes are trained on (class-disjoint k-fold: a fold's
             held-out classes). ``None``: ``data``'s split.
         epoch_callback: ``epoch_callback(epoch, val_metrics)`` after each validated epoch
             (``val_metrics``: metric name -> value); it may raise to stop the run (e.g. Optuna
-            pruning), the exception propagates and no ``result.json`` is written.
-        evaluate_test: evaluate the selected epoch on the test classes and save
-            ``map_data.npz``. ``False`` (tuning trials) never touches the test classes: the
-            result's ``test`` is ``None``.
+            pruning), the exception propagates.
+        evaluate_test: evaluate the selected epoch on the test classes and compute the map
+            data. ``False`` (tuning trials) never touches the test classes: the result's
+            ``test`` is ``None``.
         position: row of the progress bar.
 
     Returns:
-        The result dict written to ``out / "result.json"`` (schema :class:`ResultRecord`):
-        ``loss``, ``seed``, ``best_epoch``, ``best_val_score``, ``train_time_s``, ``iterations``,
-        ``batch_size``, ``m_per_class``, ``test`` (metrics or ``None``), ``history`` (per-epoch
-        train loss and validation metrics), ``loss_kwargs``, ``config_fingerprint``, ``command``
-        (the command line that trained it), ``world_size`` (processes that trained it: 1, or
-        torchrun's, :mod:`~pml_proxies.benchmark.distributed`).
+        The :class:`TrainedRun`. Its result dict: ``loss``, ``seed``, ``best_epoch``,
+        ``best_val_score``, ``train_time_s``, ``iterations``, ``batch_size``, ``m_per_class``,
+        ``test`` (metrics or ``None``), ``history`` (per-epoch train loss and validation
+        metrics), ``loss_kwargs``, ``config_fingerprint``, ``command`` (the command line that
+        trained it), ``world_size`` (processes that trained it: 1, or torchrun's,
+        :mod:`~pml_proxies.benchmark.distributed`).
     """
     if val_classes is not None:
         data = data.with_validation_classes(val_classes)
-    out = Path(out)
-    if out.exists():  # an unfinished earlier attempt: start clean (records would be duplicated)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    run = build_run(spec, data, out)
+    run = build_run(spec, data, folder)
     # re-seed once everything is built: with a given seed every loss starts from the same network
     # and sees the same batches and augmentations (as long as the loss draws no random numbers)
     seed_everything(spec.seed)
@@ -570,9 +482,10 @@ def train_and_evaluate(
     finally:  # also when a callback stops the run
         if run.record_keeper.tensorboard_writer is not None:
             run.record_keeper.tensorboard_writer.close()
+    map_data = None
     if evaluate_test:
-        _save_map_data(run.model, data, test_emb, test_labels, run.loss, spec.config, out,
-                       run.num_classes)  # fmt: skip
+        map_data = map_arrays(run.model, data, test_emb, test_labels, run.loss, spec.config,
+                              run.num_classes)  # fmt: skip
     result = {
         "loss": spec.loss,
         "seed": spec.seed,
@@ -589,8 +502,43 @@ def train_and_evaluate(
         "command": spec.config.command,
         "world_size": world()[1],
     }
-    persist(out, result)
-    return result
+    return TrainedRun(result, map_data)
+
+
+def train_and_evaluate(
+    spec: RunSpec,
+    data: BenchmarkData,
+    out: RunFolder | Path,
+    *,
+    val_classes: Sequence | None = None,
+    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+    evaluate_test: bool = True,
+    position: int = 0,
+) -> dict:
+    """:func:`train_run` into the run folder ``out``
+    (:class:`~pml_proxies.benchmark.store.RunFolder` or its path; emptied first), then store its
+    results there (:meth:`~pml_proxies.benchmark.store.RunFolder.save`: ``map_data.npz`` with
+    ``evaluate_test``, then ``result.json``, which marks the run as finished). The keyword
+    arguments are :func:`train_run`'s; a run stopped by ``epoch_callback`` writes no
+    ``result.json``.
+
+    Returns:
+        The result dict written to ``result.json``
+        (:class:`~pml_proxies.benchmark.store.ResultRecord`).
+    """
+    folder = run_folder(out)
+    folder.start()  # an unfinished earlier attempt: start clean (records would be duplicated)
+    trained = train_run(
+        spec,
+        data,
+        folder,
+        val_classes=val_classes,
+        epoch_callback=epoch_callback,
+        evaluate_test=evaluate_test,
+        position=position,
+    )
+    folder.save(trained.result, trained.map_data)
+    return trained.result
 
 
 def _save_records(run: _Run, row: dict, epoch: int) -> None:
@@ -610,9 +558,10 @@ def select(run: _Run, selection: _Selection, epochs: int) -> None:
         selection.epoch = epochs
 
 
-def persist(out: Path, result: dict) -> None:
-    """Write ``result.json`` atomically: its presence marks the run as finished."""
-    _write_json_atomic(Path(out) / RESULT_FILE, result)
+def persist(out: RunFolder | Path, result: dict) -> None:
+    """Write ``result.json`` atomically: its presence marks the run as finished
+    (:meth:`~pml_proxies.benchmark.store.RunFolder.save`)."""
+    run_folder(out).save(result)
 
 
 def train_one(
@@ -635,8 +584,10 @@ def _subsample(n_total: int, n_max: int) -> np.ndarray:
     return np.sort(rng.choice(n_total, size=min(n_total, n_max), replace=False))
 
 
-def _save_map_data(model, data, emb, labels, loss, config, out: Path, num_classes: int) -> None:
-    """Save the data of the 2-D map plot in ``map_data.npz``: a subsample of the test embeddings
+def map_arrays(
+    model, data, emb, labels, loss, config: BenchmarkConfig, num_classes: int
+) -> dict[str, np.ndarray]:
+    """The data of the 2-D map plot (stored as ``map_data.npz``): a subsample of the test embeddings
     (``embeddings``, ``labels``), a subsample of the training-class embeddings of the fitted model
     with the evaluation preprocessing (``train_embeddings`` float32, ``train_labels`` in
     ``[0, C)``, the numbering of ``proxy_labels``) and the learned proxies (``proxies``,
@@ -654,16 +605,22 @@ def _save_map_data(model, data, emb, labels, loss, config, out: Path, num_classe
         arrays["proxies"], arrays["proxy_labels"], std = proxies
         if std is not None:
             arrays["proxy_uncertainty"] = std
-    np.savez_compressed(out / "map_data.npz", **arrays)
+    return arrays
 
 
 __all__ = [
+    "train_run",
+    "TrainedRun",
     "train_and_evaluate",
     "train_one",
     "build_run",
     "fit_one_epoch",
     "select",
     "persist",
+    # the run folder's own names live in .store (re-exported for existing imports)
+    "RESULT_FILE",
+    "ResultRecord",
+    "inspect_run",
     "load_result",
     "run_dir",
     "evaluate",

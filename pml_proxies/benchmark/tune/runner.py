@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import BenchmarkConfig
-from ..parallel import RunFailure
 from ..report import report_title
 from . import report as tune_report
 from .errors import UsageError
@@ -146,45 +144,27 @@ def search(
 def _reproduce(config: BenchmarkConfig, best: list[tuple[str, dict]], output: Path) -> list[dict]:
     """The untuned protocol with each ``(loss, best parameters)`` of ``best``: every seed of
     ``config``, test classes evaluated once at the epoch selected on validation. Finished runs of
-    the same spec are reused; the others are trained as the benchmark trains them (``--jobs``
-    worker processes, the same results as one at a time). Results: losses outer, seeds inner.
+    the same spec in ``output`` are reused, the others trained as the benchmark trains them: the
+    benchmark's own plan and resume step (:func:`~pml_proxies.benchmark.runner.resume_runs`).
+    Results: losses outer, seeds inner.
 
     Raises:
-        ValueError: a run folder holds a run of another protocol (nothing is trained).
+        ProtocolMismatch: a run folder holds a run of another protocol (nothing is trained).
         RunsFailed: some runs raised (the others were trained and are kept).
     """
-
-    from ..runner import RunsFailed, train_runs
-    from ..train import inspect_run, run_dir, torch_threads
+    from ..runner import RunsFailed, resume_runs
+    from ..store import RunInfo, RunStore
+    from ..train import torch_threads
 
     specs = [
         trial_spec(config, loss, params, seed) for loss, params in best for seed in config.seeds
     ]
-    results: dict[int, dict] = {}
-    todo = []
-    for i, spec in enumerate(specs):
-        previous, _ = inspect_run(run_dir(output, spec.loss, spec.seed), spec)
-        if previous is None:
-            todo.append(i)
-        elif previous.get("config_fingerprint") == spec.fingerprint:
-            results[i] = previous
-        else:
-            raise ValueError(
-                f"{run_dir(output, spec.loss, spec.seed)} holds a run of another protocol"
-            )
-    if todo:
-        jobs = config.jobs_for(len(todo))
-        data = load_data(config, config.progress) if jobs == 1 else None
-        failures = []
-        outcomes = train_runs([specs[i] for i in todo], data, output, config, jobs)
-        with torch_threads(config), contextlib.closing(outcomes):  # Ctrl-C stops the workers
-            for k, outcome in outcomes:
-                if isinstance(outcome, RunFailure):
-                    failures.append(outcome)
-                else:
-                    results[todo[k]] = outcome
-        if failures:
-            raise RunsFailed(failures)
+    with torch_threads(config):  # Ctrl-C stops the workers (resume_runs closes them)
+        results, failures = resume_runs(
+            specs, RunStore(output), config, lambda: load_data(config, config.progress), RunInfo()
+        )
+    if failures:
+        raise RunsFailed(failures)
     return [results[i] for i in sorted(results)]
 
 
@@ -258,14 +238,15 @@ def run_tune(
 
 def _tuned_section(config: BenchmarkConfig, results: list[dict], losses: list[str], out: Path):
     from .. import report as bench_report
+    from ..store import COMPARISON_FILE, RunStore
 
     summary, table = tune_report.results_table(results, losses)
-    tuned = out / "tuned"
-    tuned.mkdir(parents=True, exist_ok=True)
+    tuned = RunStore(out / "tuned")  # the re-runs' output folder
+    tuned.path.mkdir(parents=True, exist_ok=True)
     runs = bench_report.runs_table(results)
-    runs.to_csv(tuned / "runs.csv", index=False)
+    runs.to_csv(tuned.file("runs_csv"), index=False)
     comparison_md = bench_report.write_comparison(
-        config, runs, list(summary["loss"]), tuned / "comparison.csv"
+        config, runs, list(summary["loss"]), tuned.path / COMPARISON_FILE
     )
     compared = []
     if comparison_md:
@@ -275,11 +256,11 @@ def _tuned_section(config: BenchmarkConfig, results: list[dict], losses: list[st
             comparison_md,
             "",
         ]
-    summary.to_csv(tuned / "summary.csv", index=False)
-    (tuned / "summary.md").write_text(table + "\n")
-    bench_report.plot_metric_bars(summary, tuned / "metrics.png")
+    summary.to_csv(tuned.file("summary_csv"), index=False)
+    tuned.file("summary_md").write_text(table + "\n")
+    bench_report.plot_metric_bars(summary, tuned.file("metrics_png"))
     bench_report.plot_training_curves(
-        results, list(summary["loss"]), config.primary_metric, tuned / "training_curves.png"
+        results, list(summary["loss"]), config.primary_metric, tuned.file("curves_png")
     )
     return "\n".join(
         [
