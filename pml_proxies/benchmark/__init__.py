@@ -4,13 +4,19 @@
 with several seeds under one protocol, selects each run's epoch on held-out training classes,
 evaluates it on the test classes and writes CSV / Markdown tables, plots and ``report.md``.
 
-Names are imported lazily (``--help`` does not load torch).
+Needs the ``benchmark`` extra (``pip install "pml-proxies[benchmark]"``): without it, importing
+this package raises an ImportError that names the extra. Names are imported lazily (``--help``
+does not load torch).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from .._extras import require_benchmark_extra
+
+require_benchmark_extra(__name__)
 
 _EXPORTS = {
     "BenchmarkConfig": "config",

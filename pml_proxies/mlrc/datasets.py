@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -23,7 +25,13 @@ class ImageFolderDataset(Dataset):
             passes it.
     """
 
-    def __init__(self, root: str, folder: str = "images", transform=None, download: bool = False):
+    def __init__(
+        self,
+        root: str,
+        folder: str = "images",
+        transform: Callable[[Any], Any] | None = None,
+        download: bool = False,
+    ) -> None:
         from torchvision import datasets
 
         path = os.path.join(root, folder)
@@ -36,7 +44,7 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, idx: int) -> dict[str, Any]:
         img, label = self.dataset[idx]
         if self.transform is not None:
             img = self.transform(img)

@@ -31,7 +31,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 PACKAGE_CONFIGS_ENV = "PML_PROXIES_MLRC_CONFIGS"
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "powerful_benchmarker_configs"
@@ -50,30 +52,33 @@ def packaged_configs_folder() -> Path:
     return Path(powerful_benchmarker.__file__).resolve().parent / "configs"
 
 
-def merge_config_folders(folders, destination) -> Path:
+def merge_config_folders(
+    folders: Iterable[str | os.PathLike[str]], destination: str | os.PathLike[str]
+) -> Path:
     """Copy each config folder's YAML files into ``destination``, later folders winning.
 
     Only ``config_foldernames.yaml`` and ``config_*/*.yaml`` files are copied.
     """
-    destination = Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
+    merged = Path(destination)
+    merged.mkdir(parents=True, exist_ok=True)
     for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ValueError(f"config folder {str(folder)!r} does not exist")
-        for path in sorted(folder.rglob("*.yaml")):
-            rel = path.relative_to(folder)
+        source = Path(folder)
+        if not source.is_dir():
+            raise ValueError(f"config folder {str(source)!r} does not exist")
+        for path in sorted(source.rglob("*.yaml")):
+            rel = path.relative_to(source)
             top_level = len(rel.parts) == 1 and rel.name == "config_foldernames.yaml"
             in_type_folder = len(rel.parts) == 2 and rel.parts[0].startswith("config_")
             if top_level or in_type_folder:
-                (destination / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, destination / rel)
-    return destination
+                (merged / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, merged / rel)
+    return merged
 
 
-def register_pml_proxies(runner, extra=()) -> None:
+def register_pml_proxies(runner: Any, extra: Iterable[str] = ()) -> None:
     """Register this package's losses, regularisers, smoke-test trunk and data set, then each
-    ``"TYPE:MODULE"`` of ``extra``."""
+    ``"TYPE:MODULE"`` of ``extra``, with powerful-benchmarker's ``runner`` (a
+    ``BaseRunner``: powerful-benchmarker has no type information)."""
     import importlib
 
     from .. import losses, regularizers
@@ -113,7 +118,7 @@ def _runner_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)

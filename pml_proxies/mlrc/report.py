@@ -11,8 +11,14 @@ prints them side by side, one row per experiment (loss).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METRICS = {
     "precision_at_1": "P@1",
@@ -22,19 +28,21 @@ METRICS = {
 EVAL_TYPES = {"MeanAggregator": "separated", "ConcatenateEmbeddings": "concatenated"}
 
 
-def _metric_name(key: str):
+def _metric_name(key: str) -> str | None:
     for metric, short in METRICS.items():
         if key == metric or key.startswith(metric + "_level"):
             return short
     return None
 
 
-def read_report_rows(experiment_folder, trained_status: str = "trained") -> list:
+def read_report_rows(
+    experiment_folder: str | os.PathLike[str], trained_status: str = "trained"
+) -> list[dict[str, Any]]:
     """Long-format rows (experiment, embedding, metric, mean, ci_low, ci_high, ci_width)."""
     import yaml
 
     folder = Path(experiment_folder)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path in sorted(folder.glob("report_*.yaml")):
         eval_type = next((v for k, v in EVAL_TYPES.items() if path.name[7:].startswith(k)), None)
         if eval_type is None:
@@ -59,7 +67,11 @@ def read_report_rows(experiment_folder, trained_status: str = "trained") -> list
     return rows
 
 
-def read_reports(experiment_folders, trained_status: str = "trained", long: bool = False):
+def read_reports(
+    experiment_folders: Iterable[str | os.PathLike[str]],
+    trained_status: str = "trained",
+    long: bool = False,
+) -> pd.DataFrame:
     """A pandas DataFrame comparing the experiments (one per loss) of several MLRC runs.
 
     Args:
@@ -74,7 +86,7 @@ def read_reports(experiment_folders, trained_status: str = "trained", long: bool
     """
     import pandas as pd
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for folder in experiment_folders:
         found = read_report_rows(folder, trained_status)
         if not found:
@@ -90,7 +102,7 @@ def read_reports(experiment_folders, trained_status: str = "trained", long: bool
     return (wide[order] * 100).round(2)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pml-proxies-mlrc-report",
         description="Compare finished MLRC runs (report_*.yaml) in one table (percent).",

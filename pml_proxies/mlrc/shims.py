@@ -34,6 +34,9 @@ Beyond the nine:
     restored from its checkpoint by PML's ``HookContainer``).
 
 Every patch is idempotent; :func:`apply` returns the names of the patches it applied.
+
+powerful-benchmarker and record-keeper carry no type information: their objects (runners,
+factories, testers, hooks, record keepers) are typed ``Any`` here.
 """
 
 from __future__ import annotations
@@ -43,21 +46,24 @@ import functools
 import inspect
 import logging
 import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 LOGGER = logging.getLogger(__name__)
 _MARK = "_pml_proxies_mlrc_patched"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _patched(obj, name: str) -> bool:
-    return getattr(getattr(obj, name, None), _MARK, False)
+def _patched(obj: object, name: str) -> bool:
+    return bool(getattr(getattr(obj, name, None), _MARK, False))
 
 
-def _mark(func):
+def _mark(func: F) -> F:
     setattr(func, _MARK, True)
     return func
 
 
-def _shim_identity():
+def _shim_identity() -> None:
     import torch
     from pytorch_metric_learning.utils import common_functions as pml_cf
 
@@ -65,7 +71,7 @@ def _shim_identity():
         pml_cf.Identity = torch.nn.Identity
 
 
-def _shim_get_record_keeper():
+def _shim_get_record_keeper() -> None:
     from pytorch_metric_learning.utils import logging_presets
 
     if _patched(logging_presets, "get_record_keeper"):
@@ -73,13 +79,13 @@ def _shim_get_record_keeper():
     original = logging_presets.get_record_keeper
 
     @functools.wraps(original)
-    def get_record_keeper(*args, save_figures=None, **kwargs):
+    def get_record_keeper(*args: Any, save_figures: object = None, **kwargs: Any) -> Any:
         return original(*args, **kwargs)
 
     logging_presets.get_record_keeper = _mark(get_record_keeper)
 
 
-def _shim_tester_reference_set():
+def _shim_tester_reference_set() -> None:
     from powerful_benchmarker.factories import tester_factory
 
     cls = tester_factory.TesterFactory
@@ -87,7 +93,9 @@ def _shim_tester_reference_set():
         return
     original = cls._create_general
 
-    def _create_general(self, tester_type, plots_folder, **kwargs):
+    def _create_general(
+        self: Any, tester_type: dict[str, Any], plots_folder: str, **kwargs: Any
+    ) -> Any:
         tester_type = copy.deepcopy(tester_type)
         for params in tester_type.values():
             if isinstance(params, dict) and "reference_set" in params:
@@ -102,14 +110,14 @@ def _shim_tester_reference_set():
     cls._create_general = _mark(_create_general)
 
 
-def _shim_record_group_name():
+def _shim_record_group_name() -> None:
     from pytorch_metric_learning.utils.logging_presets import HookContainer
 
     if _patched(HookContainer, "record_group_name"):
         return
 
-    def record_group_name(self, tester, split_name):
-        base_record_group_name = self.base_record_group_name(tester)
+    def record_group_name(self: Any, tester: Any, split_name: str) -> str:
+        base_record_group_name: str = self.base_record_group_name(tester)
         query_set_label = split_name.upper()
         references = getattr(tester, "reference_split_names", None) or {}
         reference_names = references.get(split_name, [split_name])
@@ -120,13 +128,13 @@ def _shim_record_group_name():
         hash_map = getattr(self.record_keeper, "hash_map", None) or {}
         for key, val in hash_map.items():
             if val == name:
-                return key
+                return str(key)
         return name
 
     HookContainer.record_group_name = _mark(record_group_name)
 
 
-def _shim_splits_to_eval():
+def _shim_splits_to_eval() -> None:
     from pytorch_metric_learning.testers.base_tester import BaseTester
 
     if _patched(BaseTester, "test"):
@@ -135,14 +143,14 @@ def _shim_splits_to_eval():
 
     @functools.wraps(original)
     def test(
-        self,
-        dataset_dict,
-        epoch,
-        trunk_model,
-        embedder_model=None,
-        splits_to_eval=None,
-        collate_fn=None,
-    ):
+        self: Any,
+        dataset_dict: dict[str, Any],
+        epoch: int | str,
+        trunk_model: Any,
+        embedder_model: Any = None,
+        splits_to_eval: list[str | tuple[str, list[str]]] | None = None,
+        collate_fn: Callable[..., Any] | None = None,
+    ) -> Any:
         if splits_to_eval is not None:
             splits_to_eval = [(s, [s]) if isinstance(s, str) else s for s in splits_to_eval]
         return original(
@@ -152,7 +160,7 @@ def _shim_splits_to_eval():
     BaseTester.test = _mark(test)
 
 
-def _shim_update_records_keyword():
+def _shim_update_records_keyword() -> None:
     from record_keeper import RecordKeeper
 
     if _patched(RecordKeeper, "update_records"):
@@ -160,7 +168,9 @@ def _shim_update_records_keyword():
     original = RecordKeeper.update_records
 
     @functools.wraps(original)
-    def update_records(self, record_these, global_iteration, *args, **kwargs):
+    def update_records(
+        self: Any, record_these: Any, global_iteration: int, *args: Any, **kwargs: Any
+    ) -> Any:
         old = kwargs.pop("input_group_name_for_non_objects", None)
         if old is not None and "parent_name" not in kwargs:
             kwargs["parent_name"] = old
@@ -169,14 +179,14 @@ def _shim_update_records_keyword():
     RecordKeeper.update_records = _mark(update_records)
 
 
-def _shim_string_epochs():
+def _shim_string_epochs() -> None:
     from powerful_benchmarker.utils import common_functions as pb_cf
     from pytorch_metric_learning.utils.logging_presets import HookContainer
 
     if _patched(HookContainer, "end_of_testing_hook"):
         return
 
-    def end_of_testing_hook(self, tester):
+    def end_of_testing_hook(self: Any, tester: Any) -> None:
         for split_name, accuracies in tester.all_accuracies.items():
             epoch = accuracies["epoch"]
             group = self.record_group_name(tester, split_name)
@@ -192,7 +202,7 @@ def _shim_string_epochs():
     HookContainer.end_of_testing_hook = _mark(end_of_testing_hook)
 
 
-def _shim_report_iteration_column():
+def _shim_report_iteration_column() -> None:
     from powerful_benchmarker.runners.bayes_opt_runner import BayesOptRunner
     from powerful_benchmarker.utils import common_functions as pb_cf
 
@@ -201,7 +211,7 @@ def _shim_report_iteration_column():
     original = BayesOptRunner.create_accuracy_report
 
     @functools.wraps(original)
-    def create_accuracy_report(self, best_sub_experiment_name):
+    def create_accuracy_report(self: Any, best_sub_experiment_name: str) -> Any:
         output = original(self, best_sub_experiment_name)
         folder = self.bayes_opt_root_experiment_folder
         for name in sorted(os.listdir(folder)):
@@ -217,21 +227,21 @@ def _shim_report_iteration_column():
     BayesOptRunner.create_accuracy_report = _mark(create_accuracy_report)
 
 
-def _accepts(cls, name: str) -> bool:
+def _accepts(cls: type[Any], name: str) -> bool:
     try:
         return name in inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):
         return False
 
 
-def _shim_nested_regularizer_arguments():
+def _shim_nested_regularizer_arguments() -> None:
     from powerful_benchmarker.factories.loss_factory import LossFactory
 
     if _patched(LossFactory, "_create_general"):
         return
     original = LossFactory._create_general
 
-    def _create_general(self, loss_type, num_classes):
+    def _create_general(self: Any, loss_type: dict[str, Any], num_classes: int) -> Any:
         loss_type = copy.deepcopy(loss_type)
         for loss_params in loss_type.values():
             if not isinstance(loss_params, dict):
@@ -256,7 +266,7 @@ def _shim_nested_regularizer_arguments():
     LossFactory._create_general = _mark(_create_general)
 
 
-def set_epoch_on_losses(loss_funcs: dict, epoch: int) -> list:
+def set_epoch_on_losses(loss_funcs: Mapping[str, Any], epoch: int) -> list[str]:
     """Call ``set_epoch(epoch)`` on every loss in ``loss_funcs`` (nested ones too, found by
     :func:`pml_proxies.hooks.stateful_losses`) that has it; returns their class names."""
     from ..hooks import stateful_losses
@@ -267,7 +277,7 @@ def set_epoch_on_losses(loss_funcs: dict, epoch: int) -> list:
     return [type(loss).__name__ for loss in losses]
 
 
-def _shim_epoch_schedule():
+def _shim_epoch_schedule() -> None:
     from pytorch_metric_learning.trainers.base_trainer import BaseTrainer
 
     if _patched(BaseTrainer, "set_to_train"):
@@ -275,7 +285,7 @@ def _shim_epoch_schedule():
     original = BaseTrainer.set_to_train
 
     @functools.wraps(original)
-    def set_to_train(self):
+    def set_to_train(self: Any) -> Any:
         output = original(self)
         updated = set_epoch_on_losses(getattr(self, "loss_funcs", None) or {}, self.epoch)
         if updated:
@@ -285,7 +295,7 @@ def _shim_epoch_schedule():
     BaseTrainer.set_to_train = _mark(set_to_train)
 
 
-SHIMS = {
+SHIMS: dict[str, Callable[[], None]] = {
     "1 common_functions.Identity": _shim_identity,
     "2 get_record_keeper(save_figures)": _shim_get_record_keeper,
     "3 BaseTester(reference_set)": _shim_tester_reference_set,
@@ -299,7 +309,7 @@ SHIMS = {
 }
 
 
-def apply(skip=None) -> list:
+def apply(skip: Iterable[object] | None = None) -> list[str]:
     """Apply every shim (idempotent) and return the names of those applied.
 
     Args:
@@ -308,11 +318,11 @@ def apply(skip=None) -> list:
     """
     if skip is None:
         skip = [x for x in os.environ.get("PML_PROXIES_MLRC_SKIP_SHIMS", "").split(",") if x]
-    skip = {str(x).strip() for x in skip}
+    skipped = {str(x).strip() for x in skip}
     applied = []
     for name, shim in SHIMS.items():
         numbers = set(name.split(" ", 1)[0].split("+"))
-        if numbers & skip:
+        if numbers & skipped:
             continue
         shim()
         applied.append(name)

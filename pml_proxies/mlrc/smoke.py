@@ -7,7 +7,9 @@ tiny trunk, 2 folds, 2 epochs of 2 iterations) and prints a command that runs it
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +77,13 @@ tester~APPLY~2:
 }
 
 
-def make_fake_dataset(root, num_classes: int = 12, per_class: int = 6, size: int = 20, seed=0):
+def make_fake_dataset(
+    root: str | os.PathLike[str],
+    num_classes: int = 12,
+    per_class: int = 6,
+    size: int = 20,
+    seed: int = 0,
+) -> Path:
     """Write ``root/smoke_images/<class>/<i>.png``: per class a colour with noise. Returns root."""
     from PIL import Image
 
@@ -92,13 +100,13 @@ def make_fake_dataset(root, num_classes: int = 12, per_class: int = 6, size: int
     return Path(root)
 
 
-def write_smoke_configs(folder):
+def write_smoke_configs(folder: str | os.PathLike[str]) -> Path:
     """Write the smoke config overlay (for ``--config_folder``) and return its path."""
-    folder = Path(folder)
+    destination = Path(folder)
     for rel, text in SMOKE_CONFIGS.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(text)
-    return folder
+        (destination / rel).parent.mkdir(parents=True, exist_ok=True)
+        (destination / rel).write_text(text)
+    return destination
 
 
 SMOKE_SELECTION = [
@@ -110,7 +118,7 @@ SMOKE_SELECTION = [
 ]  # fmt: skip
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m pml_proxies.mlrc.smoke DIR")
