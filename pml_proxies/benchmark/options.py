@@ -76,7 +76,7 @@ def option(
         convert: turns the parsed value into the field's (e.g. repeated ``KEY=VALUE`` into a
             dict); may raise :class:`ConfigError`.
         cli_default: the option's value when it is not given (through ``convert``), where the
-            command line's default differs from the field's.
+            command line's default differs from the field's (``None``: none).
     """
     given = dict(check=check, flag=flag, type=type, choices=choices, action=action,
                  metavar=metavar, default_text=default_text, convert=convert,
@@ -122,7 +122,7 @@ def non_protocol_fields(cls: Any) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("protocol", True))
 
 
-def help_text(meta: Mapping[str, Any], default: Any) -> str:
+def _help_text(meta: Mapping[str, Any], default: Any) -> str:
     """The ``--help`` text of an option: its help and ``(default: ...)`` (``%`` escaped)."""
     if meta["help"] == argparse.SUPPRESS:
         return argparse.SUPPRESS
@@ -137,7 +137,6 @@ def add_options(
     cls: Any,
     *,
     only: Collection[str] | None = None,
-    exclude: Collection[str] = (),
     changes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Add an option for each option field of dataclass ``cls`` to ``parser``, in the field's
@@ -145,13 +144,11 @@ def add_options(
 
     An option not typed is absent from the parsed namespace (``argparse.SUPPRESS``), so that
     :func:`given_values` tells what was typed; a field's ``cli_default`` is the exception.
-    ``only`` / ``exclude`` select fields by name; ``changes[name]`` updates a field's metadata
+    ``only`` selects fields by name; ``changes[name]`` updates a field's metadata
     for this parser (e.g. another flag, help or ``cli_default``).
     """
     groups: dict[str, Any] = {"general": parser}
     for f in option_fields(cls, only):
-        if f.name in exclude:
-            continue
         meta = {**f.metadata, **(changes or {}).get(f.name, {})}
         if meta["group"] not in groups:
             groups[meta["group"]] = parser.add_argument_group(meta["group"])
@@ -159,7 +156,7 @@ def add_options(
         kw: dict[str, Any] = {
             "dest": f.name,
             "default": meta.get("cli_default", argparse.SUPPRESS),
-            "help": help_text(meta, default),
+            "help": _help_text(meta, default),
             "action": meta.get("action", "store_true" if default is False else "store"),
         }
         kw.update({key: meta[key] for key in ("type", "choices", "metavar") if key in meta})

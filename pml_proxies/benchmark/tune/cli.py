@@ -1,6 +1,10 @@
 """``pml-proxies-benchmark tune``: the untuned benchmark's options plus the search's.
 
-Also ``python -m pml_proxies.benchmark.tune``. As in the untuned benchmark, an invalid option is
+Also ``python -m pml_proxies.benchmark.tune``. The options are derived as every command's
+(:func:`~pml_proxies.benchmark.options.add_options`) from
+:class:`~pml_proxies.benchmark.config.BenchmarkConfig` (the DataLoader workers as
+``--loader-workers``: ``--workers`` are the search's) and
+:class:`~pml_proxies.benchmark.tune.options.TuneArgs`. As in the untuned benchmark, an invalid option is
 a usage error (exit code 2) before anything is written, and so is a command whose protocol or
 space differs from the stored studies' (naming each differing setting); a folder another command
 is using is refused (exit code 3); any other failure is one ``error:`` line (exit code 1),
@@ -39,7 +43,7 @@ CONFIG_CHANGES = {
         "cli_default": DEFAULT_OUTPUT,
         "default_text": DEFAULT_OUTPUT,
     },
-    "workers": {"flag": "--loader-workers"},
+    "workers": {"flag": "--loader-workers", "metavar": "LOADER_WORKERS"},
 }
 
 

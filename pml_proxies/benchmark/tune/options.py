@@ -82,7 +82,7 @@ class TuneArgs(CommonOptions):
     study_name: str = option("tune", "prefix of the studies (one per loss)", SEARCH)
     # --workers: the benchmark's DataLoader workers are --loader-workers here
     search_workers: int = option(1, "local worker processes", SEARCH, flag="--workers", type=int,
-                                 check=_at_least(1))  # fmt: skip
+                                 metavar="WORKERS", check=_at_least(1))  # fmt: skip
     worker_only: bool = option(
         False, "search only (join a study from another machine): no re-runs, no report", SEARCH
     )
