@@ -42,7 +42,7 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class RunOptions(CommonOptions):
-    """``run``'s options beside the config's (``report`` has :class:`CommonOptions`')."""
+    """``run``'s options beside the config's."""
 
     report_only: bool = option(
         False,
@@ -70,7 +70,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "when they were trained; the report settings (--equivalence-margin) may differ."
     )
     add_options(parser, BenchmarkConfig)
-    add_options(parser, CommonOptions)
+    add_options(parser, CommonOptions, only=("quick", "debug"))  # trains nothing: no DDP
 
 
 def add_list_losses_arguments(parser: argparse.ArgumentParser) -> None:
