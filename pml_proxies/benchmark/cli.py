@@ -1,192 +1,91 @@
 """Command line of the benchmark: ``pml-proxies-benchmark`` / ``python -m pml_proxies.benchmark``.
 
-The options, their help texts and defaults are derived from the fields of
-:class:`~pml_proxies.benchmark.config.BenchmarkConfig` (one source of truth). Every invalid value
-is a usage error (exit code 2, one line naming the option, then ``see '... --help'``) raised
-before any file is written; other failures print one ``error:`` line (exit code 1), ``--debug``
-shows the traceback.
+One parser with subcommands (:data:`COMMANDS`): ``run`` (train, evaluate, report; the default:
+``pml-proxies-benchmark [OPTIONS]`` is ``pml-proxies-benchmark run [OPTIONS]``), ``tune``,
+``report`` (``--report-only``) and ``list-losses`` (``--list-losses``). Each command's options
+are derived the same way from its dataclasses (:func:`~pml_proxies.benchmark.options.add_options`):
+:class:`~pml_proxies.benchmark.config.BenchmarkConfig`, :class:`RunOptions` /
+:class:`~pml_proxies.benchmark.config.CommonOptions`, the tuner's
+:class:`~pml_proxies.benchmark.tune.options.TuneArgs`. Every invalid value is a usage error
+(exit code 2, one line naming the option, then ``see '... --help'``) raised before any file is
+written; other failures print one ``error:`` line (exit code 1), ``--debug`` shows the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import dataclasses
 import sys
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .config import BenchmarkConfig, ConfigError, field_default, typed_command
+from .config import (  # noqa: F401 - QUICK and _parse_loss_params: their former home
+    QUICK,
+    BenchmarkConfig,
+    CommonOptions,
+    ConfigError,
+    _parse_loss_params,
+    config_from_args,
+    typed_command,
+)
+from .options import ArgumentParser, add_options, given_values, option, option_name
 
-#: ``--quick``: a smoke test of the whole pipeline (tests / CI); explicit options still win.
-QUICK: dict[str, Any] = dict(
-    epochs=2,
-    iterations_per_epoch=4,
-    seeds=[0],
-    map_samples=300,
-    output="benchmark_results/quick",
+PROG = "pml-proxies-benchmark"
+DESCRIPTION = (
+    "Train and evaluate proxy-based DML losses under one fair protocol (same trunk, sampler, "
+    "optimizer, augmentation and iteration budget; model selection on held-out training "
+    "classes; several seeds, mean and 95% CI) and write a report."
 )
 
 
-def _literal(value: str):
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
+@dataclass(frozen=True)
+class RunOptions(CommonOptions):
+    """``run``'s options beside the config's."""
 
-
-def _parse_key_values(items: list[str], option: str) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError("dataset_kwargs", f"{option} expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = _literal(value)
-    return out
-
-
-def _parse_loss_params(items: list[str]) -> dict[str, dict]:
-    """``["mpa.centers_per_class=2", ...]`` -> ``{"mpa": {"centers_per_class": 2}}`` (values as
-    Python literals; their types are checked against the loss's constructor later)."""
-    from .losses import LOSS_NAMES, LOSSES
-
-    out: dict[str, dict] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        loss, dot, arg = key.partition(".")
-        if not sep or not dot or not arg.strip():
-            raise ConfigError("loss_params", f"expects LOSS.ARG=VALUE, got {item!r}")
-        loss = loss.strip()
-        if loss not in LOSSES:
-            raise ConfigError(
-                "loss_params", f"unknown loss {loss!r}; choose from {', '.join(LOSS_NAMES)}"
-            )
-        out.setdefault(loss, {})[arg.strip()] = _literal(value)
-    return out
-
-
-def _parse_losses(text: str) -> list[str]:
-    from .losses import LOSS_NAMES, LOSSES
-
-    if text.strip() == "all":
-        return list(LOSS_NAMES)
-    names = [n.strip() for n in text.split(",")]
-    if not any(names):
-        raise ConfigError("losses", f"name at least one loss; choose from {', '.join(LOSS_NAMES)}")
-    if "" in names:
-        raise ConfigError("losses", f"an empty name in {text!r}")
-    for n in names:
-        if n not in LOSSES:
-            raise ConfigError("losses", f"unknown loss {n!r}; choose from {', '.join(LOSS_NAMES)}")
-    return names
-
-
-def _flag(f) -> str:
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-
-
-def _help(f) -> str:
-    default = f.metadata.get("default_text")
-    if default is None:
-        value = field_default(f)
-        default = "no" if value is False else ("yes" if value is True else value)
-    return f"{f.metadata['help']} (default: {default})".replace("%", "%%")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose usage error is two lines, ``<prog>: error: <message>`` and
-    ``see '<prog> --help'`` (not the whole usage block), exit code 2. The benchmark's and
-    ``tune``'s command lines use it."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(
-        prog="pml-proxies-benchmark",
-        description="Train and evaluate proxy-based DML losses under one fair protocol (same "
-        "trunk, sampler, optimizer, augmentation and iteration budget; model selection on "
-        "held-out training classes; several seeds, mean and 95% CI) and write a report.",
+    report_only: bool = option(
+        False,
+        "train nothing: rebuild the tables, plots and report.md from the finished runs in "
+        "--output (the report command)",
     )
-    groups: dict[str, Any] = {"general": p}
-    for f in fields(BenchmarkConfig):
-        meta = f.metadata
-        if not meta or meta.get("cli", True) is False:
-            continue
-        group = meta["group"]
-        if group not in groups:
-            groups[group] = p.add_argument_group(group)
-        g = groups[group]
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(f)}
-        if f.name in ("pretrained", "freeze_bn"):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif f.name == "download":
-            kw["action"] = "store_true"
-        elif f.name in ("dataset_kwargs", "loss_params"):
-            kw.update(action="append", metavar="KEY=VALUE" if f.name == "dataset_kwargs"
-                      else "LOSS.ARG=VALUE")  # fmt: skip
-        elif f.name == "losses":
-            kw["metavar"] = "NAMES"
-        else:
-            if "choices" in meta:
-                kw["choices"] = meta["choices"]
-            if "type" in meta:
-                kw["type"] = meta["type"]
-        g.add_argument(_flag(f), **kw)
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke test: 2 epochs x 4 iterations, seed 0, 300 map points, output "
-        "benchmark_results/quick (explicit options still win) (default: no)",
+    list_losses: bool = option(
+        False, "list the losses and their defaults, then exit (the list-losses command)"
     )
-    p.add_argument(
-        "--report-only",
-        action="store_true",
-        help="train nothing: rebuild the tables, plots and report.md from the finished runs "
-        "in --output (default: no)",
-    )
-    p.add_argument(
-        "--list-losses",
-        action="store_true",
-        help="list the losses and their defaults, then exit (default: no)",
-    )
-    p.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress display (default: tqdm bars on a terminal, else a line when a run "
-        "finishes, and at most every 30 s when something else changed)",
-    )
-    p.add_argument(
-        "--nproc-per-node",
-        type=int,
-        metavar="N",
-        help="train each run with DistributedDataParallel on N processes (one per GPU; gloo on "
-        "CPU): the command runs itself under torch.distributed.run (the same as running it "
-        "under torchrun); the global batch is --batch-size; not with --jobs > 1 (default: 1)",
-    )
-    p.add_argument(
-        "--debug", action="store_true", help="show Python tracebacks of errors (default: no)"
-    )
-    return p
 
 
-def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchmarkConfig:
-    """The :class:`BenchmarkConfig` of parsed ``args`` (``ConfigError`` on a bad value)."""
-    from .losses import LOSS_NAMES
+# ----------------------------------------------------------------- the commands' options
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``run``'s options (also the top-level parser's: ``run`` is the default command)."""
+    parser.description = DESCRIPTION
+    add_options(parser, BenchmarkConfig)
+    add_options(parser, RunOptions)
 
-    given = {
-        f.name: getattr(args, f.name) for f in fields(BenchmarkConfig) if hasattr(args, f.name)
-    }
-    values: dict[str, Any] = dict(QUICK) if getattr(args, "quick", False) else {}
-    values.update(given)
-    values["losses"] = _parse_losses(given["losses"]) if "losses" in given else list(LOSS_NAMES)
-    if "dataset_kwargs" in given:
-        values["dataset_kwargs"] = _parse_key_values(given["dataset_kwargs"], "--dataset-arg")
-    if "loss_params" in given:
-        values["loss_params"] = _parse_loss_params(given["loss_params"])
-    values["progress"] = not getattr(args, "no_progress", False)
-    values["command"] = typed_command(argv)
-    return BenchmarkConfig(**values)
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """``report``'s options: the config's (the runs' protocol), ``--quick``, ``--debug``."""
+    parser.description = (
+        "Train nothing: rebuild the tables, plots and report.md from the finished runs in "
+        "--output (the same as --report-only). The options give the protocol of the runs, as "
+        "when they were trained; the report settings (--equivalence-margin) may differ."
+    )
+    add_options(parser, BenchmarkConfig)
+    add_options(parser, CommonOptions, only=("quick", "debug"))  # trains nothing: no DDP
+
+
+def add_list_losses_arguments(parser: argparse.ArgumentParser) -> None:
+    """``list-losses``' options: the data set whose paper defaults are shown."""
+    parser.description = (
+        "List the losses and their defaults (the papers' values for --dataset), then exit "
+        "(the same as --list-losses)."
+    )
+    add_options(parser, BenchmarkConfig, only=("dataset",))
+
+
+def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tune.cli import add_arguments  # loads torch: only when tune is the command
+
+    add_arguments(parser)
 
 
 def list_losses(dataset: str) -> str:
@@ -204,41 +103,61 @@ def list_losses(dataset: str) -> str:
 
 
 def _usage_error(parser: argparse.ArgumentParser, e: ConfigError) -> NoReturn:
-    """argparse's usage error (exit 2) naming the option of the config field."""
-    flags = {f.name: _flag(f) for f in fields(BenchmarkConfig)}
-    flags["nproc_per_node"] = "--nproc-per-node"
-    parser.error(f"argument {flags.get(e.field, e.field)}: {e.message}")
+    """argparse's usage error (exit 2) naming the option of the settings field."""
+    parser.error(f"argument {option_name(e.field, BenchmarkConfig, RunOptions)}: {e.message}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["tune"]:  # the tuned comparison: pml-proxies-benchmark tune ...
-        from .tune.cli import main as tune_main
+# ----------------------------------------------------------------- running the commands
+def run(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """``run`` with parsed ``args`` (``argv``: the words after ``run``; ``parser``: the one
+    that parsed them, for usage errors)."""
+    return _benchmark(args, argv, parser, "run")
 
-        return tune_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+
+def report(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """``report``: ``run`` that trains nothing (``--report-only``)."""
+    return _benchmark(args, argv, parser, "report")
+
+
+def show_losses(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """``list-losses``: print :func:`list_losses` of ``--dataset``."""
+    print(list_losses(getattr(args, "dataset", BenchmarkConfig.dataset)))
+    return 0
+
+
+def _tune(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    from .tune.cli import run as run_tune
+
+    return run_tune(args, argv, parser)
+
+
+def _benchmark(
+    args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser, command: str | None
+) -> int:
+    """``run``, ``report`` or (``command`` ``None``) the options without a command."""
+    options = RunOptions(**given_values(args, RunOptions))
+    if command == "report":
+        options = dataclasses.replace(options, report_only=True)
+    if options.list_losses:
+        return show_losses(args, argv, parser)
+    from . import distributed as ddp
     from .runner import resolve_specs
 
-    if args.list_losses:
-        print(list_losses(getattr(args, "dataset", field_default(_field("dataset")))))
-        return 0
-    from . import distributed as ddp
-
     try:
-        config = config_from_args(args, argv)
+        config = config_from_args(args, argv, typed_command(argv, command))
         specs = resolve_specs(config)  # loss arguments checked by the losses' constructors
-        ddp.check_nproc(config, args.nproc_per_node)
+        ddp.check_nproc(config, options.nproc_per_node)
     except ConfigError as e:
         _usage_error(parser, e)
     except ValueError as e:  # a loss argument the spec builder refused
         parser.error(f"argument --loss-param: {e}")
-    if (args.nproc_per_node or 1) > 1 and not ddp.under_torchrun() and not args.report_only:
-        return _launch(config, specs, argv, args.nproc_per_node)
+    nproc = options.nproc_per_node or 1
+    if nproc > 1 and not ddp.under_torchrun() and not options.report_only:
+        return _launch(config, specs, [*([command] if command else []), *argv], nproc)
     from ..distributed import destroy
 
     try:
-        status = _main(args, config, parser)
+        status = _main(options, config, parser)
     except BaseException:
         destroy(wait=False)  # under torchrun; a peer may be gone
         raise
@@ -263,13 +182,13 @@ def _launch(config: BenchmarkConfig, specs, argv: list[str], nproc: int) -> int:
     return ddp.launch(argv, nproc)
 
 
-def _main(args: argparse.Namespace, config: BenchmarkConfig, parser: ArgumentParser) -> int:
+def _main(options: RunOptions, config: BenchmarkConfig, parser: argparse.ArgumentParser) -> int:
     from .interrupt import catching_interrupts
     from .runner import FolderBusy, ProtocolMismatch, run_benchmark
 
     try:
         with catching_interrupts():
-            out = run_benchmark(config, report_only=args.report_only)
+            out = run_benchmark(config, report_only=options.report_only)
     except ConfigError as e:  # e.g. --report-only of a folder that does not exist
         _usage_error(parser, e)
     except (ProtocolMismatch, FolderBusy) as e:
@@ -281,7 +200,7 @@ def _main(args: argparse.Namespace, config: BenchmarkConfig, parser: ArgumentPar
         )
         return 130
     except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
-        if args.debug:
+        if options.debug:
             raise
         print(f"error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
         return 1
@@ -293,5 +212,115 @@ def _main(args: argparse.Namespace, config: BenchmarkConfig, parser: ArgumentPar
     return 0
 
 
-def _field(name: str):
-    return next(f for f in fields(BenchmarkConfig) if f.name == name)
+# ----------------------------------------------------------------- the command line
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its line in ``--help``, the function that adds its options to its parser,
+    and the one that runs it: ``run(args, argv, parser)`` (the parsed options, the words after
+    the command, the command's parser for usage errors) -> exit code."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, list[str], argparse.ArgumentParser], int]
+
+
+#: the subcommands, in ``--help``'s order (``embed`` will be added here)
+COMMANDS: dict[str, Command] = {
+    "run": Command(
+        "train and evaluate the losses, then write the report (the default command)",
+        add_run_arguments,
+        run,
+    ),
+    "tune": Command(
+        "tuned comparison: an equal Optuna search per loss, then the best trials re-run "
+        "with --seeds",
+        _add_tune_arguments,
+        _tune,
+    ),
+    "report": Command(
+        "train nothing: rebuild the report from the finished runs in --output",
+        add_report_arguments,
+        report,
+    ),
+    "list-losses": Command(
+        "list the losses and their defaults", add_list_losses_arguments, show_losses
+    ),
+}
+
+
+class _CommandParser(ArgumentParser):
+    """A subcommand's parser. Its options are added when it is first used (the tuner's load
+    torch: the top-level ``--help`` does not need them), and an argument it does not know is
+    its own usage error (``pml-proxies-benchmark tune: error: ...``), not the top-level
+    parser's."""
+
+    def __init__(
+        self, *args: Any, add_arguments: Callable[[argparse.ArgumentParser], None], **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self._add_arguments: Callable[[argparse.ArgumentParser], None] | None = add_arguments
+
+    def add_arguments(self) -> None:
+        """Add the command's options (once)."""
+        if self._add_arguments is not None:
+            add, self._add_arguments = self._add_arguments, None
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self.add_arguments()
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def format_help(self) -> str:
+        self.add_arguments()
+        return super().format_help()
+
+
+def _build() -> tuple[ArgumentParser, dict[str, _CommandParser]]:
+    """The top-level parser (``run``'s options, then the commands) and each command's."""
+    parser = ArgumentParser(prog=PROG, usage="%(prog)s [COMMAND] [OPTIONS]")
+    subparsers = parser.add_subparsers(
+        title="commands",
+        dest="subcommand",
+        metavar="COMMAND",
+        parser_class=_CommandParser,
+        help="what to do, each with its own --help (default: run, whose options this help lists)",
+    )
+    commands = {
+        name: subparsers.add_parser(
+            name,
+            prog=f"{PROG} {name}",
+            help=command.help,
+            add_arguments=command.add_arguments,
+        )
+        for name, command in COMMANDS.items()
+    }
+    add_run_arguments(parser)
+    return parser, commands
+
+
+def build_parser() -> ArgumentParser:
+    """The parser of ``pml-proxies-benchmark``: ``run``'s options (the default command) and
+    the commands (:data:`COMMANDS`), each with its own options."""
+    return _build()[0]
+
+
+def command_parser(name: str) -> ArgumentParser:
+    """The parser of command ``name`` (e.g. ``"tune"``), its options added."""
+    parser = _build()[1][name]
+    parser.add_arguments()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = _build()
+    args = parser.parse_args(argv)
+    name = args.subcommand
+    if name is None:  # no command: run (the options as before there were commands)
+        return _benchmark(args, argv, parser, None)
+    if argv[0] != name:
+        parser.error(f"argument COMMAND: {name} comes first: {PROG} {name} [OPTIONS]")
+    return COMMANDS[name].run(args, argv[1:], commands[name])

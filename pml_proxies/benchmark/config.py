@@ -1,40 +1,27 @@
 """Configuration of a benchmark (one protocol shared by every loss).
 
 :class:`BenchmarkConfig` is the one source of truth of the benchmark's settings: each field's
-metadata holds its command-line help, option group and parser, and the command line
-(:mod:`~pml_proxies.benchmark.cli`) is derived from it. A config is immutable and validated when
-it is built: a bad value raises :class:`ConfigError` naming the field.
+metadata (:func:`~pml_proxies.benchmark.options.option`) holds its command-line help, option
+group and parser, its check and whether it is part of the protocol; the command lines
+(:mod:`~pml_proxies.benchmark.cli`, ``tune``) are derived from it. A config is immutable and
+validated when it is built: a bad value raises :class:`ConfigError` naming the field.
+:func:`config_from_args` makes the config of a parsed command line.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import hashlib
 import json
 import os
 import shlex
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .options import ConfigError, check_fields, given_values, non_protocol_fields, option
+from .options import field_default as field_default  # noqa: F401 - re-exported
 from .recipes import BENCHMARK_IMAGE_SIZES, POOLING_NAMES, TRUNK_DEFAULTS
-
-#: Fields that do not change results: they may differ between a run and its resumption.
-NON_PROTOCOL_FIELDS = (
-    "losses",
-    "seeds",
-    "workers",
-    "threads",
-    "jobs",
-    "device",
-    "output",
-    "progress",
-    "root",
-    "download",
-    "command",
-    "map_method",
-    "map_samples",
-    "loss_params",
-    "equivalence_margin",
-)
 
 #: default equivalence margin of the report's verdicts, in the report's units (metric x100)
 DEFAULT_EQUIVALENCE_MARGIN = 1.0
@@ -51,31 +38,6 @@ OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 MAP_METHODS = ("pca", "tsne")
 
 
-class ConfigError(ValueError):
-    """An invalid setting; ``field`` is the :class:`BenchmarkConfig` field it concerns."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
-
-
-def _int_list(text: str) -> list[int]:
-    """``"1,2 4"`` -> ``[1, 2, 4]``."""
-    return [int(t) for t in text.replace(",", " ").split()]
-
-
-def _opt(default: Any, help: str, group: str = "general", **cli: Any) -> Any:
-    """A config field with its command-line metadata: ``help``, option ``group``, and optional
-    ``type`` (parser of the option's text), ``choices``, ``default_text`` (how the default is
-    described when it is ``None`` or depends on other settings), ``flag`` (option name),
-    ``cli=False`` (not an option)."""
-    meta = {"help": help, "group": group, **cli}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity where the system tells it)."""
     try:
@@ -90,307 +52,66 @@ def _device_default() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    """Everything a benchmark run depends on. ``None`` means "the trunk's default"
-    (:data:`~pml_proxies.benchmark.models.TRUNK_DEFAULTS`) or "the data set's default"; the
-    ``*_or_default`` properties give the values used. Validated on construction
-    (:class:`ConfigError`); use :func:`dataclasses.replace` to derive a variant."""
+# ----------------------------------------------------------------- option text parsers
+def _int_list(text: str) -> list[int]:
+    """``"1,2 4"`` -> ``[1, 2, 4]``."""
+    return [int(t) for t in text.replace(",", " ").split()]
 
-    dataset: str = _opt(
-        "omniglot",
-        "data set: omniglot (bundled small background sets, offline), digits, cub200, cars196, "
-        "sop, inshop",
-        type=str,
-    )
-    losses: list[str] = _opt(
-        [], "comma-separated loss names, or 'all' (every available loss)", default_text="all"
-    )
-    seeds: list[int] = _opt(
-        list(DEFAULT_SEEDS),
-        "seeds, e.g. '0,1,2'",
-        type=_int_list,
-        default_text=",".join(map(str, DEFAULT_SEEDS)),
-    )
-    output: str = _opt(
-        "benchmark_results",
-        "output folder (resumable; holds runs of one protocol)",
-        default_text="benchmark_results (--quick: benchmark_results/quick)",
-    )
-    root: str | None = _opt(
-        None, "data folder", default_text="$PML_PROXIES_DATA, else ~/.cache/pml-proxies/data"
-    )
-    dataset_kwargs: dict = _opt(
-        {},
-        "extra argument of the data set class, KEY=VALUE, e.g. variant=full for Omniglot "
-        "(repeatable)",
-        flag="--dataset-arg",
-        default_text="none",
-    )
-    download: bool = _opt(False, "allow downloading the data set")
-    # model
-    trunk: str = _opt("small_cnn", "trunk network", "model", choices=tuple(TRUNK_DEFAULTS))
-    pretrained: bool | None = _opt(
-        None, "ImageNet weights", "model", default_text="yes for every trunk but small_cnn"
-    )
-    pooling: str = _opt("avg", "global pooling of the trunk's feature map", "model",
-                        choices=POOLING_NAMES)  # fmt: skip
-    embedding_size: int = _opt(512, "embedding dimension (linear embedder)", "model", type=int)
-    image_size: int | None = _opt(
-        None, "image side in pixels", "model", type=int,
-        default_text="32 omniglot with small_cnn, else the data set's: 8 digits, 64 omniglot, "
-        "224 natural images",
-    )  # fmt: skip
-    # data / sampling
-    val_fraction: float = _opt(
-        0.2,
-        "fraction of the training classes held out for model selection (0: none, select the "
-        "last epoch)",
-        "data and sampling",
-        type=float,
-    )
-    split_seed: int = _opt(0, "seed of the validation class draw", "data and sampling", type=int)
-    max_train_classes: int | None = _opt(
-        None, "use only the first N training-split classes", "data and sampling", type=int,
-        default_text="all",
-    )  # fmt: skip
-    batch_size: int = _opt(32, "batch size (a multiple of --m-per-class)", "data and sampling",
-                           type=int)  # fmt: skip
-    m_per_class: int = _opt(4, "images per class in a batch (MPerClassSampler m)",
-                            "data and sampling", type=int)  # fmt: skip
-    # schedule
-    epochs: int = _opt(8, "epochs", "schedule", type=int, default_text="8; --quick 2")
-    iterations_per_epoch: int = _opt(
-        40, "iterations (batches) per epoch", "schedule", type=int, default_text="40; --quick 4"
-    )
-    eval_every: int = _opt(1, "validate every N epochs (and after the last)", "schedule", type=int)
-    primary_metric: str = _opt(
-        "mean_average_precision_at_r", "validation metric of model selection", "schedule", type=str
-    )
-    # optimisation
-    optimizer: str = _opt("adamw", "optimizer", "optimisation", choices=OPTIMIZERS)
-    lr: float | None = _opt(
-        None, "trunk and embedder learning rate", "optimisation", type=float,
-        default_text="the trunk's: 1e-3 small_cnn, 1e-4 pretrained trunks",
-    )  # fmt: skip
-    proxy_lr_mult: float = _opt(
-        100.0, "learning-rate multiplier of the loss parameters (proxies)", "optimisation",
-        type=float,
-    )  # fmt: skip
-    weight_decay: float = _opt(1e-4, "weight decay of every parameter group", "optimisation",
-                               type=float)  # fmt: skip
-    lr_decay_epochs: int = _opt(0, "step-decay period in epochs (0: no decay)", "optimisation",
-                                type=int)  # fmt: skip
-    lr_decay_gamma: float = _opt(0.5, "step-decay factor", "optimisation", type=float)
-    warmup_epochs: int | None = _opt(
-        None, "first epochs with a frozen trunk", "optimisation", type=int,
-        default_text="the trunk's: 0 small_cnn, 1 pretrained trunks",
-    )  # fmt: skip
-    freeze_bn: bool | None = _opt(
-        None, "freeze the trunk's BatchNorm layers", "optimisation",
-        default_text="yes for pretrained trunks",
-    )  # fmt: skip
-    grad_clip: float = _opt(0.0, "maximum gradient norm (0: no clipping)", "optimisation",
-                            type=float)  # fmt: skip
-    loss_params: dict[str, dict] = _opt(
-        {},
-        "override a loss hyper-parameter, LOSS.ARG=VALUE, checked against the loss's constructor "
-        "(repeatable)",
-        "optimisation",
-        flag="--loss-param",
-        default_text="the papers' values (--list-losses)",
-    )
-    # evaluation
-    recall_ks: list[int] = _opt([1, 2, 4, 8], "k of Recall@k", "evaluation and execution",
-                                type=_int_list, default_text="1,2,4,8")  # fmt: skip
-    ndcg_ks: list[int] = _opt([10], "k of nDCG@k", "evaluation and execution", type=_int_list,
-                              default_text="10")  # fmt: skip
-    eval_batch_size: int = _opt(128, "batch size of the embedding passes",
-                                "evaluation and execution", type=int)  # fmt: skip
-    # execution
-    device: str = _opt(
-        "auto", "cpu, cuda, cuda:1, ... or auto", "evaluation and execution", type=str,
-        default_text="auto: cuda if available, else cpu",
-    )  # fmt: skip
-    workers: int = _opt(0, "DataLoader worker processes", "evaluation and execution", type=int)
-    threads: int | None = _opt(
-        None, "torch CPU threads", "evaluation and execution", type=int,
-        default_text="1 for small_cnn on CPU, else torch's",
-    )  # fmt: skip
-    jobs: int | None = _opt(
-        None, "parallel runs: worker processes that each train one (loss, seed) run at a time "
-        "(results do not depend on it)", "evaluation and execution", type=int,
-        default_text="small_cnn on CPU: CPU cores // threads, at most the runs to train; else 1",
-    )  # fmt: skip
-    log_freq: int = _opt(10, "record-keeper logging period in iterations",
-                         "evaluation and execution", type=int)  # fmt: skip
-    progress: bool = _opt(True, "progress bars", "evaluation and execution", cli=False)
-    map_method: str = _opt("pca", "2-D projection of the embedding maps",
-                           "evaluation and execution", choices=MAP_METHODS, flag="--map")  # fmt: skip
-    map_samples: int = _opt(1000, "points per embedding map", "evaluation and execution",
-                            type=int, default_text="1000; --quick 300")  # fmt: skip
-    # report
-    equivalence_margin: float = _opt(
-        DEFAULT_EQUIVALENCE_MARGIN,
-        "equivalence margin of the report's verdicts against proxy_anchor, in points of the "
-        "metric x100 as the report prints it (1.0: one MAP@R point): a loss is 'equivalent' when "
-        "two one-sided tests show its seed-paired difference lies within ±margin; a report "
-        "setting, not part of the protocol (--report-only may change it)",
-        "report",
-        type=float,
-    )
-    pipeline_version: int = _opt(
-        PIPELINE_VERSION, "version of the computation behind these settings", cli=False
-    )
-    command: str = _opt("", "the command line that made this config", cli=False)
 
-    # ------------------------------------------------------------- trunk defaults
-    def _trunk_default(self, key: str):
-        return TRUNK_DEFAULTS[self.trunk][key]
+def _literal(value: str):
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
 
-    @property
-    def lr_or_default(self) -> float:
-        return self.lr if self.lr is not None else self._trunk_default("lr")
 
-    @property
-    def warmup_epochs_or_default(self) -> int:
-        if self.warmup_epochs is not None:
-            return self.warmup_epochs
-        return self._trunk_default("warmup_epochs")
+def _parse_losses(text: str) -> list[str]:
+    """``--losses``: ``"mpa,vcpa"`` -> ``["mpa", "vcpa"]``; ``"all"``: every loss."""
+    from .losses import LOSS_NAMES, LOSSES
 
-    @property
-    def freeze_bn_or_default(self) -> bool:
-        return self.freeze_bn if self.freeze_bn is not None else self._trunk_default("freeze_bn")
+    if text.strip() == "all":
+        return list(LOSS_NAMES)
+    names = [n.strip() for n in text.split(",")]
+    if not any(names):
+        raise ConfigError("losses", f"name at least one loss; choose from {', '.join(LOSS_NAMES)}")
+    if "" in names:
+        raise ConfigError("losses", f"an empty name in {text!r}")
+    for n in names:
+        if n not in LOSSES:
+            raise ConfigError("losses", f"unknown loss {n!r}; choose from {', '.join(LOSS_NAMES)}")
+    return names
 
-    @property
-    def image_size_or_default(self) -> int:
-        if self.image_size is not None:
-            return self.image_size
-        from ..datasets import dataset_class
 
-        return int(dataset_class(self.dataset).default_image_size)
+def _parse_dataset_args(items: list[str]) -> dict:
+    """``--dataset-arg``: ``["variant=small"]`` -> ``{"variant": "small"}`` (values as Python
+    literals where they are one)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("dataset_kwargs", f"expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = _literal(value)
+    return out
 
-    @property
-    def threads_or_default(self) -> int | None:
-        """CPU threads of torch: 1 for the small CNN on CPU (its tiny ops only lose from
-        threading, badly so on a shared machine), torch's default otherwise."""
-        if self.threads is not None:
-            return self.threads
-        if self.trunk == "small_cnn" and str(self.device).startswith("cpu"):
-            return 1
-        return None
 
-    def jobs_for(self, runs: int) -> int:
-        """Worker processes for ``runs`` runs to train: ``jobs`` if given (at most ``runs``);
-        by default, for the small CNN on CPU, as many as the CPU cores hold at
-        :attr:`threads_or_default` threads each (at least 1, at most ``runs``); 1 otherwise
-        (a pretrained trunk uses every core in one run, and parallel runs on one GPU only
-        compete for it)."""
-        if self.jobs is not None:
-            return max(1, min(self.jobs, runs))
-        if self.trunk != "small_cnn" or not str(self.device).startswith("cpu"):
-            return 1
-        threads = self.threads_or_default or 1
-        return max(1, min(available_cores() // threads, runs))
+def _parse_loss_params(items: list[str]) -> dict[str, dict]:
+    """``["mpa.centers_per_class=2", ...]`` -> ``{"mpa": {"centers_per_class": 2}}`` (values as
+    Python literals; their types are checked against the loss's constructor later)."""
+    from .losses import LOSS_NAMES, LOSSES
 
-    @property
-    def channels(self) -> int:
-        """Input channels: 3 (ImageNet-normalised RGB) for pretrained-style trunks, else the
-        data set's default (1 for digits and Omniglot)."""
-        if self.trunk != "small_cnn":
-            return 3
-        from ..datasets import dataset_class
-
-        return int(dataset_class(self.dataset).default_channels)
-
-    def __post_init__(self) -> None:
-        if self.device == "auto":
-            object.__setattr__(self, "device", _device_default())
-        if self.image_size is None and (self.dataset, self.trunk) in BENCHMARK_IMAGE_SIZES:
-            object.__setattr__(self, "image_size", BENCHMARK_IMAGE_SIZES[self.dataset, self.trunk])
-        if self.pretrained is None and self.trunk in TRUNK_DEFAULTS:
-            object.__setattr__(self, "pretrained", TRUNK_DEFAULTS[self.trunk]["pretrained"])
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` (a ``ValueError`` naming the field) on a bad setting."""
-        for name, check in _CHECKS:
-            value = getattr(self, name)
-            try:
-                check(name, value)
-            except (TypeError, ValueError) as e:
-                message = str(e)
-                if message.startswith(name + " "):
-                    message = message[len(name) + 1 :]
-                raise ConfigError(name, message) from None
-        if self.batch_size % self.m_per_class:
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        loss, dot, arg = key.partition(".")
+        if not sep or not dot or not arg.strip():
+            raise ConfigError("loss_params", f"expects LOSS.ARG=VALUE, got {item!r}")
+        loss = loss.strip()
+        if loss not in LOSSES:
             raise ConfigError(
-                "batch_size",
-                f"must be a multiple of m_per_class ({self.m_per_class}), got {self.batch_size}",
+                "loss_params", f"unknown loss {loss!r}; choose from {', '.join(LOSS_NAMES)}"
             )
-        from .metrics import benchmark_metrics
-
-        names = [m.name for m in benchmark_metrics(self.recall_ks, self.ndcg_ks)]
-        if self.primary_metric not in names:
-            raise ConfigError(
-                "primary_metric", f"{self.primary_metric!r} is not computed; choose from {names}"
-            )
-
-    # ------------------------------------------------------------- identity
-    def protocol(self) -> dict:
-        """The settings that define the protocol (everything that changes results)."""
-        d = asdict(self)
-        for k in NON_PROTOCOL_FIELDS:
-            d.pop(k, None)
-        return d
-
-    def fingerprint(self, loss_name: str | None = None) -> str:
-        """Hash of the protocol (and of ``loss_name``'s parameter overrides): a finished run
-        is reused on resumption only if its fingerprint matches."""
-        return protocol_fingerprint(
-            self.protocol(),
-            loss_name,
-            self.loss_params.get(loss_name, {}) if loss_name is not None else None,
-        )
-
-
-def config_record(config: BenchmarkConfig) -> dict:
-    """The config as saved in ``config.json``."""
-    return asdict(config)
-
-
-def protocol_fingerprint(protocol: dict, loss_name: str | None, loss_params: dict | None) -> str:
-    """The one fingerprint function: hash of ``protocol`` (+ the loss name and its overrides)."""
-    d = dict(protocol)
-    if loss_name is not None:
-        d["loss"] = loss_name
-        d["loss_params"] = loss_params or {}
-    blob = json.dumps(d, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-#: the command that started the command line, where it is not ``pml-proxies-benchmark`` (set
-#: by ``.ci/main`` to ``bash .ci/main``): the report shows the command as the user typed it
-COMMAND_ENV = "PML_PROXIES_COMMAND"
-
-
-def typed_command(argv: list[str], subcommand: str | None = None) -> str:
-    """The command line of ``argv`` as typed (shell-quoted): ``$PML_PROXIES_COMMAND`` (else
-    ``pml-proxies-benchmark``), then ``subcommand`` (e.g. ``tune``) and the arguments."""
-    program = os.environ.get(COMMAND_ENV, "").strip() or "pml-proxies-benchmark"
-    return " ".join([program, *([subcommand] if subcommand else []), *map(shlex.quote, argv)])
-
-
-def config_fields() -> tuple:
-    """The dataclass fields of :class:`BenchmarkConfig` (with their command-line metadata)."""
-    return fields(BenchmarkConfig)
-
-
-def field_default(f) -> Any:
-    """The default value of config field ``f``."""
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory()
+        out.setdefault(loss, {})[arg.strip()] = _literal(value)
+    return out
 
 
 # ----------------------------------------------------------------- per-field checks
@@ -425,6 +146,10 @@ def _positive_int(low: int):
 
 def _optional(check):
     return lambda name, v: None if v is None else check(name, v)
+
+
+def _choice(choices):
+    return lambda name, v: check_choice(name, v, choices)
 
 
 def _int_list_check(name: str, values) -> None:
@@ -510,45 +235,396 @@ def _loss_params_check(name: str, value) -> None:
             raise ValueError(f"{name}[{loss!r}] must be a dict, got {type(params).__name__}")
 
 
-_CHECKS = (
-    ("dataset", _dataset_check),
-    ("losses", _losses_check),
-    ("seeds", _seeds_check),
-    ("dataset_kwargs", _dict_check),
-    ("download", check_bool),
-    ("trunk", lambda n, v: check_choice(n, v, tuple(TRUNK_DEFAULTS))),
-    ("pretrained", _optional(check_bool)),
-    ("pooling", lambda n, v: check_choice(n, v, POOLING_NAMES)),
-    ("embedding_size", _positive_int(1)),
-    ("image_size", _optional(_positive_int(1))),
-    ("val_fraction", _val_fraction_check),
-    ("split_seed", _positive_int(0)),
-    ("max_train_classes", _optional(_positive_int(2))),
-    ("batch_size", _positive_int(2)),
-    ("m_per_class", _positive_int(1)),
-    ("epochs", _positive_int(1)),
-    ("iterations_per_epoch", _positive_int(1)),
-    ("eval_every", _positive_int(1)),
-    ("optimizer", lambda n, v: check_choice(n, v, OPTIMIZERS)),
-    ("lr", _optional(_positive_real)),
-    ("proxy_lr_mult", _positive_real),
-    ("weight_decay", _nonneg_real),
-    ("lr_decay_epochs", _positive_int(0)),
-    ("lr_decay_gamma", _positive_real),
-    ("warmup_epochs", _optional(_positive_int(0))),
-    ("freeze_bn", _optional(check_bool)),
-    ("grad_clip", _nonneg_real),
-    ("loss_params", _loss_params_check),
-    ("recall_ks", _int_list_check),
-    ("ndcg_ks", _int_list_check),
-    ("eval_batch_size", _positive_int(1)),
-    ("device", _device_check),
-    ("workers", _positive_int(0)),
-    ("threads", _optional(_positive_int(1))),
-    ("jobs", _optional(_positive_int(1))),
-    ("log_freq", _positive_int(1)),
-    ("progress", check_bool),
-    ("map_method", lambda n, v: check_choice(n, v, MAP_METHODS)),
-    ("map_samples", _positive_int(1)),
-    ("equivalence_margin", _positive_real),
+# ----------------------------------------------------------------- the config
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Everything a benchmark run depends on. ``None`` means "the trunk's default"
+    (:data:`~pml_proxies.benchmark.models.TRUNK_DEFAULTS`) or "the data set's default"; the
+    ``*_or_default`` properties give the values used. Validated on construction
+    (:class:`ConfigError`); use :func:`dataclasses.replace` to derive a variant. Fields with
+    ``protocol=False`` (:data:`NON_PROTOCOL_FIELDS`) do not change results."""
+
+    dataset: str = option(
+        "omniglot",
+        "data set: omniglot (bundled small background sets, offline), digits, cub200, cars196, "
+        "sop, inshop",
+        type=str,
+        check=_dataset_check,
+    )
+    losses: list[str] = option(
+        [], "comma-separated loss names, or 'all' (every available loss)", metavar="NAMES",
+        convert=_parse_losses, cli_default="all", check=_losses_check, protocol=False,
+    )  # fmt: skip
+    seeds: list[int] = option(
+        list(DEFAULT_SEEDS),
+        "seeds, e.g. '0,1,2'",
+        type=_int_list,
+        default_text=",".join(map(str, DEFAULT_SEEDS)),
+        check=_seeds_check,
+        protocol=False,
+    )
+    output: str = option(
+        "benchmark_results",
+        "output folder (resumable; holds runs of one protocol)",
+        default_text="benchmark_results (--quick: benchmark_results/quick)",
+        protocol=False,
+    )
+    root: str | None = option(
+        None, "data folder", default_text="$PML_PROXIES_DATA, else ~/.cache/pml-proxies/data",
+        protocol=False,
+    )  # fmt: skip
+    dataset_kwargs: dict = option(
+        {},
+        "extra argument of the data set class, KEY=VALUE, e.g. variant=full for Omniglot "
+        "(repeatable)",
+        flag="--dataset-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        convert=_parse_dataset_args,
+        default_text="none",
+        check=_dict_check,
+    )
+    download: bool = option(False, "allow downloading the data set", check=check_bool,
+                            protocol=False)  # fmt: skip
+    # model
+    trunk: str = option("small_cnn", "trunk network", "model", choices=tuple(TRUNK_DEFAULTS),
+                        check=_choice(tuple(TRUNK_DEFAULTS)))  # fmt: skip
+    pretrained: bool | None = option(
+        None, "ImageNet weights", "model", action=argparse.BooleanOptionalAction,
+        default_text="yes for every trunk but small_cnn", check=_optional(check_bool),
+    )  # fmt: skip
+    pooling: str = option("avg", "global pooling of the trunk's feature map", "model",
+                          choices=POOLING_NAMES, check=_choice(POOLING_NAMES))  # fmt: skip
+    embedding_size: int = option(512, "embedding dimension (linear embedder)", "model", type=int,
+                                 check=_positive_int(1))  # fmt: skip
+    image_size: int | None = option(
+        None, "image side in pixels", "model", type=int,
+        default_text="32 omniglot with small_cnn, else the data set's: 8 digits, 64 omniglot, "
+        "224 natural images",
+        check=_optional(_positive_int(1)),
+    )  # fmt: skip
+    # data / sampling
+    val_fraction: float = option(
+        0.2,
+        "fraction of the training classes held out for model selection (0: none, select the "
+        "last epoch)",
+        "data and sampling",
+        type=float,
+        check=_val_fraction_check,
+    )
+    split_seed: int = option(0, "seed of the validation class draw", "data and sampling",
+                             type=int, check=_positive_int(0))  # fmt: skip
+    max_train_classes: int | None = option(
+        None, "use only the first N training-split classes", "data and sampling", type=int,
+        default_text="all", check=_optional(_positive_int(2)),
+    )  # fmt: skip
+    batch_size: int = option(32, "batch size (a multiple of --m-per-class)", "data and sampling",
+                             type=int, check=_positive_int(2))  # fmt: skip
+    m_per_class: int = option(4, "images per class in a batch (MPerClassSampler m)",
+                              "data and sampling", type=int, check=_positive_int(1))  # fmt: skip
+    # schedule
+    epochs: int = option(8, "epochs", "schedule", type=int, default_text="8; --quick 2",
+                         check=_positive_int(1))  # fmt: skip
+    iterations_per_epoch: int = option(
+        40, "iterations (batches) per epoch", "schedule", type=int, default_text="40; --quick 4",
+        check=_positive_int(1),
+    )  # fmt: skip
+    eval_every: int = option(1, "validate every N epochs (and after the last)", "schedule",
+                             type=int, check=_positive_int(1))  # fmt: skip
+    primary_metric: str = option(  # checked against the metrics computed (validate)
+        "mean_average_precision_at_r", "validation metric of model selection", "schedule", type=str
+    )
+    # optimisation
+    optimizer: str = option("adamw", "optimizer", "optimisation", choices=OPTIMIZERS,
+                            check=_choice(OPTIMIZERS))  # fmt: skip
+    lr: float | None = option(
+        None, "trunk and embedder learning rate", "optimisation", type=float,
+        default_text="the trunk's: 1e-3 small_cnn, 1e-4 pretrained trunks",
+        check=_optional(_positive_real),
+    )  # fmt: skip
+    proxy_lr_mult: float = option(
+        100.0, "learning-rate multiplier of the loss parameters (proxies)", "optimisation",
+        type=float, check=_positive_real,
+    )  # fmt: skip
+    weight_decay: float = option(1e-4, "weight decay of every parameter group", "optimisation",
+                                 type=float, check=_nonneg_real)  # fmt: skip
+    lr_decay_epochs: int = option(0, "step-decay period in epochs (0: no decay)", "optimisation",
+                                  type=int, check=_positive_int(0))  # fmt: skip
+    lr_decay_gamma: float = option(0.5, "step-decay factor", "optimisation", type=float,
+                                   check=_positive_real)  # fmt: skip
+    warmup_epochs: int | None = option(
+        None, "first epochs with a frozen trunk", "optimisation", type=int,
+        default_text="the trunk's: 0 small_cnn, 1 pretrained trunks",
+        check=_optional(_positive_int(0)),
+    )  # fmt: skip
+    freeze_bn: bool | None = option(
+        None, "freeze the trunk's BatchNorm layers", "optimisation",
+        action=argparse.BooleanOptionalAction, default_text="yes for pretrained trunks",
+        check=_optional(check_bool),
+    )  # fmt: skip
+    grad_clip: float = option(0.0, "maximum gradient norm (0: no clipping)", "optimisation",
+                              type=float, check=_nonneg_real)  # fmt: skip
+    loss_params: dict[str, dict] = option(
+        {},
+        "override a loss hyper-parameter, LOSS.ARG=VALUE, checked against the loss's constructor "
+        "(repeatable)",
+        "optimisation",
+        flag="--loss-param",
+        action="append",
+        metavar="LOSS.ARG=VALUE",
+        convert=_parse_loss_params,
+        default_text="the papers' values (--list-losses)",
+        check=_loss_params_check,
+        protocol=False,  # in each loss's own fingerprint (fingerprint)
+    )
+    # evaluation
+    recall_ks: list[int] = option([1, 2, 4, 8], "k of Recall@k", "evaluation and execution",
+                                  type=_int_list, default_text="1,2,4,8",
+                                  check=_int_list_check)  # fmt: skip
+    ndcg_ks: list[int] = option([10], "k of nDCG@k", "evaluation and execution", type=_int_list,
+                                default_text="10", check=_int_list_check)  # fmt: skip
+    eval_batch_size: int = option(128, "batch size of the embedding passes",
+                                  "evaluation and execution", type=int,
+                                  check=_positive_int(1))  # fmt: skip
+    # execution
+    device: str = option(
+        "auto", "cpu, cuda, cuda:1, ... or auto", "evaluation and execution", type=str,
+        default_text="auto: cuda if available, else cpu", check=_device_check, protocol=False,
+    )  # fmt: skip
+    workers: int = option(0, "DataLoader worker processes", "evaluation and execution", type=int,
+                          check=_positive_int(0), protocol=False)  # fmt: skip
+    threads: int | None = option(
+        None, "torch CPU threads", "evaluation and execution", type=int,
+        default_text="1 for small_cnn on CPU, else torch's", check=_optional(_positive_int(1)),
+        protocol=False,
+    )  # fmt: skip
+    jobs: int | None = option(
+        None, "parallel runs: worker processes that each train one (loss, seed) run at a time "
+        "(results do not depend on it)", "evaluation and execution", type=int,
+        default_text="small_cnn on CPU: CPU cores // threads, at most the runs to train; else 1",
+        check=_optional(_positive_int(1)), protocol=False,
+    )  # fmt: skip
+    log_freq: int = option(10, "record-keeper logging period in iterations",
+                           "evaluation and execution", type=int,
+                           check=_positive_int(1))  # fmt: skip
+    progress: bool = option(
+        True,
+        "no progress display",
+        flag="--no-progress",
+        action="store_false",
+        default_text="tqdm bars on a terminal, else a line when a run finishes, and at most "
+        "every 30 s when something else changed",
+        check=check_bool,
+        protocol=False,
+    )
+    map_method: str = option("pca", "2-D projection of the embedding maps",
+                             "evaluation and execution", choices=MAP_METHODS, flag="--map",
+                             check=_choice(MAP_METHODS), protocol=False)  # fmt: skip
+    map_samples: int = option(1000, "points per embedding map", "evaluation and execution",
+                              type=int, default_text="1000; --quick 300",
+                              check=_positive_int(1), protocol=False)  # fmt: skip
+    # report
+    equivalence_margin: float = option(
+        DEFAULT_EQUIVALENCE_MARGIN,
+        "equivalence margin of the report's verdicts against proxy_anchor, in points of the "
+        "metric x100 as the report prints it (1.0: one MAP@R point): a loss is 'equivalent' when "
+        "two one-sided tests show its seed-paired difference lies within ±margin; a report "
+        "setting, not part of the protocol (the report command may change it)",
+        "report",
+        type=float,
+        check=_positive_real,
+        protocol=False,
+    )
+    pipeline_version: int = option(
+        PIPELINE_VERSION, "version of the computation behind these settings", cli=False
+    )
+    command: str = option("", "the command line that made this config", cli=False, protocol=False)
+
+    # ------------------------------------------------------------- trunk defaults
+    def _trunk_default(self, key: str):
+        return TRUNK_DEFAULTS[self.trunk][key]
+
+    @property
+    def lr_or_default(self) -> float:
+        return self.lr if self.lr is not None else self._trunk_default("lr")
+
+    @property
+    def warmup_epochs_or_default(self) -> int:
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return self._trunk_default("warmup_epochs")
+
+    @property
+    def freeze_bn_or_default(self) -> bool:
+        return self.freeze_bn if self.freeze_bn is not None else self._trunk_default("freeze_bn")
+
+    @property
+    def image_size_or_default(self) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        from ..datasets import dataset_class
+
+        return int(dataset_class(self.dataset).default_image_size)
+
+    @property
+    def threads_or_default(self) -> int | None:
+        """CPU threads of torch: 1 for the small CNN on CPU (its tiny ops only lose from
+        threading, badly so on a shared machine), torch's default otherwise."""
+        if self.threads is not None:
+            return self.threads
+        if self.trunk == "small_cnn" and str(self.device).startswith("cpu"):
+            return 1
+        return None
+
+    def jobs_for(self, runs: int) -> int:
+        """Worker processes for ``runs`` runs to train: ``jobs`` if given (at most ``runs``);
+        by default, for the small CNN on CPU, as many as the CPU cores hold at
+        :attr:`threads_or_default` threads each (at least 1, at most ``runs``); 1 otherwise
+        (a pretrained trunk uses every core in one run, and parallel runs on one GPU only
+        compete for it)."""
+        if self.jobs is not None:
+            return max(1, min(self.jobs, runs))
+        if self.trunk != "small_cnn" or not str(self.device).startswith("cpu"):
+            return 1
+        threads = self.threads_or_default or 1
+        return max(1, min(available_cores() // threads, runs))
+
+    @property
+    def channels(self) -> int:
+        """Input channels: 3 (ImageNet-normalised RGB) for pretrained-style trunks, else the
+        data set's default (1 for digits and Omniglot)."""
+        if self.trunk != "small_cnn":
+            return 3
+        from ..datasets import dataset_class
+
+        return int(dataset_class(self.dataset).default_channels)
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            object.__setattr__(self, "device", _device_default())
+        if self.image_size is None and (self.dataset, self.trunk) in BENCHMARK_IMAGE_SIZES:
+            object.__setattr__(self, "image_size", BENCHMARK_IMAGE_SIZES[self.dataset, self.trunk])
+        if self.pretrained is None and self.trunk in TRUNK_DEFAULTS:
+            object.__setattr__(self, "pretrained", TRUNK_DEFAULTS[self.trunk]["pretrained"])
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (a ``ValueError`` naming the field) on a bad setting."""
+        check_fields(self)  # each field's own check (its metadata)
+        if self.batch_size % self.m_per_class:
+            raise ConfigError(
+                "batch_size",
+                f"must be a multiple of m_per_class ({self.m_per_class}), got {self.batch_size}",
+            )
+        from .metrics import benchmark_metrics
+
+        names = [m.name for m in benchmark_metrics(self.recall_ks, self.ndcg_ks)]
+        if self.primary_metric not in names:
+            raise ConfigError(
+                "primary_metric", f"{self.primary_metric!r} is not computed; choose from {names}"
+            )
+
+    # ------------------------------------------------------------- identity
+    def protocol(self) -> dict:
+        """The settings that define the protocol (everything that changes results)."""
+        d = asdict(self)
+        for k in NON_PROTOCOL_FIELDS:
+            d.pop(k, None)
+        return d
+
+    def fingerprint(self, loss_name: str | None = None) -> str:
+        """Hash of the protocol (and of ``loss_name``'s parameter overrides): a finished run
+        is reused on resumption only if its fingerprint matches."""
+        return protocol_fingerprint(
+            self.protocol(),
+            loss_name,
+            self.loss_params.get(loss_name, {}) if loss_name is not None else None,
+        )
+
+
+#: Fields that do not change results (``protocol=False`` in their metadata): they may differ
+#: between a run and its resumption.
+NON_PROTOCOL_FIELDS = non_protocol_fields(BenchmarkConfig)
+
+
+def config_record(config: BenchmarkConfig) -> dict:
+    """The config as saved in ``config.json``."""
+    return asdict(config)
+
+
+def protocol_fingerprint(protocol: dict, loss_name: str | None, loss_params: dict | None) -> str:
+    """The one fingerprint function: hash of ``protocol`` (+ the loss name and its overrides)."""
+    d = dict(protocol)
+    if loss_name is not None:
+        d["loss"] = loss_name
+        d["loss_params"] = loss_params or {}
+    blob = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: the command that started the command line, where it is not ``pml-proxies-benchmark`` (set
+#: by ``.ci/main`` to ``bash .ci/main``): the report shows the command as the user typed it
+COMMAND_ENV = "PML_PROXIES_COMMAND"
+
+
+def typed_command(argv: list[str], subcommand: str | None = None) -> str:
+    """The command line of ``argv`` as typed (shell-quoted): ``$PML_PROXIES_COMMAND`` (else
+    ``pml-proxies-benchmark``), then ``subcommand`` (e.g. ``tune``) and the arguments."""
+    program = os.environ.get(COMMAND_ENV, "").strip() or "pml-proxies-benchmark"
+    return " ".join([program, *([subcommand] if subcommand else []), *map(shlex.quote, argv)])
+
+
+def config_fields() -> tuple:
+    """The dataclass fields of :class:`BenchmarkConfig` (with their command-line metadata)."""
+    return fields(BenchmarkConfig)
+
+
+# ----------------------------------------------------------------- from the command line
+#: ``--quick``: a smoke test of the whole pipeline (tests / CI); explicit options still win.
+QUICK: dict[str, Any] = dict(
+    epochs=2,
+    iterations_per_epoch=4,
+    seeds=[0],
+    map_samples=300,
+    output="benchmark_results/quick",
 )
+
+
+def quick_help(output: str) -> str:
+    """The help of ``--quick`` in a command whose ``--quick`` output folder is ``output``."""
+    seeds = ",".join(map(str, QUICK["seeds"]))
+    return (
+        f"smoke test: {QUICK['epochs']} epochs x {QUICK['iterations_per_epoch']} iterations, "
+        f"seed {seeds}, {QUICK['map_samples']} map points, output {output} (explicit options "
+        "still win)"
+    )
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """The options, beside :class:`BenchmarkConfig`'s, of every command that trains or reports
+    (``run``, ``report``, ``tune``)."""
+
+    quick: bool = option(False, quick_help(QUICK["output"]))
+    nproc_per_node: int | None = option(
+        None,
+        "train each run with DistributedDataParallel on N processes (one per GPU; gloo on "
+        "CPU): the command runs itself under torch.distributed.run (the same as running it "
+        "under torchrun); the global batch is --batch-size; not with --jobs > 1",
+        type=int,
+        metavar="N",
+        default_text="1",
+    )  # checked with the config: distributed.check_nproc
+    debug: bool = option(False, "show Python tracebacks of errors")
+
+
+def config_from_args(
+    args: argparse.Namespace, argv: list[str], command: str | None = None
+) -> BenchmarkConfig:
+    """The :class:`BenchmarkConfig` of parsed ``args`` (``ConfigError`` on a bad value): the
+    options typed, over :data:`QUICK` with ``--quick``, over the defaults. ``command``: the
+    command line to record (default: ``argv`` as typed, :func:`typed_command`)."""
+    values: dict[str, Any] = dict(QUICK) if getattr(args, "quick", False) else {}
+    values.update(given_values(args, BenchmarkConfig))
+    values["command"] = typed_command(argv) if command is None else command
+    return BenchmarkConfig(**values)

@@ -1,6 +1,10 @@
 """``pml-proxies-benchmark tune``: the untuned benchmark's options plus the search's.
 
-Also ``python -m pml_proxies.benchmark.tune``. As in the untuned benchmark, an invalid option is
+Also ``python -m pml_proxies.benchmark.tune``. The options are derived as every command's
+(:func:`~pml_proxies.benchmark.options.add_options`) from
+:class:`~pml_proxies.benchmark.config.BenchmarkConfig` (the DataLoader workers as
+``--loader-workers``: ``--workers`` are the search's) and
+:class:`~pml_proxies.benchmark.tune.options.TuneArgs`. As in the untuned benchmark, an invalid option is
 a usage error (exit code 2) before anything is written, and so is a command whose protocol or
 space differs from the stored studies' (naming each differing setting); a folder another command
 is using is refused (exit code 3); any other failure is one ``error:`` line (exit code 1),
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import shutil
 import subprocess
@@ -19,108 +22,54 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import QUICK, config_from_args
-from ..cli import build_parser as build_benchmark_parser
-from ..config import BenchmarkConfig, ConfigError, typed_command
+from ..config import BenchmarkConfig, ConfigError, config_from_args, quick_help, typed_command
 from ..losses import LOSS_NAMES, LOSSES
+from ..options import ArgumentParser, add_options, given_values, option_name
+from .options import TuneArgs
 
 PROG = "pml-proxies-benchmark tune"
 DEFAULT_OUTPUT = "tune_results"
+DESCRIPTION = (
+    "Tuned fair comparison (MLRC protocol): an equal Optuna TPE budget per loss over the "
+    "search spaces of powerful_benchmarker_configs/, selection on held-out training classes, "
+    "then the best trial of each loss re-run with --seeds and evaluated once on the test "
+    "classes."
+)
+#: the benchmark's options as the tuner shows them: its own output folder, and the DataLoader
+#: workers as --loader-workers (--workers are the search's local worker processes)
+CONFIG_CHANGES = {
+    "output": {
+        "help": "output folder (resumable; one search)",
+        "cli_default": DEFAULT_OUTPUT,
+        "default_text": DEFAULT_OUTPUT,
+    },
+    "workers": {"flag": "--loader-workers", "metavar": "LOADER_WORKERS"},
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = build_benchmark_parser()
-    p.prog = PROG
-    p.description = (
-        "Tuned fair comparison (MLRC protocol): an equal Optuna TPE budget per loss over the "
-        "search spaces of powerful_benchmarker_configs/, selection on held-out training classes, "
-        "then the best trial of each loss re-run with --seeds and evaluated once on the test "
-        "classes."
-    )
-    # --workers and --list-losses mean the search's here (DataLoader workers: --loader-workers)
-    for container in (p, *p._action_groups):
-        container.conflict_handler = "resolve"
-    p.set_defaults(output=DEFAULT_OUTPUT)
-    actions = {action.dest: action for action in p._actions}
-    actions["output"].help = f"output folder (resumable; one search) (default: {DEFAULT_OUTPUT})"
-    quick = actions["quick"]
-    quick.help = (quick.help or "").replace(str(QUICK["output"]), DEFAULT_OUTPUT)  # --output wins
-    a = p.add_argument
-    a("--list-losses", "--list-spaces", dest="list_losses", action="store_true",
-      help="list each loss's search space, then exit")  # fmt: skip
-    a("--loader-workers", type=int, default=0, help="DataLoader worker processes")
-    g = p.add_argument_group("search (tune)")
-    g.add_argument("--trials", type=int, default=20, help="trials per loss (equal budget)")
-    g.add_argument("--prune", action="store_true", help="Optuna MedianPruner on validation")
-    g.add_argument("--folds", type=int, default=1,
-                   help="K > 1: class-disjoint K-fold CV over the training classes")  # fmt: skip
-    g.add_argument("--sampler-seed", type=int, default=0, help="TPE seed")
-    g.add_argument("--trial-seed", type=int, default=0, help="training seed of every trial")
-    g.add_argument(
-        "--startup-trials",
-        type=int,
-        default=None,
-        help="random trials before TPE (default: max(1, trials // 4), at most 10)",
-    )
-    g.add_argument(
-        "--space",
-        action="append",
-        default=[],
-        metavar="LOSS.ARG=LOW:HIGH[:log|int]",
-        help="override (or add) a search range (repeatable)",
-    )
-    g.add_argument("--configs", default=None, help="powerful_benchmarker_configs folder")
-    g.add_argument("--storage", default=None,
-                   help="Optuna RDB URL (default: sqlite file OUTPUT/tune.sqlite3), "
-                   "e.g. postgresql://user@host:port/db")  # fmt: skip
-    g.add_argument("--study-name", default="tune", help="prefix of the studies (one per loss)")
-    g.add_argument("--workers", type=int, default=1, help="local worker processes")
-    g.add_argument("--worker-only", action="store_true",
-                   help="search only (join a study from another machine): no re-runs, no report")  # fmt: skip
-    g.add_argument("--worker-index", type=int, default=0, help="sampler offset of this worker")
-    # set by `--workers K` for its local workers: the command recorded in the studies is the
-    # one the user typed, not the worker's
-    g.add_argument("--started-by", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--report-only", action="store_true",
-                   help="no search: re-run the best trials (unless --no-reproduce) and report")  # fmt: skip
-    g.add_argument("--no-reproduce", action="store_true", help="skip the --seeds re-runs")
-    g.add_argument("--with-defaults", action="store_true",
-                   help="also run the untuned benchmark (paper defaults) into OUTPUT/defaults")  # fmt: skip
-    g.add_argument("--heartbeat", type=int, default=10, help="trial heartbeat interval (s)")
-    g.add_argument("--grace-period", type=int, default=60,
-                   help="a RUNNING trial without heartbeat this long is failed and retried")  # fmt: skip
-    g.add_argument("--max-retry", type=int, default=3, help="retries of a stale trial")
-    g.add_argument("--objective", default=None, metavar="MODULE:NAME",
-                   help="custom objective(trial_config, reporter) -> float (default: training)")  # fmt: skip
-    return p
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``tune``'s options to ``parser``: the benchmark config's and :class:`TuneArgs`'s."""
+    parser.description = DESCRIPTION
+    add_options(parser, BenchmarkConfig, changes=CONFIG_CHANGES)
+    # --quick's output folder is --output's default here (--output wins over --quick)
+    add_options(parser, TuneArgs, changes={"quick": {"help": quick_help(DEFAULT_OUTPUT)}})
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    from ...functional.validation import check_int
-
-    check_int("--trials", args.trials, low=1)
-    check_int("--folds", args.folds, low=1)
-    check_int("--workers", args.workers, low=1)
-    check_int("--worker-index", args.worker_index, low=0)
-    check_int("--heartbeat", args.heartbeat, low=1)
-    check_int("--grace-period", args.grace_period, low=args.heartbeat + 1)
-    if args.startup_trials is not None:
-        check_int("--startup-trials", args.startup_trials, low=0)
-    if args.worker_only and args.report_only:
-        raise ValueError("--worker-only and --report-only exclude each other")
-    if args.storage is not None:
-        from .study import check_storage_url
-
-        check_storage_url(args.storage)
+def build_parser() -> ArgumentParser:
+    """The parser of ``pml-proxies-benchmark tune`` (also ``python -m
+    pml_proxies.benchmark.tune``)."""
+    parser = ArgumentParser(prog=PROG)
+    add_arguments(parser)
+    return parser
 
 
-def _check_config(config: BenchmarkConfig, args: argparse.Namespace) -> None:
+def _check_config(config: BenchmarkConfig, tune: TuneArgs) -> None:
     """The options that make every trial fail, refused before any trial."""
-    if args.folds == 1 and config.val_fraction == 0 and not args.report_only:
+    if tune.folds == 1 and config.val_fraction == 0 and not tune.report_only:
         raise ConfigError(
             "val_fraction", "tuning selects on validation classes: give > 0 (or --folds K > 1)"
         )
-    if args.report_only and args.storage is None and not Path(config.output).is_dir():
+    if tune.report_only and tune.storage is None and not Path(config.output).is_dir():
         raise ValueError(f"--report-only: {config.output} does not exist (no search to report)")
 
 
@@ -176,7 +125,12 @@ def _spawn_workers(argv: list[str], k: int, logs: Path) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(parser.parse_args(argv), argv, parser)
+
+
+def run(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """Run ``tune`` with parsed ``args`` (``argv``: the words after ``tune``; ``parser``: the one
+    that parsed them, for usage errors)."""
     try:
         from .study import optuna_or_exit
 
@@ -184,47 +138,27 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    from .runner import TuneOptions
     from .spaces import format_spaces, parse_space_overrides, resolve_spaces
 
     try:
-        _check_args(args)
-        overrides = parse_space_overrides(args.space)
-        if args.list_losses:
-            print(format_spaces(resolve_spaces(list(LOSS_NAMES), overrides, args.configs)))
+        tune = TuneArgs(**given_values(args, TuneArgs))
+    except ConfigError as e:  # the search's own options read "--trials must be ..."
+        parser.error(f"{option_name(e.field, TuneArgs)} {e.message}")
+    try:
+        overrides = parse_space_overrides(tune.space)
+        if tune.list_losses:
+            print(format_spaces(resolve_spaces(list(LOSS_NAMES), overrides, tune.configs)))
             return 0
-        search_workers = args.workers
-        del args.workers  # the benchmark's workers field is the DataLoader's
-        if args.loader_workers:
-            args.workers = args.loader_workers
-        config: BenchmarkConfig = config_from_args(args, argv)
-        config = dataclasses.replace(config, command=args.started_by or _command(argv))
-        _check_config(config, args)
-        spaces = resolve_spaces(config.losses, overrides, args.configs)
+        config = config_from_args(args, argv, command=tune.started_by or _command(argv))
+        _check_config(config, tune)
+        spaces = resolve_spaces(config.losses, overrides, tune.configs)
     except ConfigError as e:
-        parser.error(f"argument --{e.field.replace('_', '-')}: {e.message}")
+        flag = option_name(e.field, BenchmarkConfig, changes=CONFIG_CHANGES)
+        parser.error(f"argument {flag}: {e.message}")
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
-    startup = args.startup_trials
-    if startup is None:
-        startup = min(10, max(1, args.trials // 4))
-    options = TuneOptions(
-        n_trials=args.trials,
-        prune=args.prune,
-        folds=args.folds,
-        sampler_seed=args.sampler_seed,
-        trial_seed=args.trial_seed,
-        startup_trials=startup,
-        storage=args.storage,
-        study_name=args.study_name,
-        worker_index=args.worker_index,
-        heartbeat=args.heartbeat,
-        grace_period=args.grace_period,
-        max_retry=args.max_retry,
-        reproduce=not args.no_reproduce,
-        with_defaults=args.with_defaults,
-    )
-    objective = _load_objective(args.objective) if args.objective else None
+    options = tune.tune_options()
+    objective = _load_objective(tune.objective) if tune.objective else None
     start = time.time()
     from ..interrupt import catching_interrupts
     from ..runner import FolderBusy, ProtocolMismatch
@@ -234,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh = not output.exists()
     try:
         with catching_interrupts():
-            out = _run(args, argv, config, spaces, options, objective, search_workers)
+            out = _run(tune, argv, config, spaces, options, objective)
     except KeyboardInterrupt:
         print(f"\ninterrupted: run the same command again to resume ({config.output})",
               file=sys.stderr)  # fmt: skip
@@ -246,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 3 if isinstance(e, FolderBusy) else 1 if isinstance(e, StorageError) else 2
     except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
-        if args.debug:
+        if tune.debug:
             raise
         print(f"{PROG}: error: {type(e).__name__}: {e} (--debug shows the traceback)",
               file=sys.stderr)  # fmt: skip
@@ -258,33 +192,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args, argv, config, spaces, options, objective, search_workers: int):
+def _run(tune: TuneArgs, argv, config, spaces, options, objective):
     """:func:`_search_and_report` holding the output folder's lock (as the benchmark does: two
     commands on one folder would search as the same worker and train the same re-runs); local
     workers run under their parent's lock. ``--report-only`` is checked first: a refusal
     creates nothing."""
     from ..runner import folder_lock
 
-    if args.report_only:
+    if tune.report_only:
         from .runner import check_report_only
 
         check_report_only(config, spaces, options)
-    held = folder_lock(Path(config.output)) if args.started_by is None else contextlib.nullcontext()
+    held = folder_lock(Path(config.output)) if tune.started_by is None else contextlib.nullcontext()
     with held:
-        return _search_and_report(args, argv, config, spaces, options, objective, search_workers)
+        return _search_and_report(tune, argv, config, spaces, options, objective)
 
 
-def _search_and_report(args, argv, config, spaces, options, objective, search_workers: int):
+def _search_and_report(tune: TuneArgs, argv, config, spaces, options, objective):
     """This process's share of the search (or the local workers'), then the report (none with
     ``--worker-only``)."""
-    if not args.report_only:
-        if search_workers > 1:
+    if not tune.report_only:
+        if tune.search_workers > 1:
             from .runner import check_search
 
             # the schema created once, before the workers race; the studies' settings, the data
             # and --folds checked once, before any worker starts
             check_search(config, spaces, options, objective)
-            codes = _spawn_workers(argv, search_workers, Path(config.output) / "logs")
+            codes = _spawn_workers(argv, tune.search_workers, Path(config.output) / "logs")
             bad = [i for i, c in enumerate(codes) if c != 0]
             if bad:
                 print(f"workers {bad} exited with errors (see {config.output}/logs/)",
@@ -293,11 +227,11 @@ def _search_and_report(args, argv, config, spaces, options, objective, search_wo
             from .runner import search
 
             search(config, spaces, options, objective)
-    if args.worker_only:
+    if tune.worker_only:
         return None
     from .runner import run_tune
 
     return run_tune(config, spaces, options)
 
 
-__all__ = ["main", "build_parser", "LOSSES"]
+__all__ = ["main", "build_parser", "add_arguments", "run", "LOSSES"]
