@@ -7,21 +7,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import pml_proxies.benchmark
 
 PACKAGE = "pml_proxies.benchmark"
 ROOT = Path(pml_proxies.benchmark.__file__).parent
-
-#: cycles tolerated here until the changes that remove them land (every other cycle fails):
-#: the two CLIs (becoming one CLI, issue 19, another change), and train <-> distributed
-#: (function-level imports both ways: the DDP hooks of a run; distributed.py is outside the run
-#: store's change)
-KNOWN_CYCLES = [
-    {f"{PACKAGE}.cli", f"{PACKAGE}.tune.cli"},
-    {f"{PACKAGE}.train", f"{PACKAGE}.distributed"},
-]
 
 
 def _module_name(path: Path) -> str:
@@ -108,8 +97,6 @@ def test_import_graph_sees_function_level_and_relative_imports():
 
 
 def test_no_import_cycle_in_the_benchmark():
-    found = cycles(import_graph())
-    unknown = [c for c in found if c not in KNOWN_CYCLES]
-    assert not unknown, f"import cycles: {unknown}"
-    if found:
-        pytest.xfail(f"known cycles still there (removed by other changes): {found}")
+    # failed before the two CLIs became one (cli <-> tune.cli) and before the DDP hooks stopped
+    # importing the training code (train <-> distributed)
+    assert cycles(import_graph()) == []

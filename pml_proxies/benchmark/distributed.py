@@ -9,7 +9,7 @@ builds the same config and run specs; then
   decides which runs to train (finished runs are reused, whatever world size trained them) and
   sends that list to the other ranks (:func:`leading`), trains them with them, and alone writes
   the output folder (runs, logs, report, plots, ``protocol.json``, ``config.json``);
-* **the other ranks follow** (:func:`follow`): they load the data once rank 0 has (no download
+* **the other ranks follow** (:func:`~pml_proxies.benchmark.runner.follow`): they load the data once rank 0 has (no download
   race), train the same runs in the same order into temporary folders, and write nothing;
 * **one run** (:func:`attach`, hooked into :func:`~pml_proxies.benchmark.train.build_run`): the
   sampler is :class:`~pml_proxies.distributed.DistributedMPerClassSampler` (the global batch is
@@ -19,7 +19,7 @@ builds the same config and run specs; then
   ``sync_gradients`` before gradient clipping and the optimizer step), a miner through PML's
   ``DistributedMinerWrapper`` (it mines the gathered batch), trainable BatchNorm becomes
   ``SyncBatchNorm`` on CUDA;
-* **evaluation** (:func:`evaluate_sharded`): each rank embeds a contiguous share of the set, the
+* **evaluation** (:func:`~pml_proxies.benchmark.train.evaluate_sharded`): each rank embeds a contiguous share of the set, the
   shares are gathered in order, rank 0 computes the metrics and sends them to the others (every
   rank selects the same epoch).
 
@@ -40,11 +40,9 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -53,7 +51,21 @@ from .config import BenchmarkConfig, ConfigError
 
 if TYPE_CHECKING:
     from .spec import RunSpec
-    from .train import _Run
+
+
+class RunParts(Protocol):
+    """What the DDP hooks use of a run (built by :func:`~pml_proxies.benchmark.train.build_run`):
+    ``model`` and ``miner`` are replaced here (SyncBatchNorm, the distributed miner), so they are
+    typed ``Any`` (a protocol's writable attribute must match the run's type exactly)."""
+
+    model: Any
+    loss: torch.nn.Module
+    miner: Any
+    device: torch.device
+    ddp: DistributedRun | None
+
+
+R = TypeVar("R", bound=RunParts)
 
 #: exit code of :func:`launch` when ``torch.distributed.run`` cannot be started
 LAUNCH_FAILED = 1
@@ -180,37 +192,17 @@ def leading() -> Iterator:
             torch.distributed.broadcast_object_list([None], src=0)
 
 
-def follow(config: BenchmarkConfig, specs: Sequence[RunSpec]) -> dict:
-    """A rank other than 0: train the runs rank 0 names (see :func:`leading`) in temporary
-    folders; ``{}`` (rank 0 reports)."""
-    from .data import load_config_data
-    from .train import torch_threads, train_and_evaluate
-
-    message: list = [None]
-    torch.distributed.broadcast_object_list(message, src=0)
-    runs = message[0]
-    if not runs:  # rank 0 stopped (its error is printed there) or has nothing to train
-        return {}
-    by_run = {(s.loss, s.seed): s for s in specs}
-    with torch_threads(config):
-        data = load_config_data(config, progress=False)
-        for key in runs:
-            with tempfile.TemporaryDirectory(prefix="pml-proxies-rank") as tmp:
-                train_and_evaluate(by_run[tuple(key)], data, Path(tmp) / "run")
-    return {}
-
-
 # ------------------------------------------------------------------ one run
 class DistributedRun:
     """The DDP pieces of one run (:func:`attach`): the loss wrapper and the DDP network."""
 
-    def __init__(self, run: _Run) -> None:
+    def __init__(self, run: RunParts) -> None:
         self.world_size = world_size()
         self.loss = D.DistributedProxyLoss(run.loss)
         self._network: torch.nn.Module | None = None
         self._trainable: tuple[bool, ...] = ()
 
-    def network(self, run: _Run) -> torch.nn.Module:
+    def network(self, run: RunParts) -> torch.nn.Module:
         """The network to train through this epoch: DDP around ``run.model``, built again when
         the set of parameters that train changed (the warm-up's frozen trunk)."""
         trainable = tuple(p.requires_grad for p in run.model.parameters())
@@ -224,7 +216,7 @@ class DistributedRun:
         self.loss.sync_gradients()
 
 
-def attach(run: _Run, spec: RunSpec) -> _Run:
+def attach(run: R, spec: RunSpec) -> R:
     """With several processes, give ``run`` its :class:`DistributedRun` (``run.ddp``), wrap its
     miner in PML's ``DistributedMinerWrapper`` and, on CUDA with trainable BatchNorm, make the
     BatchNorm layers ``SyncBatchNorm`` (the same parameter objects: the optimizer is unchanged).
@@ -242,35 +234,11 @@ def attach(run: _Run, spec: RunSpec) -> _Run:
     return run
 
 
-@torch.no_grad()
-def evaluate_sharded(model, dataset, calculator, config: BenchmarkConfig, return_embeddings=False):
-    """:func:`~pml_proxies.benchmark.train.evaluate` with several processes: each embeds its
-    share of ``dataset`` (:func:`~pml_proxies.distributed.shard_indices`), the shares are
-    gathered in order (every rank holds the whole set's embeddings), rank 0 computes the
-    metrics and sends them to the others. Collective."""
-    from .train import compute_embeddings, retrieval_metrics
-
-    device = torch.device(config.device)
-    rows = D.shard_indices(len(dataset))
-    if len(rows):
-        emb, labels = compute_embeddings(model, dataset, config, rows)
-    else:  # more processes than rows
-        emb, labels = torch.zeros(0, config.embedding_size), torch.zeros(0, dtype=torch.long)
-    emb, labels = D.gather_embeddings(emb.to(device), labels.to(device))
-    emb, labels = emb.cpu(), labels.cpu()
-    message = [retrieval_metrics(calculator, emb, labels) if is_main() else None]
-    torch.distributed.broadcast_object_list(message, src=0)
-    acc = message[0]
-    return (acc, emb, labels) if return_embeddings else acc
-
-
 __all__ = [
     "DistributedRun",
     "attach",
     "check_nproc",
     "check_world",
-    "evaluate_sharded",
-    "follow",
     "is_main",
     "launch",
     "leading",

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 
 import torch
@@ -76,9 +77,26 @@ def run_benchmark(config: BenchmarkConfig, report_only: bool = False) -> dict:
     config = ddp.setup(config)
     specs = resolve_specs(config)
     if not ddp.is_main():
-        return ddp.follow(config, specs)
+        return follow(config, specs)
     with ddp.leading() as send:
         return _run_benchmark(config, specs, report_only, send)
+
+
+def follow(config: BenchmarkConfig, specs: Sequence[RunSpec]) -> dict:
+    """A rank other than 0: train the runs rank 0 names (see :func:`~pml_proxies.benchmark.distributed.leading`) in temporary
+    folders; ``{}`` (rank 0 reports)."""
+    message: list = [None]
+    torch.distributed.broadcast_object_list(message, src=0)
+    runs = message[0]
+    if not runs:  # rank 0 stopped (its error is printed there) or has nothing to train
+        return {}
+    by_run = {(s.loss, s.seed): s for s in specs}
+    with torch_threads(config):
+        data = load_config_data(config, progress=False)
+        for key in runs:
+            with tempfile.TemporaryDirectory(prefix="pml-proxies-rank") as tmp:
+                train_and_evaluate(by_run[tuple(key)], data, Path(tmp) / "run")
+    return {}
 
 
 def _run_benchmark(

@@ -160,11 +160,31 @@ def evaluate(model, dataset, calculator, config: BenchmarkConfig, return_embeddi
     """Retrieval metrics of ``dataset`` against itself (leave-one-out, PML convention); with
     ``return_embeddings`` also the embeddings and labels."""
     if world()[1] > 1:  # under torchrun: each process embeds a share, rank 0's metrics
-        from .distributed import evaluate_sharded
-
         return evaluate_sharded(model, dataset, calculator, config, return_embeddings)
     emb, labels = compute_embeddings(model, dataset, config)
     acc = retrieval_metrics(calculator, emb, labels)
+    return (acc, emb, labels) if return_embeddings else acc
+
+
+@torch.no_grad()
+def evaluate_sharded(model, dataset, calculator, config: BenchmarkConfig, return_embeddings=False):
+    """:func:`evaluate` with several processes: each embeds its
+    share of ``dataset`` (:func:`~pml_proxies.distributed.shard_indices`), the shares are
+    gathered in order (every rank holds the whole set's embeddings), rank 0 computes the
+    metrics and sends them to the others. Collective."""
+    from .. import distributed as D
+
+    device = torch.device(config.device)
+    rows = D.shard_indices(len(dataset))
+    if len(rows):
+        emb, labels = compute_embeddings(model, dataset, config, rows)
+    else:  # more processes than rows
+        emb, labels = torch.zeros(0, config.embedding_size), torch.zeros(0, dtype=torch.long)
+    emb, labels = D.gather_embeddings(emb.to(device), labels.to(device))
+    emb, labels = emb.cpu(), labels.cpu()
+    message = [retrieval_metrics(calculator, emb, labels) if world()[0] == 0 else None]
+    torch.distributed.broadcast_object_list(message, src=0)
+    acc = message[0]
     return (acc, emb, labels) if return_embeddings else acc
 
 
