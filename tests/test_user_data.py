@@ -357,3 +357,29 @@ def test_a_file_that_is_not_npz_is_refused(tmp_path):
     (tmp_path / "f.npz").write_bytes(b"junk")
     with pytest.raises(DataframeError, match="not a readable .npz"):
         read_features(tmp_path / "f.npz")
+
+
+# ------------------------------------------------------------------ fingerprints
+def test_fingerprints_change_with_the_data_and_only_then(tmp_path):
+    import os
+
+    from pml_proxies.datasets.fingerprint import data_fingerprint
+
+    rows = _rows(tmp_path)
+    path = _write(tmp_path, rows)
+    first = data_fingerprint(get_dataset(f"csv:{path}", "train"))
+    assert first == data_fingerprint(get_dataset(f"csv:{path}", "test"))  # the whole table
+    assert first == data_fingerprint(get_dataset(f"csv:{path}", "train"))  # stable
+    rows[3]["label"] = "2"
+    assert data_fingerprint(get_dataset(f"csv:{_write(tmp_path, rows)}", "train")) != first
+    rows[3]["label"] = "1"
+    image = tmp_path / rows[0]["path"]
+    os.utime(image, ns=(1, 1))  # a replaced image: another modification time
+    assert data_fingerprint(get_dataset(f"csv:{_write(tmp_path, rows)}", "train")) != first
+    features = _features(tmp_path)
+    a = data_fingerprint(get_dataset(f"features:{features}", "train"))
+    b = data_fingerprint(
+        get_dataset(f"features:{_features(tmp_path, labels=np.arange(10))}", "train")
+    )
+    assert a != b and len(a) == 64
+    assert data_fingerprint(get_dataset("digits", "train")) is None

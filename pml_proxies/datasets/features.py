@@ -106,6 +106,7 @@ class FeaturesDataset(BaseDataset):
         split = check_split(split)
         arrays = read_features(path)
         self.title = str(path)
+        self.features_path = Path(path).expanduser()
         self.rows = np.flatnonzero(arrays["split"] == SPLIT_ROWS[split])
         if len(self.rows) == 0:
             raise ValueError(f"{path}: no {SPLIT_ROWS[split]} rows for split {split!r}")
