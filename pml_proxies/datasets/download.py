@@ -61,12 +61,17 @@ class CorruptArchiveError(ValueError):
         super().__init__(f"{self.path}: {problem}; {REDOWNLOAD_HINT}")
 
 
-def md5sum(path: str | os.PathLike) -> str:
-    h = hashlib.md5()
+def file_digest(path: str | os.PathLike, algorithm: str = "md5") -> str:
+    """The ``hashlib`` digest (hex) of a file's bytes, read in chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    return file_digest(path, "md5")
 
 
 @contextlib.contextmanager

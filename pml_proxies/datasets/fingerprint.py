@@ -10,18 +10,12 @@ from pathlib import Path
 
 from .base import BaseDataset
 from .dataframe import RetrievalDataset, RetrievalTable
-
-#: bytes read at a time when hashing a file
-CHUNK = 1 << 20
+from .download import file_digest
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def table_fingerprint(table: RetrievalTable) -> str:
