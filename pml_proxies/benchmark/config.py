@@ -35,6 +35,22 @@ PIPELINE_VERSION = 2
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
+#: Recall@k cut-offs where ``--recall-ks`` is not given: each data set's convention (the
+#: Proxy-Anchor / MPA tables), else :data:`DEFAULT_RECALL_KS`
+RECALL_KS_CONVENTIONS = {
+    "cub200": (1, 2, 4, 8),
+    "cars196": (1, 2, 4, 8),
+    "sop": (1, 10, 100, 1000),
+    "inshop": (1, 10, 20, 30, 40, 50),
+}
+DEFAULT_RECALL_KS = (1, 2, 4, 8)
+
+
+def default_recall_ks(dataset: str) -> list[int]:
+    """The Recall@k cut-offs of ``dataset`` when none are given (:data:`RECALL_KS_CONVENTIONS`)."""
+    return list(RECALL_KS_CONVENTIONS.get(dataset, DEFAULT_RECALL_KS))
+
+
 MAP_METHODS = ("pca", "tsne")
 
 
@@ -378,9 +394,11 @@ class BenchmarkConfig:
         protocol=False,  # in each loss's own fingerprint (fingerprint)
     )
     # evaluation
-    recall_ks: list[int] = option([1, 2, 4, 8], "k of Recall@k", "evaluation and execution",
-                                  type=_int_list, default_text="1,2,4,8",
-                                  check=_int_list_check)  # fmt: skip
+    recall_ks: list[int] = option(  # None: the data set's convention (__post_init__)
+        None, "k of Recall@k", "evaluation and execution", type=_int_list,
+        default_text="the data set's convention: 1,10,100,1000 sop, 1,10,20,30,40,50 inshop, "
+        "else 1,2,4,8", check=_int_list_check,
+    )  # fmt: skip
     ndcg_ks: list[int] = option([10], "k of nDCG@k", "evaluation and execution", type=_int_list,
                                 default_text="10", check=_int_list_check)  # fmt: skip
     eval_batch_size: int = option(128, "batch size of the embedding passes",
@@ -506,6 +524,8 @@ class BenchmarkConfig:
             object.__setattr__(self, "image_size", BENCHMARK_IMAGE_SIZES[self.dataset, self.trunk])
         if self.pretrained is None and self.trunk in TRUNK_DEFAULTS:
             object.__setattr__(self, "pretrained", TRUNK_DEFAULTS[self.trunk]["pretrained"])
+        if self.recall_ks is None:
+            object.__setattr__(self, "recall_ks", default_recall_ks(self.dataset))
         self.validate()
 
     def validate(self) -> None:

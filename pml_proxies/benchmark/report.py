@@ -27,6 +27,7 @@ from .stats import (
     verdict,
 )
 from .store import (
+    CATEGORY_FILE,
     COMPARISON_FILE,
     CONFIG_FILE,
     PROTOCOL_FILE,
@@ -47,19 +48,38 @@ MIN_VAL_CLASSES = 5
 
 def runs_table(results: list[dict]) -> pd.DataFrame:
     """One row per (loss, seed): test metrics, selected epoch, training time."""
-    rows = []
+    rows = [_run_row(r, r["test"]) for r in results]
+    return _ordered(pd.DataFrame(rows), ["loss", "seed"], [r["test"] for r in results])
+
+
+def category_runs_table(results: list[dict]) -> pd.DataFrame | None:
+    """One row per (loss, seed, category): :func:`runs_table`'s columns and ``category`` (after
+    ``seed``), the metrics of that category's queries (``test_by_category``); ``None`` when no
+    run has per-category metrics."""
+    rows, tests = [], []
     for r in results:
-        row = {
-            "loss": r["loss"],
-            "seed": r["seed"],
-            "best_epoch": r["best_epoch"],
-            "train_time_s": round(r["train_time_s"], 2),
-        }
-        row.update(r["test"])
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    metrics = metric_order({m for r in results for m in r["test"]})
-    return df[["loss", "seed", "best_epoch", "train_time_s", *metrics]]
+        for category, metrics in sorted(r.get("test_by_category", {}).items()):
+            rows.append({**_run_row(r, metrics), "category": category})
+            tests.append(metrics)
+    if not rows:
+        return None
+    return _ordered(pd.DataFrame(rows), ["loss", "seed", "category"], tests)
+
+
+def _run_row(result: dict, metrics: dict[str, float]) -> dict:
+    row = {
+        "loss": result["loss"],
+        "seed": result["seed"],
+        "best_epoch": result["best_epoch"],
+        "train_time_s": round(result["train_time_s"], 2),
+    }
+    row.update(metrics)
+    return row
+
+
+def _ordered(df: pd.DataFrame, keys: list[str], tests: list[dict]) -> pd.DataFrame:
+    metrics = metric_order({m for test in tests for m in test})
+    return df[[*keys, "best_epoch", "train_time_s", *metrics]]
 
 
 def summary_table(runs: pd.DataFrame, loss_order: list[str], confidence: float = 0.95):
@@ -277,6 +297,17 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         ]
     out["time/run (s)"] = summary["train_time_s"].map(lambda t: f"{t:.1f}")
     return out
+
+
+def category_markdown(by_category: pd.DataFrame, loss_order: list[str]) -> str:
+    """One table per category (sorted) of :func:`category_runs_table`'s rows, as the test
+    results' table (:func:`summary_table`, :func:`display_table`)."""
+    sections = []
+    for category in sorted(set(by_category["category"])):
+        runs = by_category[by_category["category"] == category].drop(columns="category")
+        table = to_markdown(display_table(summary_table(runs, loss_order)))
+        sections += [f"### {category}", "", table, ""]
+    return "\n".join(sections).rstrip("\n")
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -611,9 +642,11 @@ def report_markdown(
     output: RunStore | Path,
     info: RunInfo,
     comparison_md: str = "",
+    category_md: str = "",
 ) -> str:
-    """``report.md``: command, environment, protocol, results, selected epochs,
-    hyper-parameters, caveats, plots, files (paths relative to the output folder)."""
+    """``report.md``: command, environment, protocol, results (per category too with
+    ``category_md``, :func:`category_markdown`), selected epochs, hyper-parameters, caveats,
+    plots, files (paths relative to the output folder)."""
     env = versions()
     commit = git_commit()
     start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.start))
@@ -670,6 +703,17 @@ def report_markdown(
             table_md,
             "",
             *(
+                [
+                    "## Test results per category (x100, mean ± 95% CI half width over seeds; "
+                    "each category's queries against the whole gallery)",
+                    "",
+                    category_md,
+                    "",
+                ]
+                if category_md
+                else []
+            ),
+            *(
                 [f"## Against {BASELINE} (seed-paired differences)", "", comparison_md, ""]
                 if comparison_md
                 else []
@@ -705,7 +749,8 @@ def write_report(
     output: RunStore | Path,
     info: RunInfo,
 ) -> tuple[dict[str, Path], pd.DataFrame, pd.DataFrame]:
-    """Write runs.csv, summary.csv, summary.md, the PNG plots and report.md into the output
+    """Write runs.csv, summary.csv, summary.md, the PNG plots and report.md (and
+    runs_by_category.csv where the runs have per-category metrics) into the output
     folder ``output`` (:class:`~pml_proxies.benchmark.store.RunStore` or its path; the map
     data read from it); returns ``(files, runs, summary)`` (``files``: name -> path of every
     file written)."""
@@ -721,6 +766,12 @@ def write_report(
     comparison_md = write_comparison(config, runs, loss_order, store.path / COMPARISON_FILE)
     if comparison_md:
         files["comparison_csv"] = store.path / COMPARISON_FILE
+    category_md = ""
+    by_category = category_runs_table(results)
+    if by_category is not None:
+        files["category_csv"] = store.path / CATEGORY_FILE
+        by_category.to_csv(files["category_csv"], index=False)
+        category_md = category_markdown(by_category, loss_order)
     first_seed: dict[str, int] = {}
     for r in sorted(results, key=lambda r: config.seeds.index(r["seed"])):
         first_seed.setdefault(r["loss"], r["seed"])
@@ -734,7 +785,17 @@ def write_report(
     )
     files["report_md"].write_text(
         report_markdown(
-            config, data, specs, results, summary, table_md, files, store, info, comparison_md
+            config,
+            data,
+            specs,
+            results,
+            summary,
+            table_md,
+            files,
+            store,
+            info,
+            comparison_md,
+            category_md,
         )
     )
     return files, runs, summary

@@ -13,6 +13,7 @@ Layout of an output folder (``--output``)::
         logs/, tensorboard/    the record-keeper's logs
     runs.csv, summary.csv, summary.md, comparison.csv, report.md, metrics.png,
     training_curves.png, embedding_maps.png      the report (:data:`REPORT_FILES`)
+    runs_by_category.csv       the runs' per-category metrics (test sets with categories)
 
 Integrity rules (the files are checked against their schema, :mod:`.schema`, whenever they are
 read):
@@ -61,6 +62,8 @@ PROTOCOL_FILE = "protocol.json"
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 COMPARISON_FILE = "comparison.csv"
+#: the runs' per-category test metrics (only when the test set has categories)
+CATEGORY_FILE = "runs_by_category.csv"
 #: the files of one run, as the report lists them
 RUN_FILES = (RESULT_FILE, MAP_FILE, f"{LOGS_DIR}/", f"{TENSORBOARD_DIR}/")
 #: the report's files: name -> file name in the output folder (``comparison.csv`` only when the
@@ -133,6 +136,8 @@ class ResultRecord(_RequiredResultFields, total=False):
     whenever one is read): its fields and their JSON types."""
 
     world_size: int  # processes that trained the run (torchrun); absent in older folders: 1
+    # category -> test metrics of its queries; only where the test set has categories
+    test_by_category: dict[str, dict[str, float]]
 
 
 def protocol_schema() -> dict:
@@ -486,4 +491,5 @@ __all__ = [
     "write_json_atomic",
     "RUN_FILES",
     "REPORT_FILES",
+    "CATEGORY_FILE",
 ]

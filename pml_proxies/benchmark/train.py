@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..functional.distributed import world
 from .config import BenchmarkConfig
-from .data import BenchmarkData
+from .data import BenchmarkData, RelabeledSubset
 from .interrupt import check as check_interrupt
 from .losses import build_loss, get_proxies
 from .models import EmbeddingNet, build_trunk, freeze_batchnorm
@@ -156,18 +156,80 @@ def compute_embeddings(
     return torch.cat(embs), torch.cat(labels)
 
 
-def evaluate(model, dataset, calculator, config: BenchmarkConfig, return_embeddings=False):
-    """Retrieval metrics of ``dataset`` against itself (leave-one-out, PML convention); with
+@dataclass(frozen=True)
+class EvalRows:
+    """Which rows of a test set are queries and which gallery, and each row's category.
+
+    Attributes:
+        is_query: bool per row, the rows searched for.
+        is_gallery: bool per row, the rows searched among (a row in both is left out of its own
+            search).
+        categories: a category name per row, or ``None``.
+    """
+
+    is_query: np.ndarray
+    is_gallery: np.ndarray
+    categories: np.ndarray | None = None
+
+    @property
+    def leave_one_out(self) -> bool:
+        """Every row is query and gallery: each row against all the others."""
+        return bool(self.is_query.all() and self.is_gallery.all())
+
+
+def eval_rows(dataset) -> EvalRows | None:
+    """The query / gallery roles and categories of ``dataset`` (or of the base data set of a
+    :class:`~pml_proxies.benchmark.data.RelabeledSubset`, at its rows), from its attributes
+    ``is_query``, ``is_gallery`` (an absent one: every row) and ``categories``; ``None`` when
+    it has none of them (leave-one-out, as for the built-in sets but In-Shop)."""
+    base, rows = dataset, None
+    if isinstance(dataset, RelabeledSubset):
+        base, rows = dataset.base, dataset.indices
+    values = {k: getattr(base, k, None) for k in ("is_query", "is_gallery", "categories")}
+    if all(v is None for v in values.values()):
+        return None
+    n = len(base)
+    arrays = {
+        k: np.ones(n, dtype=bool) if v is None else np.asarray(v, dtype=bool)
+        for k, v in values.items()
+        if k != "categories"
+    }
+    categories = values["categories"]
+    if categories is not None:
+        categories = np.asarray(categories, dtype=str)
+    if rows is not None:
+        arrays = {k: v[rows] for k, v in arrays.items()}
+        categories = categories[rows] if categories is not None else None
+    return EvalRows(arrays["is_query"], arrays["is_gallery"], categories)
+
+
+def evaluate(
+    model,
+    dataset,
+    calculator,
+    config: BenchmarkConfig,
+    return_embeddings=False,
+    rows: EvalRows | None = None,
+):
+    """Retrieval metrics of ``dataset``: against itself (leave-one-out, PML convention), or with
+    ``rows`` its queries against its gallery (:func:`retrieval_metrics`); with
     ``return_embeddings`` also the embeddings and labels."""
     if world()[1] > 1:  # under torchrun: each process embeds a share, rank 0's metrics
-        return evaluate_sharded(model, dataset, calculator, config, return_embeddings)
+        return evaluate_sharded(model, dataset, calculator, config, return_embeddings, rows)
     emb, labels = compute_embeddings(model, dataset, config)
-    acc = retrieval_metrics(calculator, emb, labels)
+    acc = retrieval_metrics(calculator, emb, labels, rows)
     return (acc, emb, labels) if return_embeddings else acc
 
 
 @torch.no_grad()
-def evaluate_sharded(model, dataset, calculator, config: BenchmarkConfig, return_embeddings=False):
+def evaluate_sharded(
+    model,
+    dataset,
+    calculator,
+    config: BenchmarkConfig,
+    return_embeddings=False,
+    rows: EvalRows | None = None,
+):
     """:func:`evaluate` with several processes: each embeds its
     share of ``dataset`` (:func:`~pml_proxies.distributed.shard_indices`), the shares are
     gathered in order (every rank holds the whole set's embeddings), rank 0 computes the
@@ -175,23 +237,97 @@ def evaluate_sharded(model, dataset, calculator, config: BenchmarkConfig, return
     from .. import distributed as D
 
     device = torch.device(config.device)
-    rows = D.shard_indices(len(dataset))
-    if len(rows):
-        emb, labels = compute_embeddings(model, dataset, config, rows)
+    shard = D.shard_indices(len(dataset))
+    if len(shard):
+        emb, labels = compute_embeddings(model, dataset, config, shard)
     else:  # more processes than rows
         emb, labels = torch.zeros(0, config.embedding_size), torch.zeros(0, dtype=torch.long)
     emb, labels = D.gather_embeddings(emb.to(device), labels.to(device))
     emb, labels = emb.cpu(), labels.cpu()
-    message = [retrieval_metrics(calculator, emb, labels) if world()[0] == 0 else None]
+    message = [retrieval_metrics(calculator, emb, labels, rows) if world()[0] == 0 else None]
     torch.distributed.broadcast_object_list(message, src=0)
     acc = message[0]
     return (acc, emb, labels) if return_embeddings else acc
 
 
-def retrieval_metrics(calculator, emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The metrics of ``emb`` against themselves (leave-one-out)."""
-    acc = calculator.get_accuracy(emb, labels, emb, labels, ref_includes_query=True)
-    return {k: float(v) for k, v in acc.items()}
+def retrieval_metrics(
+    calculator,
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    rows: EvalRows | None = None,
+    queries: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The metrics of ``emb``: without ``rows`` (or when every row is query and gallery) each
+    row against all the others (leave-one-out, PML's ``ref_includes_query``); else each query
+    (``rows.is_query``, and ``queries`` where given: a bool mask of the rows to average over)
+    against the gallery rows (``rows.is_gallery``), a row that is both being left out of its
+    own search, as OML and the In-Shop protocol do. Queries without a relevant gallery row
+    count for no metric (PML's lone queries).
+
+    The queries that are also gallery rows are searched with PML's ``ref_includes_query`` (the
+    reference set their rows followed by the other gallery rows), the others with the gallery
+    as reference; each metric is the mean of the two parts' means weighted by their counted
+    queries: the per-query mean of one search over every query (plain means: the calculator
+    must not average per class)."""
+    if rows is None or (queries is None and rows.leave_one_out):
+        acc = calculator.get_accuracy(emb, labels, emb, labels, ref_includes_query=True)
+        return {k: float(v) for k, v in acc.items()}
+    if calculator.avg_of_avgs or calculator.return_per_class:
+        raise ValueError("query / gallery evaluation needs plain means over queries")
+    is_query = rows.is_query if queries is None else rows.is_query & queries
+    both = is_query & rows.is_gallery
+    reference = np.concatenate([np.flatnonzero(both), np.flatnonzero(rows.is_gallery & ~both)])
+    ref_emb, ref_labels = emb[reference], labels[reference]
+    parts = []
+    for part, ref_includes_query in ((both, True), (is_query & ~rows.is_gallery, False)):
+        index = torch.from_numpy(np.flatnonzero(part))
+        if len(index) == 0:
+            continue
+        query, query_labels = emb[index], labels[index]
+        acc = calculator.get_accuracy(
+            query, query_labels, ref_emb, ref_labels, ref_includes_query=ref_includes_query
+        )
+        parts.append(
+            (_counted_queries(calculator, query_labels, ref_labels, ref_includes_query), acc)
+        )
+    return _weighted_means(parts)
+
+
+def _counted_queries(calculator, query_labels, reference_labels, ref_includes_query) -> int:
+    """The queries a metric of ``calculator`` averages over: those with a relevant reference
+    (PML's not-lone queries)."""
+    from ..utils.accuracy_calculator import label_match_counts, lone_query_labels
+
+    fn = calculator.label_comparison_fn
+    counts = label_match_counts(query_labels, reference_labels, fn)
+    return int(lone_query_labels(query_labels, counts, ref_includes_query, fn)[1].sum())
+
+
+def _weighted_means(parts: list[tuple[int, dict]]) -> dict[str, float]:
+    """Each metric's mean over the queries of every part (``(counted queries, means)``): NaN when
+    no query counts, as the calculator gives."""
+    counted = [(n, acc) for n, acc in parts if n > 0]
+    if len(counted) == 1:
+        return {k: float(v) for k, v in counted[0][1].items()}
+    names = parts[0][1] if parts else {}
+    total = sum(n for n, _ in counted)
+    return {k: sum(n * float(acc[k]) for n, acc in counted) / total if total else math.nan
+            for k in names}  # fmt: skip
+
+
+def category_metrics(
+    calculator, emb: torch.Tensor, labels: torch.Tensor, rows: EvalRows
+) -> dict[str, dict[str, float]]:
+    """Per category of the queries (``rows.categories``, sorted): the metrics of that
+    category's queries against the whole gallery (:func:`retrieval_metrics`; OML's per-category
+    metrics)."""
+    if rows.categories is None:
+        raise ValueError("the rows have no categories")
+    names = np.unique(rows.categories[rows.is_query])
+    return {
+        str(name): retrieval_metrics(calculator, emb, labels, rows, rows.categories == name)
+        for name in names
+    }
 
 
 def make_optimizer(
@@ -459,10 +595,12 @@ def train_run(
     Returns:
         The :class:`TrainedRun`. Its result dict: ``loss``, ``seed``, ``best_epoch``,
         ``best_val_score``, ``train_time_s``, ``iterations``, ``batch_size``, ``m_per_class``,
-        ``test`` (metrics or ``None``), ``history`` (per-epoch train loss and validation
-        metrics), ``loss_kwargs``, ``config_fingerprint``, ``command`` (the command line that
-        trained it), ``world_size`` (processes that trained it: 1, or torchrun's,
-        :mod:`~pml_proxies.benchmark.distributed`).
+        ``test`` (metrics or ``None``; the test set's queries against its gallery where it
+        names them, :func:`eval_rows`, else leave-one-out), ``history`` (per-epoch train loss
+        and validation metrics), ``loss_kwargs``, ``config_fingerprint``, ``command`` (the
+        command line that trained it), ``world_size`` (processes that trained it: 1, or
+        torchrun's, :mod:`~pml_proxies.benchmark.distributed`), and ``test_by_category``
+        (category -> metrics, :func:`category_metrics`) only when the test set has categories.
     """
     if val_classes is not None:
         data = data.with_validation_classes(val_classes)
@@ -475,7 +613,7 @@ def train_run(
         freeze_batchnorm(run.model.trunk)
     start = time.time()
     epochs = spec.config.epochs
-    test = None
+    test, by_category = None, None
     try:
         for epoch in range(1, epochs + 1):
             train_loss = fit_one_epoch(run, spec, epoch, position)
@@ -493,9 +631,12 @@ def train_run(
         train_time = time.time() - start
         select(run, selection, epochs)
         if evaluate_test:
+            rows = eval_rows(data.test)
             test, test_emb, test_labels = evaluate(
-                run.model, data.test, run.calculator, spec.config, return_embeddings=True
+                run.model, data.test, run.calculator, spec.config, True, rows
             )
+            if rows is not None and rows.categories is not None:
+                by_category = category_metrics(run.calculator, test_emb, test_labels, rows)
             rk = run.record_keeper
             rk.update_records(test, selection.epoch, parent_name="accuracies_test")
             rk.save_records()
@@ -522,6 +663,8 @@ def train_run(
         "command": spec.config.command,
         "world_size": world()[1],
     }
+    if by_category is not None:
+        result["test_by_category"] = by_category
     return TrainedRun(result, map_data)
 
 
@@ -644,5 +787,9 @@ __all__ = [
     "load_result",
     "run_dir",
     "evaluate",
+    "EvalRows",
+    "eval_rows",
+    "retrieval_metrics",
+    "category_metrics",
     "make_optimizer",
 ]

@@ -48,11 +48,11 @@ def read_partition(path: Path) -> list[list[str]]:
 class InShop(ImageFileDataset):
     """In-shop Clothes Retrieval (DeepFashion), 7,982 items (classes), 52,712 images; the
     standard split of ``list_eval_partition.txt``: train = the 3,997 train items (25,882
-    images); test = the 3,985 test items, query (14,218) and gallery (12,612) images together as
-    one set (26,830 images), as the other data sets are evaluated. ``is_query`` (bool per image)
-    marks the query images, and ``split="query"`` / ``"gallery"`` give each part alone, with the
-    class ids of the whole test set (the same item has the same label in both), for the papers'
-    query-vs-gallery Recall@K.
+    images); test = the 3,985 test items, query (14,218) and gallery (12,612) images together
+    (26,830 images). ``is_query`` and ``is_gallery`` (bool per image) mark the query and the
+    gallery images: the benchmark evaluates the test split's queries against its gallery, the
+    In-Shop protocol (no image is both). ``split="query"`` / ``"gallery"`` give each part alone,
+    with the class ids of the whole test set (the same item has the same label in both).
 
     Looked for in ``ROOT/inshop`` (also ``ROOT/InShop``, ``ROOT/In-shop``,
     ``ROOT/In-shop Clothes Retrieval Benchmark``): ``list_eval_partition.txt`` there or in its
@@ -94,6 +94,8 @@ class InShop(ImageFileDataset):
         )
         #: True for query images, False for gallery (and train) images
         self.is_query = np.asarray([r[2] == "query" for r in rows], dtype=bool)
+        #: True for gallery images, False for query (and train) images
+        self.is_gallery = np.asarray([r[2] == "gallery" for r in rows], dtype=bool)
 
     def find(self, root: Path) -> tuple[Path, Path] | None:
         return find_inshop(root)
