@@ -151,6 +151,7 @@ def test_the_protocol_fields_come_from_the_fields_metadata():
     assert set(NON_PROTOCOL_FIELDS) == {
         "losses", "seeds", "workers", "threads", "jobs", "device", "output", "progress", "root",
         "download", "command", "map_method", "map_samples", "loss_params", "equivalence_margin",
+        "save_models",
     }  # fmt: skip
     protocol = BenchmarkConfig(device="cpu").protocol()
     assert set(protocol) == {f.name for f in dataclasses.fields(BenchmarkConfig)} - set(

@@ -6,7 +6,8 @@ evaluates it on the test classes and writes CSV / Markdown tables, plots and ``r
 
 Needs the ``benchmark`` extra (``pip install "pml-proxies[benchmark]"``): without it, importing
 this package raises an ImportError that names the extra. Names are imported lazily (``--help``
-does not load torch).
+does not load torch). ``load_model(run_dir)`` loads back a run's model kept by
+``--save-models``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _EXPORTS = {
     "build_loss": "losses",
     "get_proxies": "losses",
     "loss_kwargs": "losses",
+    "load_model": "models_io",
+    "SavedModel": "models_io",
     "mean_confidence_interval": "stats",
     "run_benchmark": "runner",
     "RunSpec": "spec",

@@ -435,6 +435,16 @@ class BenchmarkConfig:
         check=check_bool,
         protocol=False,
     )
+    save_models: bool = option(
+        False,
+        "keep each run's selected model in its run folder (model.pt: the network's and the "
+        "loss's state dicts; model.json: the run's resolved specification), for "
+        "pml_proxies.benchmark.load_model(run_folder); a finished run without one is trained "
+        "again",
+        "evaluation and execution",
+        check=check_bool,
+        protocol=False,
+    )
     map_method: str = option("pca", "2-D projection of the embedding maps",
                              "evaluation and execution", choices=MAP_METHODS, flag="--map",
                              check=_choice(MAP_METHODS), protocol=False)  # fmt: skip

@@ -35,6 +35,7 @@ from .store import (
     RUN_FILES,
     RunInfo,
     RunStore,
+    write_best_params,
 )
 
 if TYPE_CHECKING:
@@ -621,6 +622,38 @@ def hyper_parameter_lines(specs: list[RunSpec]) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------ settings to paste
+def settings_to_paste(
+    config: BenchmarkConfig, data: BenchmarkData, specs: list[RunSpec], results: list[dict]
+) -> tuple[str, list[dict]]:
+    """``(markdown, records)``: the "Settings to paste" section (per loss with a finished run,
+    its constructor call and ``create_loss`` form, :mod:`.snippets`) and the records of
+    ``best_params.json`` (the test primary metric: mean over the finished seeds)."""
+    from .snippets import best_params_record, loss_settings, snippets_markdown
+
+    primary = config.primary_metric
+    label = metric_label(primary)
+    done: dict[str, list[dict]] = {}
+    for r in results:
+        done.setdefault(r["loss"], []).append(r)
+    firsts = {spec.loss: spec for spec in reversed(specs) if spec.loss in done}
+    settings, achieved, records = [], {}, []
+    for loss in dict.fromkeys(s.loss for s in specs):
+        if loss not in firsts:
+            continue
+        s = loss_settings(firsts[loss], data.train.num_classes)
+        runs = done[loss]
+        value = float(np.mean([r["test"][primary] for r in runs]))
+        seeds = sorted(int(r["seed"]) for r in runs)
+        achieved[loss] = (
+            f"Test {label} {100 * value:.1f} (mean over seed(s) {', '.join(map(str, seeds))})."
+        )
+        metric = {"name": primary, "split": "test", "value": value, "seeds": seeds}
+        settings.append(s)
+        records.append(best_params_record(s, [metric]))
+    return snippets_markdown(settings, achieved), records
+
+
 def world_sizes_text(results: list[dict]) -> str:
     """``"processes per run (world size, torchrun / --nproc-per-node): 2"`` from the runs'
     ``world_size`` (1 where a result predates it), each size with its runs' count when they
@@ -643,10 +676,12 @@ def report_markdown(
     info: RunInfo,
     comparison_md: str = "",
     category_md: str = "",
+    settings_md: str = "",
 ) -> str:
     """``report.md``: command, environment, protocol, results (per category too with
-    ``category_md``, :func:`category_markdown`), selected epochs, hyper-parameters, caveats,
-    plots, files (paths relative to the output folder)."""
+    ``category_md``, :func:`category_markdown`), selected epochs, hyper-parameters (and the
+    settings to paste, ``settings_md``), caveats, plots, files (paths relative to the output
+    folder)."""
     env = versions()
     commit = git_commit()
     start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.start))
@@ -726,6 +761,7 @@ def report_markdown(
             "",
             *hyper_parameter_lines(specs),
             "",
+            *(["## Settings to paste", "", settings_md] if settings_md else []),
             "## Caveats",
             "",
             *caveat_lines,
@@ -783,6 +819,8 @@ def write_report(
         files["map_png"],
         method=config.map_method,
     )
+    settings_md, best_params = settings_to_paste(config, data, specs, results)
+    write_best_params(files["best_params_json"], best_params)
     files["report_md"].write_text(
         report_markdown(
             config,
@@ -796,6 +834,7 @@ def write_report(
             info,
             comparison_md,
             category_md,
+            settings_md,
         )
     )
     return files, runs, summary

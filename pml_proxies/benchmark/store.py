@@ -10,10 +10,16 @@ Layout of an output folder (``--output``)::
                                ``history``); written last and atomically: a run is finished
                                when it has one
         map_data.npz           the data of its 2-D embedding maps
+        model.pt, model.json   with ``--save-models``: the selected model's and the loss's state
+                               dicts, and the run's resolved specification with the checksum
+                               of ``model.pt`` (:meth:`RunFolder.save_model`); written before
+                               ``result.json``
         logs/, tensorboard/    the record-keeper's logs
     runs.csv, summary.csv, summary.md, comparison.csv, report.md, metrics.png,
     training_curves.png, embedding_maps.png      the report (:data:`REPORT_FILES`)
     runs_by_category.csv       the runs' per-category metrics (test sets with categories)
+    best_params.json           each loss's settings as constructor arguments, with the metric
+                               they reached (:func:`write_best_params`)
 
 Integrity rules (the files are checked against their schema, :mod:`.schema`, whenever they are
 read):
@@ -33,15 +39,16 @@ through its :class:`RunFolder`, the report and the plots read the results back f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import IO, TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -64,6 +71,14 @@ LOCK_FILE = ".lock"
 COMPARISON_FILE = "comparison.csv"
 #: the runs' per-category test metrics (only when the test set has categories)
 CATEGORY_FILE = "runs_by_category.csv"
+#: ``--save-models``: the state dicts of a run's selected model and loss (``torch.save``)
+MODEL_FILE = "model.pt"
+#: ``--save-models``: what :data:`MODEL_FILE` holds (:class:`ModelRecord`), written after it
+MODEL_RECORD_FILE = "model.json"
+#: the version of the :data:`MODEL_FILE` / :data:`MODEL_RECORD_FILE` pair
+MODEL_FORMAT = 1
+#: each loss's settings to paste, with the metric they reached (:func:`write_best_params`)
+BEST_PARAMS_FILE = "best_params.json"
 #: the files of one run, as the report lists them
 RUN_FILES = (RESULT_FILE, MAP_FILE, f"{LOGS_DIR}/", f"{TENSORBOARD_DIR}/")
 #: the report's files: name -> file name in the output folder (``comparison.csv`` only when the
@@ -76,6 +91,7 @@ REPORT_FILES = {
     "metrics_png": "metrics.png",
     "curves_png": "training_curves.png",
     "map_png": "embedding_maps.png",
+    "best_params_json": BEST_PARAMS_FILE,
 }
 
 
@@ -99,16 +115,48 @@ def json_default(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` to ``path`` as indented JSON, atomically (a temporary file, synced, then
-    renamed): a reader sees the old file or the whole new one."""
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary binary file beside it, which is
+    synced, then renamed: a reader sees the old file or the whole new one (a failing ``write``
+    leaves the old file and no temporary one)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` as indented JSON, atomically (:func:`write_atomic`)."""
+    text = json.dumps(obj, indent=2, default=json_default)
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data: numpy values and paths as :func:`json_default` writes them,
+    any other object (a regulariser given as a loss argument) as its ``repr``."""
+
+    def default(o: Any) -> Any:
+        try:
+            return json_default(o)
+        except TypeError:
+            return repr(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of the file ``path`` (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ schemas
@@ -138,6 +186,50 @@ class ResultRecord(_RequiredResultFields, total=False):
     world_size: int  # processes that trained the run (torchrun); absent in older folders: 1
     # category -> test metrics of its queries; only where the test set has categories
     test_by_category: dict[str, dict[str, float]]
+
+
+class ModelTrunk(TypedDict):
+    """The trunk recipe in a :class:`ModelSpec` (:class:`~pml_proxies.benchmark.spec.TrunkRecipe`)."""
+
+    name: str
+    pretrained: bool
+
+
+class ModelSettings(TypedDict):
+    """The settings of the run's configuration that build its network, in a :class:`ModelSpec`
+    (the whole configuration is there)."""
+
+    dataset: str
+    pooling: str
+    embedding_size: int
+
+
+class ModelSpec(TypedDict):
+    """The run's resolved specification in a :class:`ModelRecord`
+    (:class:`~pml_proxies.benchmark.spec.RunSpec` as JSON): what is needed to rebuild the
+    network and the loss is checked; the other fields are for the reader."""
+
+    loss: str
+    seed: int
+    config: ModelSettings
+    loss_overrides: dict
+    channels: int
+    image_size: int
+    trunk: ModelTrunk
+
+
+class ModelRecord(TypedDict):
+    """The schema of a run's ``model.json`` (``--save-models``): ``format``
+    (:data:`MODEL_FORMAT`), the state-dict file and its SHA-256, the run's ``best_epoch`` (the
+    selected epoch the weights are from), the number of training classes (the loss's
+    ``num_classes``) and the run's resolved specification."""
+
+    format: int
+    file: str
+    sha256: str
+    best_epoch: int
+    num_classes: int
+    spec: ModelSpec
 
 
 def protocol_schema() -> dict:
@@ -235,14 +327,85 @@ class RunFolder:
             np.savez_compressed(self.path / MAP_FILE, **arrays)
         write_json_atomic(self.path / RESULT_FILE, result)
 
+    def save_model(self, state: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        """``--save-models``: write ``state`` (``{"model": state dict, "loss": state dict}``)
+        to ``model.pt``, then ``record`` (:class:`ModelRecord` less ``format``, ``file`` and
+        ``sha256``, which are added) to ``model.json``, each atomically; call before
+        :meth:`save` (a finished run's model is complete)."""
+        import torch
+
+        path = self.path / MODEL_FILE
+        write_atomic(path, lambda f: torch.save(dict(state), f))
+        full = {"format": MODEL_FORMAT, "file": MODEL_FILE, "sha256": sha256_of(path), **record}
+        write_json_atomic(self.path / MODEL_RECORD_FILE, jsonable(full))
+
+    def model_record(self) -> tuple[dict | None, str | None]:
+        """``(record, problem)`` of the saved model: its :class:`ModelRecord` and ``None``, or
+        ``None`` and why it cannot be used, naming the file: no ``model.json`` (a run trained
+        without ``--save-models``); one that is not JSON, does not match :class:`ModelRecord` or
+        is of another format; a ``model.pt`` missing or whose SHA-256 differs from the
+        record's (damaged or replaced)."""
+        path = self.path / MODEL_RECORD_FILE
+        if not path.is_file():
+            return None, (
+                f"{self.path} holds no saved model (no {MODEL_RECORD_FILE}): its run was trained "
+                "without --save-models; run the same command again with --save-models (the "
+                "runs without a model are trained again)"
+            )
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return None, f"{path} is not valid JSON ({e})"
+        problem = schema_problem(record, ModelRecord)
+        if problem is None and record["format"] != MODEL_FORMAT:
+            problem = f"'format' is {record['format']!r}, this version reads {MODEL_FORMAT}"
+        if problem is not None:
+            return None, f"{path}: {problem}"
+        weights = self.path / record["file"]
+        if record["file"] != MODEL_FILE or not weights.is_file():
+            return None, f"{path} names {record['file']!r}, which is not in {self.path}"
+        if sha256_of(weights) != record["sha256"]:
+            return None, (
+                f"{weights} is damaged (its SHA-256 differs from the one {MODEL_RECORD_FILE} "
+                "recorded)"
+            )
+        return record, None
+
+    def load_model_state(self) -> tuple[dict, dict]:
+        """``(record, state)``: the checked :meth:`model_record` and the state dicts of
+        ``model.pt`` (``{"model": ..., "loss": ...}``, tensors on the CPU; read with
+        ``weights_only``: no code is run).
+
+        Raises:
+            ValueError: the problem :meth:`model_record` names, or a ``model.pt`` that is not
+                such a pair of state dicts.
+        """
+        import torch
+
+        record, problem = self.model_record()
+        if record is None:
+            raise ValueError(problem)
+        path = self.path / MODEL_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a damaged model
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+        if not (
+            isinstance(state, dict)
+            and all(isinstance(state.get(k), dict) for k in ("model", "loss"))
+        ):
+            raise ValueError(f"{path} does not hold the state dicts 'model' and 'loss'")
+        return record, state
+
     def inspect(self, spec: RunSpec | None = None) -> tuple[dict | None, str | None]:
         """``(result, problem)``: the finished run's result dict and ``None``, or ``None`` and
         why the run is not finished or is damaged, naming the file (``None`` when the folder
         does not exist): no ``result.json``; a ``result.json`` that is not JSON, does not match
         :class:`ResultRecord` (a missing field, a wrong type) or has no test metrics; with
         ``spec``, one of another loss or seed or lacking one of ``spec``'s metrics; a
-        ``map_data.npz`` that cannot be read. (The protocol fingerprint is the caller's to
-        compare.)"""
+        ``map_data.npz`` that cannot be read; with a ``spec`` whose configuration asks for
+        ``--save-models``, a missing or damaged saved model (:meth:`model_record`). (The
+        protocol fingerprint is the caller's to compare.)"""
         path = self.path / RESULT_FILE
         if not path.is_file():
             if self.path.exists():
@@ -267,6 +430,10 @@ class RunFolder:
                     z[key]
         except Exception as e:  # noqa: BLE001 - any unreadable archive is a damaged run
             return None, f"{npz} cannot be read ({type(e).__name__}: {e})"
+        if spec is not None and spec.config.save_models:
+            _, problem = self.model_record()
+            if problem is not None:
+                return None, problem
         return result, None
 
     def map_data(self) -> dict[str, np.ndarray] | None:
@@ -311,6 +478,13 @@ def load_result(output: Path, loss_name: str, seed: int) -> dict | None:
     """The finished run's results, or ``None`` if the run has not finished or is damaged
     (:meth:`RunFolder.inspect`; no check against a spec)."""
     return inspect_run(run_dir(output, loss_name, seed))[0]
+
+
+def write_best_params(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``best_params.json`` (:data:`BEST_PARAMS_FILE`) atomically: ``{"losses":
+    records}``, one record per loss (see
+    :func:`~pml_proxies.benchmark.snippets.best_params_record`)."""
+    write_json_atomic(path, {"losses": jsonable(list(records))})
 
 
 # ------------------------------------------------------------------ the folder
@@ -489,6 +663,12 @@ __all__ = [
     "run_dir",
     "run_folder",
     "write_json_atomic",
+    "write_atomic",
+    "write_best_params",
+    "ModelRecord",
+    "MODEL_FILE",
+    "MODEL_RECORD_FILE",
+    "BEST_PARAMS_FILE",
     "RUN_FILES",
     "REPORT_FILES",
     "CATEGORY_FILE",

@@ -26,6 +26,7 @@ from .data import BenchmarkData, RelabeledSubset
 from .interrupt import check as check_interrupt
 from .losses import build_loss, get_proxies
 from .models import EmbeddingNet, build_trunk, freeze_batchnorm
+from .models_io import save_run_model
 from .progress import progress_bar
 from .spec import RunSpec, build_run_spec
 from .store import (
@@ -552,10 +553,15 @@ def _log_iteration(run: _Run, value: float) -> None:
 class TrainedRun:
     """What :func:`train_run` returns: the run's ``result`` (schema
     :class:`~pml_proxies.benchmark.store.ResultRecord`) and its ``map_data`` (the arrays of
-    ``map_data.npz``, :func:`map_arrays`; ``None`` when the test classes were not evaluated)."""
+    ``map_data.npz``, :func:`map_arrays`; ``None`` when the test classes were not evaluated),
+    the ``model`` and ``loss`` of the selected epoch and the number of training classes (what
+    ``--save-models`` keeps)."""
 
     result: dict
     map_data: dict[str, np.ndarray] | None = None
+    model: torch.nn.Module | None = None
+    loss: torch.nn.Module | None = None
+    num_classes: int = 0
 
 
 def train_run(
@@ -665,7 +671,7 @@ def train_run(
     }
     if by_category is not None:
         result["test_by_category"] = by_category
-    return TrainedRun(result, map_data)
+    return TrainedRun(result, map_data, run.model, run.loss, run.num_classes)
 
 
 def train_and_evaluate(
@@ -680,7 +686,9 @@ def train_and_evaluate(
 ) -> dict:
     """:func:`train_run` into the run folder ``out``
     (:class:`~pml_proxies.benchmark.store.RunFolder` or its path; emptied first), then store its
-    results there (:meth:`~pml_proxies.benchmark.store.RunFolder.save`: ``map_data.npz`` with
+    results there (with ``--save-models`` and ``evaluate_test``, the selected model first:
+    :func:`~pml_proxies.benchmark.models_io.save_run_model`; then
+    :meth:`~pml_proxies.benchmark.store.RunFolder.save`: ``map_data.npz`` with
     ``evaluate_test``, then ``result.json``, which marks the run as finished). The keyword
     arguments are :func:`train_run`'s; a run stopped by ``epoch_callback`` writes no
     ``result.json``.
@@ -700,6 +708,10 @@ def train_and_evaluate(
         evaluate_test=evaluate_test,
         position=position,
     )
+    if spec.config.save_models and evaluate_test:  # a run's model (a tuning trial keeps none)
+        assert trained.model is not None and trained.loss is not None
+        save_run_model(folder, spec, trained.model, trained.loss, trained.num_classes,
+                       trained.result["best_epoch"])  # fmt: skip
     folder.save(trained.result, trained.map_data)
     return trained.result
 

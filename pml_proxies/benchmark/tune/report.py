@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from .. import report as bench_report
+from ..config import BenchmarkConfig
 from ..metrics import metric_label
 from .spaces import PROXY_LR, SpaceEntry
 from .study import (
@@ -289,3 +290,55 @@ def results_table(results: list[dict], losses: list[str]) -> tuple[pd.DataFrame,
     runs = bench_report.runs_table(results)
     summary = bench_report.summary_table(runs, [n for n in losses if n in set(runs["loss"])])
     return summary, bench_report.to_markdown(bench_report.display_table(summary))
+
+
+def best_settings(
+    config: BenchmarkConfig, rows: list[dict], results: list[dict], folds: int, output: Path
+) -> str:
+    """The "Settings to paste" section of ``tune_report.md``: for each loss whose search is done
+    (or that has no space), the winning trial's settings as code
+    (:mod:`~pml_proxies.benchmark.snippets`, built from the run spec its re-runs use), and
+    ``best_params.json`` in ``output``, each loss's record holding the winning trial's
+    validation value and, when the best trials were re-run (``results``: the ``tuned/`` runs),
+    their mean test value. ``""`` (and no file) when no loss has settings."""
+    from ..snippets import best_params_record, loss_settings, snippets_markdown
+    from ..store import RunStore, write_best_params
+    from .trial import load_data, trial_spec
+
+    chosen = [r for r in rows if r["status"] == "done" or r["status"].startswith("no space")]
+    if not chosen:
+        return ""
+    num_classes = load_data(config).train.num_classes
+    primary = config.primary_metric
+    label = metric_label(primary)
+    settings, achieved, records = [], {}, []
+    for r in chosen:
+        loss = r["loss"]
+        s = loss_settings(trial_spec(config, loss, r["params"], config.seeds[0]), num_classes)
+        metrics: list[dict[str, Any]] = []
+        text = []
+        if r.get("best_value") is not None:
+            where = f"mean over {folds} folds" if folds > 1 else "held-out training classes"
+            metrics.append({"name": primary, "split": "validation", "value": r["best_value"],
+                            "trial": r["best_number"], "folds": folds})  # fmt: skip
+            text.append(
+                f"Best trial {r['best_number']}: validation {label} {100 * r['best_value']:.1f} "
+                f"({where})."
+            )
+        else:
+            text.append("Not searched (no space): the paper defaults.")
+        tested = [x for x in results if x["loss"] == loss and x.get("test")]
+        if tested:
+            value = sum(x["test"][primary] for x in tested) / len(tested)
+            seeds = sorted(int(x["seed"]) for x in tested)
+            metrics.append({"name": primary, "split": "test", "value": value, "seeds": seeds,
+                            "runs": "tuned/"})  # fmt: skip
+            text.append(
+                f"Re-run with seed(s) {', '.join(map(str, seeds))}: test {label} "
+                f"{100 * value:.1f} (mean)."
+            )
+        settings.append(s)
+        achieved[loss] = " ".join(text)
+        records.append(best_params_record(s, metrics, searched=list(r["params"])))
+    write_best_params(RunStore(output).file("best_params_json"), records)
+    return "## Settings to paste (best trial per loss)\n\n" + snippets_markdown(settings, achieved)

@@ -213,6 +213,7 @@ def run_tune(
         from ..runner import run_benchmark
 
         run_benchmark(dataclasses.replace(config, output=str(out / "defaults")))
+    results: list[dict] = []
     if options.reproduce:
         best = [
             (r["loss"], r["params"])
@@ -222,6 +223,9 @@ def run_tune(
         results = _reproduce(config, best, out / "tuned")
         if results:
             body.append(_tuned_section(config, results, losses, out))
+    pasted = tune_report.best_settings(config, rows, results, options.folds, out)
+    if pasted:
+        body.append(pasted)
     defaults = out / "defaults" / "summary.md"
     if defaults.exists():
         body.append(
