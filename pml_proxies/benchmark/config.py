@@ -21,7 +21,13 @@ from typing import Any
 
 from .options import ConfigError, check_fields, given_values, non_protocol_fields, option
 from .options import field_default as field_default  # noqa: F401 - re-exported
-from .recipes import BENCHMARK_IMAGE_SIZES, POOLING_NAMES, TRUNK_DEFAULTS
+from .recipes import (
+    BENCHMARK_IMAGE_SIZES,
+    FEATURE_TRUNKS,
+    POOLING_NAMES,
+    SMALL_TRUNKS,
+    TRUNK_DEFAULTS,
+)
 
 #: default equivalence margin of the report's verdicts, in the report's units (metric x100)
 DEFAULT_EQUIVALENCE_MARGIN = 1.0
@@ -51,6 +57,10 @@ def default_recall_ks(dataset: str) -> list[int]:
     return list(RECALL_KS_CONVENTIONS.get(dataset, DEFAULT_RECALL_KS))
 
 
+#: transforms a user's images may take (``--dataset-arg transforms=NAME``)
+IMAGE_TRANSFORM_SETS = ("natural", "omniglot")
+#: the named set whose transforms ``natural`` means (CUB-200's: those of every natural-image set)
+NATURAL_IMAGE_SET = "cub200"
 MAP_METHODS = ("pca", "tsne")
 
 
@@ -198,10 +208,38 @@ def _losses_check(name: str, values) -> None:
         )
 
 
+#: prefixes of a user's own data (``--dataset csv:PATH``, ``folder:PATH``, ``features:PATH``)
+USER_DATA_PREFIXES = ("csv:", "folder:", "features:")
+
+
+def is_user_data(dataset: str) -> bool:
+    """Whether ``dataset`` names a user's own data (:data:`USER_DATA_PREFIXES`)."""
+    return isinstance(dataset, str) and dataset.startswith(USER_DATA_PREFIXES)
+
+
 def _dataset_check(name: str, value) -> None:
     from ..datasets import DATASET_NAMES
 
-    check_choice(name, value, DATASET_NAMES)
+    if is_user_data(value):
+        kind, _, path = value.partition(":")
+        if not path.strip():
+            raise ValueError(f"{name} {value!r}: give a path after {kind + ':'!r}")
+        return
+    if value not in DATASET_NAMES:
+        raise ValueError(
+            f"{name} must be one of {', '.join(DATASET_NAMES)}, or csv:PATH (an OML "
+            f"dataframe), folder:PATH (an image folder), features:PATH.npz (frozen features); "
+            f"got {value!r}"
+        )
+
+
+def _fraction_check(name: str, value) -> None:
+    check_real(name, value, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+
+
+def _optional_str(name: str, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string or None, got {value!r}")
 
 
 def _val_fraction_check(name: str, value) -> None:
@@ -263,7 +301,8 @@ class BenchmarkConfig:
     dataset: str = option(
         "omniglot",
         "data set: omniglot (bundled small background sets, offline), digits, cub200, cars196, "
-        "sop, inshop",
+        "sop, inshop; or your own data: csv:PATH (an OML retrieval dataframe), folder:PATH (an "
+        "image folder), features:PATH.npz (frozen features, with --trunk linear or mlp)",
         type=str,
         check=_dataset_check,
     )
@@ -291,8 +330,9 @@ class BenchmarkConfig:
     )  # fmt: skip
     dataset_kwargs: dict = option(
         {},
-        "extra argument of the data set class, KEY=VALUE, e.g. variant=full for Omniglot "
-        "(repeatable)",
+        "extra argument of the data set class, KEY=VALUE, e.g. variant=full for Omniglot; for "
+        "csv: and folder: data, transforms=NAME: the augmentation and image defaults of a "
+        "named set, natural (the default: CUB/Cars/SOP/In-Shop's) or omniglot (repeatable)",
         flag="--dataset-arg",
         action="append",
         metavar="KEY=VALUE",
@@ -328,8 +368,34 @@ class BenchmarkConfig:
         type=float,
         check=_val_fraction_check,
     )
-    split_seed: int = option(0, "seed of the validation class draw", "data and sampling",
-                             type=int, check=_positive_int(0))  # fmt: skip
+    split_seed: int = option(
+        0, "seed of the class draws: the validation classes, and a folder: data set's test "
+        "classes", "data and sampling", type=int, check=_positive_int(0),
+    )  # fmt: skip
+    # a user's own data (csv:, folder:, features:): in the protocol of such data only
+    test_fraction: float = option(
+        0.5, "folder: data without train/ and test/ subfolders: fraction of the classes drawn "
+        "(with --split-seed) as test classes", "your data", type=float, check=_fraction_check,
+    )  # fmt: skip
+    skip_corrupt_images: bool = option(
+        False, "csv: and folder: data: skip the images that cannot be decoded (counted in the "
+        "report) instead of refusing the data", "your data", check=check_bool,
+    )  # fmt: skip
+    allow_shared_classes: bool = option(
+        False, "accept train and validation rows that share labels (a split by image, not by "
+        "class): the evaluation is then not class-disjoint, as the report says", "your data",
+        check=check_bool,
+    )  # fmt: skip
+    mlp_width: int = option(512, "hidden width of --trunk mlp (frozen features)", "your data",
+                            type=int, check=_positive_int(1))  # fmt: skip
+    data_fingerprint: str | None = option(
+        None, "fingerprint of a user's data (table content and image sizes and times, or the "
+        "features file's hash)", cli=False, check=_optional_str,
+    )  # fmt: skip
+    class_split: dict | None = option(
+        None, "the class split of a user's data (class and image counts, skipped images, "
+        "hash of the split)", cli=False, check=_optional(_dict_check),
+    )  # fmt: skip
     max_train_classes: int | None = option(
         None, "use only the first N training-split classes", "data and sampling", type=int,
         default_text="all", check=_optional(_positive_int(2)),
@@ -413,13 +479,15 @@ class BenchmarkConfig:
                           check=_positive_int(0), protocol=False)  # fmt: skip
     threads: int | None = option(
         None, "torch CPU threads", "evaluation and execution", type=int,
-        default_text="1 for small_cnn on CPU, else torch's", check=_optional(_positive_int(1)),
+        default_text="1 for small_cnn, linear and mlp on CPU, else torch's",
+        check=_optional(_positive_int(1)),
         protocol=False,
     )  # fmt: skip
     jobs: int | None = option(
         None, "parallel runs: worker processes that each train one (loss, seed) run at a time "
         "(results do not depend on it)", "evaluation and execution", type=int,
-        default_text="small_cnn on CPU: CPU cores // threads, at most the runs to train; else 1",
+        default_text="small_cnn, linear and mlp on CPU: CPU cores // threads, at most the runs "
+        "to train; else 1",
         check=_optional(_positive_int(1)), protocol=False,
     )  # fmt: skip
     log_freq: int = option(10, "record-keeper logging period in iterations",
@@ -492,7 +560,29 @@ class BenchmarkConfig:
             return self.image_size
         from ..datasets import dataset_class
 
-        return int(dataset_class(self.dataset).default_image_size)
+        return int(dataset_class(self.image_set).default_image_size)
+
+    @property
+    def is_user_data(self) -> bool:
+        """Whether the data set is a user's own (``csv:``, ``folder:``, ``features:``)."""
+        return is_user_data(self.dataset)
+
+    @property
+    def is_features(self) -> bool:
+        """Whether the data set is frozen features (``features:PATH``)."""
+        return self.dataset.startswith("features:")
+
+    @property
+    def image_set(self) -> str:
+        """The named data set whose transforms and image defaults (side, channels) apply: the
+        data set itself, or for a user's images the ``transforms`` data-set argument
+        (``natural``, the default, means CUB-200's: the natural-image transforms)."""
+        if not self.is_user_data:
+            return self.dataset
+        if self.is_features:
+            return self.dataset
+        name = self.dataset_kwargs.get("transforms", "natural")
+        return NATURAL_IMAGE_SET if name == "natural" else name
 
     @property
     def threads_or_default(self) -> int | None:
@@ -500,7 +590,7 @@ class BenchmarkConfig:
         threading, badly so on a shared machine), torch's default otherwise."""
         if self.threads is not None:
             return self.threads
-        if self.trunk == "small_cnn" and str(self.device).startswith("cpu"):
+        if self.trunk in SMALL_TRUNKS and str(self.device).startswith("cpu"):
             return 1
         return None
 
@@ -512,7 +602,7 @@ class BenchmarkConfig:
         compete for it)."""
         if self.jobs is not None:
             return max(1, min(self.jobs, runs))
-        if self.trunk != "small_cnn" or not str(self.device).startswith("cpu"):
+        if self.trunk not in SMALL_TRUNKS or not str(self.device).startswith("cpu"):
             return 1
         threads = self.threads_or_default or 1
         return max(1, min(available_cores() // threads, runs))
@@ -525,18 +615,64 @@ class BenchmarkConfig:
             return 3
         from ..datasets import dataset_class
 
-        return int(dataset_class(self.dataset).default_channels)
+        return int(dataset_class(self.image_set).default_channels)
 
     def __post_init__(self) -> None:
         if self.device == "auto":
             object.__setattr__(self, "device", _device_default())
-        if self.image_size is None and (self.dataset, self.trunk) in BENCHMARK_IMAGE_SIZES:
-            object.__setattr__(self, "image_size", BENCHMARK_IMAGE_SIZES[self.dataset, self.trunk])
-        if self.pretrained is None and self.trunk in TRUNK_DEFAULTS:
-            object.__setattr__(self, "pretrained", TRUNK_DEFAULTS[self.trunk]["pretrained"])
-        if self.recall_ks is None:
+        if self.recall_ks is None:  # the data set's convention
             object.__setattr__(self, "recall_ks", default_recall_ks(self.dataset))
         self.validate()
+        self._check_user_data_settings()
+        if self.image_size is None and (self.image_set, self.trunk) in BENCHMARK_IMAGE_SIZES:
+            object.__setattr__(
+                self, "image_size", BENCHMARK_IMAGE_SIZES[self.image_set, self.trunk]
+            )
+        if self.pretrained is None and self.trunk in TRUNK_DEFAULTS:
+            object.__setattr__(self, "pretrained", TRUNK_DEFAULTS[self.trunk]["pretrained"])
+        if self.is_user_data:  # read and check the data (once per process): its fingerprint
+            from .userdata import user_data
+
+            data = user_data(self)
+            object.__setattr__(self, "data_fingerprint", data.fingerprint)
+            object.__setattr__(self, "class_split", data.class_split)
+        else:
+            object.__setattr__(self, "data_fingerprint", None)
+            object.__setattr__(self, "class_split", None)
+
+    def _check_user_data_settings(self) -> None:
+        """The settings that only a user's data takes, and the trunk that suits the input."""
+        if not self.is_user_data:
+            for name in ("test_fraction", "skip_corrupt_images", "allow_shared_classes"):
+                if getattr(self, name) != field_default(_FIELDS[name]):
+                    raise ConfigError(
+                        name, f"only for your own data (csv:, folder:, features:), not "
+                        f"--dataset {self.dataset}"
+                    )  # fmt: skip
+            return
+        kind = self.dataset.partition(":")[0]
+        if kind != "folder" and self.test_fraction != field_default(_FIELDS["test_fraction"]):
+            raise ConfigError("test_fraction", "only for folder: data (a dataframe or a "
+                              "features file says which rows are test rows)")  # fmt: skip
+        allowed = () if self.is_features else ("transforms",)
+        unknown = sorted(set(self.dataset_kwargs) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                "dataset_kwargs", f"{kind}: data takes no {', '.join(map(repr, unknown))} "
+                f"argument (it takes: {', '.join(allowed) or 'none'})"
+            )  # fmt: skip
+        transforms = self.dataset_kwargs.get("transforms", "natural")
+        if transforms not in IMAGE_TRANSFORM_SETS:
+            raise ConfigError("dataset_kwargs", f"transforms must be one of "
+                              f"{', '.join(IMAGE_TRANSFORM_SETS)}, got {transforms!r}")  # fmt: skip
+        if self.is_features and self.trunk not in FEATURE_TRUNKS:
+            raise ConfigError("trunk", f"features: data are vectors: choose a head on them, "
+                              f"{' or '.join(FEATURE_TRUNKS)}, not {self.trunk}")  # fmt: skip
+        if not self.is_features and self.trunk in FEATURE_TRUNKS:
+            raise ConfigError("trunk", f"{self.trunk} is a head on frozen features "
+                              f"(--dataset features:PATH), not an image trunk")  # fmt: skip
+        if self.is_features and self.skip_corrupt_images:
+            raise ConfigError("skip_corrupt_images", "features: data holds no image")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (a ``ValueError`` naming the field) on a bad setting."""
@@ -556,10 +692,15 @@ class BenchmarkConfig:
 
     # ------------------------------------------------------------- identity
     def protocol(self) -> dict:
-        """The settings that define the protocol (everything that changes results)."""
+        """The settings that define the protocol (everything that changes results); the
+        settings of a user's data (:data:`USER_DATA_FIELDS`) only for such data (the protocol
+        of a named data set is what it was before they existed)."""
         d = asdict(self)
         for k in NON_PROTOCOL_FIELDS:
             d.pop(k, None)
+        if not self.is_user_data:
+            for k in USER_DATA_FIELDS:
+                d.pop(k, None)
         return d
 
     def fingerprint(self, loss_name: str | None = None) -> str:
@@ -575,6 +716,13 @@ class BenchmarkConfig:
 #: Fields that do not change results (``protocol=False`` in their metadata): they may differ
 #: between a run and its resumption.
 NON_PROTOCOL_FIELDS = non_protocol_fields(BenchmarkConfig)
+#: Protocol fields of a user's data: recorded only for ``csv:``, ``folder:`` and ``features:``
+#: data (absent from the protocol of a named data set, as in folders written before them).
+USER_DATA_FIELDS = (
+    "test_fraction", "skip_corrupt_images", "allow_shared_classes", "mlp_width",
+    "data_fingerprint", "class_split",
+)  # fmt: skip
+_FIELDS = {f.name: f for f in fields(BenchmarkConfig)}
 
 
 def config_record(config: BenchmarkConfig) -> dict:

@@ -1,18 +1,30 @@
 """Data of the benchmark: the dataset's train/test splits and a class-disjoint validation split
-carved from the training classes."""
+carved from the training classes.
+
+A user's own data (``--dataset csv:PATH``, ``folder:PATH``, ``features:PATH``) is read and
+checked once per process by :func:`~pml_proxies.benchmark.userdata.user_data` (the config does
+it when it is built, so that a bad input is a usage error before any output folder exists). Its
+decoded images (:class:`UserImages`) go through the same batched tensor transforms as the
+bundled Omniglot's; features are rows of a float tensor, batched without any transform.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset
 
+from ..datasets.base import BaseDataset, contiguous_labels
 from ..datasets.transforms import Compose
+from .userdata import UserData, user_data
+
+if TYPE_CHECKING:
+    from .config import BenchmarkConfig
 
 
 class LabeledDataset(Protocol):
@@ -62,18 +74,24 @@ class RelabeledSubset(Dataset):
         self.labels = np.array([label_map[int(y)] for y in self.original_labels], dtype=np.int64)
         self.num_classes = len(label_map)
         self._batched = batch_images(base)
+        features = getattr(base, "features", None)  # frozen features: rows of one tensor
+        self._features = features if isinstance(features, torch.Tensor) else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        if self._batched is not None:
+        if self._batched is not None or self._features is not None:
             return self.__getitems__([i])[0]
         image, _ = self.base[int(self.indices[i])]
         return image, int(self.labels[i])
 
     def __getitems__(self, items: Sequence[int]) -> list:
         """``[self[i] for i in items]``, transformed as one batch where the images allow it."""
+        if self._features is not None:
+            rows = np.asarray(items, dtype=np.int64)
+            vectors = self._features[torch.from_numpy(self.indices[rows])]
+            return list(zip(vectors.unbind(0), self.labels[rows].tolist()))
         if self._batched is None:
             return [self[i] for i in items]
         all_images, transform = self._batched
@@ -99,6 +117,11 @@ class BenchmarkData:
     val_classes: list
     test_classes: list
     train_eval: RelabeledSubset | None = None
+    feature_dim: int | None = None  # frozen features: the width of their vectors
+
+    def in_channels(self, channels: int) -> int:
+        """What the trunk takes: ``channels`` of images, or :attr:`feature_dim` of features."""
+        return channels if self.feature_dim is None else self.feature_dim
 
     def with_validation_classes(self, val_classes: Sequence) -> BenchmarkData:
         """The same data with ``val_classes`` (labels of the training split, as in
@@ -123,6 +146,7 @@ class BenchmarkData:
             val_classes=_class_names(eval_base, chosen),
             test_classes=self.test_classes,
             train_eval=_subset(eval_base, train_classes),
+            feature_dim=self.feature_dim,
         )
 
 
@@ -210,6 +234,15 @@ def load_benchmark_data(
     val_base = get_dataset(dataset, "train", root=root, transform=eval_tf, download=download, **kw)
     test_base = get_dataset(dataset, "test", root=root, transform=eval_tf, download=download, **kw)
 
+    return _splits(train_base, val_base, test_base, val_fraction, split_seed, max_train_classes)
+
+
+def _splits(
+    train_base, val_base, test_base, val_fraction: float, split_seed: int,
+    max_train_classes: int | None, feature_dim: int | None = None,
+) -> BenchmarkData:  # fmt: skip
+    """The three splits of the loaded bases (training transform, evaluation transform of the
+    training split, test split): validation classes carved from the training classes."""
     all_train = np.unique(np.asarray(train_base.labels))
     if max_train_classes is not None:
         all_train = all_train[: int(max_train_classes)]
@@ -225,12 +258,15 @@ def load_benchmark_data(
         val_classes=_class_names(val_base, val_classes),
         test_classes=_class_names(test_base, test_classes),
         train_eval=_subset(val_base, tr_classes),
+        feature_dim=feature_dim,
     )
 
 
 def load_config_data(config, progress: bool = False) -> BenchmarkData:
     """The three class-disjoint splits of a ``BenchmarkConfig`` (the untuned benchmark and the
     tuner both load their data here)."""
+    if config.is_user_data:
+        return load_user_data(config)
     return load_benchmark_data(
         config.dataset,
         root=config.root,
@@ -243,3 +279,78 @@ def load_config_data(config, progress: bool = False) -> BenchmarkData:
         dataset_kwargs=config.dataset_kwargs,
         progress=progress,
     )
+
+
+class UserImages(BaseDataset):
+    """One split of a user's decoded images (:class:`UserData`): ``images`` the uint8 array of
+    its rows (what :func:`batch_images` batches), ``labels`` contiguous within the split in the
+    order of the table's labels, ``classes`` their names (an image folder's class folders,
+    else the labels as text)."""
+
+    def __init__(self, data: UserData, split: str, transform: Compose) -> None:
+        from ..datasets.dataframe import SPLIT_ROWS
+
+        assert data.table is not None and data.images is not None
+        rows = np.flatnonzero(data.table.split == SPLIT_ROWS[split])
+        labels, keys = contiguous_labels(data.table.labels[rows].tolist())
+        names = data.class_names or {}
+        super().__init__(split, labels, [names.get(k, str(k)) for k in keys], transform)
+        self.name, self.title = "custom", data.table.source
+        self.rows = rows
+        self.images = data.images[rows]
+        self.is_query = data.table.is_query[rows]
+        self.is_gallery = data.table.is_gallery[rows]
+        self.categories = (
+            None if data.table.categories is None else [data.table.categories[i] for i in rows]
+        )
+
+    def load_image(self, index: int):
+        from PIL import Image
+
+        return Image.fromarray(self.images[index])
+
+
+def load_user_data(config: BenchmarkConfig) -> BenchmarkData:
+    """The three splits of ``config``'s own data (:func:`user_data`): the table's train rows
+    (validation classes carved from them, as for a named set) and its validation rows as the
+    test split; images with the transforms of ``config.image_set``."""
+    data = user_data(config)
+    if data.features_path is not None:
+        from ..datasets.features import FeaturesDataset
+
+        train = FeaturesDataset(data.features_path, "train")
+        test = FeaturesDataset(data.features_path, "test")
+        return _splits(train, train, test, config.val_fraction, config.split_seed,
+                       config.max_train_classes, feature_dim=train.feature_dim)  # fmt: skip
+    from ..datasets import get_transforms
+
+    size, channels = config.image_size_or_default, config.channels
+    train_tf = get_transforms(config.image_set, train=True, image_size=size, channels=channels)
+    eval_tf = get_transforms(config.image_set, train=False, image_size=size, channels=channels)
+    return _splits(
+        UserImages(data, "train", train_tf),
+        UserImages(data, "train", eval_tf),
+        UserImages(data, "test", eval_tf),
+        config.val_fraction,
+        config.split_seed,
+        config.max_train_classes,
+    )
+
+
+def data_notes(config: BenchmarkConfig) -> list[str]:
+    """What a report says first about a user's data: an evaluation that is not class-disjoint,
+    images skipped as unreadable (empty for a named data set)."""
+    split = config.class_split or {}
+    notes = []
+    if split.get("shared_classes"):
+        notes.append(
+            f"**The evaluation is not class-disjoint**: {split['shared_classes']} of the "
+            f"{split['test_classes']} test classes also have training images "
+            "(--allow-shared-classes)."
+        )
+    if split.get("skipped_images"):
+        notes.append(
+            f"{split['skipped_images']} image(s) that could not be decoded were skipped "
+            "(--skip-corrupt-images)."
+        )
+    return notes

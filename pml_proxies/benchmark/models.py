@@ -6,6 +6,9 @@
   pml-proxies[efficientnet]``.
 * ``resnet50``, ``googlenet`` (torchvision, ImageNet weights downloaded on first use) and
   ``bninception`` (``pretrainedmodels``, MLRC's trunk): for GPU users, imported lazily.
+* ``linear`` and ``mlp``: heads on frozen features (``--dataset features:PATH``, vectors rather
+  than images): ``linear`` passes the features to the linear embedder (one Linear layer to the
+  embedding), ``mlp`` puts Linear-BatchNorm-ReLU of width ``--mlp-width`` before it.
 
 Every pretrained trunk expects ImageNet-normalised RGB input (what
 :func:`pml_proxies.datasets.get_transforms` produces); grey images are repeated to 3 channels.
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .recipes import POOLING_NAMES, TRUNK_DEFAULTS, TRUNK_NAMES  # noqa: F401, E402
+from .recipes import FEATURE_TRUNKS, POOLING_NAMES, TRUNK_DEFAULTS, TRUNK_NAMES  # noqa: F401
 
 
 class _MaybeMaxPool(nn.Module):
@@ -198,6 +201,26 @@ class BNInceptionTrunk(nn.Module):
         return self.net.features(x)
 
 
+class FeatureHead(nn.Module):
+    """The trunk of a head on frozen features: ``(B, F)`` vectors in, ``(B, out_channels)``
+    out. ``width=None``: the features themselves (``linear``: the embedder alone is the head);
+    else Linear(F, width)-BatchNorm-ReLU (``mlp``, with the embedder after it)."""
+
+    def __init__(self, in_features: int, width: int | None = None) -> None:
+        super().__init__()
+        if width is None:
+            self.body: nn.Module = nn.Identity()
+            self.out_channels = in_features
+        else:
+            self.body = nn.Sequential(
+                nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)
+            )
+            self.out_channels = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 class GlobalPool(nn.Module):
     """Global pooling of a ``(B, C, H, W)`` map: ``avg``, ``avgmax`` (average + max, as the
     Proxy-Anchor code) or ``gem`` (generalised mean with fixed power ``p``; MPA uses p = 3)."""
@@ -209,6 +232,8 @@ class GlobalPool(nn.Module):
         self.kind, self.p, self.eps = kind, float(p), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # vectors (a head on frozen features): nothing to pool
+            return x
         if self.kind == "avg":
             return x.mean(dim=(-2, -1))
         if self.kind == "avgmax":
@@ -219,8 +244,18 @@ class GlobalPool(nn.Module):
         return f"kind={self.kind!r}" + (f", p={self.p}" if self.kind == "gem" else "")
 
 
-def build_trunk(name: str, in_channels: int, image_size: int, pretrained: bool) -> nn.Module:
-    """Trunk ``name`` returning a feature map; ``trunk.out_channels`` is its width."""
+def build_trunk(
+    name: str, in_channels: int, image_size: int, pretrained: bool, width: int | None = None
+) -> nn.Module:
+    """Trunk ``name`` returning a feature map (a vector for the heads on frozen features,
+    whose ``in_channels`` is the features' width and ``width`` the hidden width of ``mlp``);
+    ``trunk.out_channels`` is its width."""
+    if name == "linear":
+        return FeatureHead(in_channels)
+    if name == "mlp":
+        if width is None:
+            raise ValueError("trunk 'mlp' needs its hidden width")
+        return FeatureHead(in_channels, width)
     if name == "small_cnn":
         return SmallCNN(in_channels)
     if name == "efficientnet_lite0":

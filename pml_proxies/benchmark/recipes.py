@@ -3,7 +3,13 @@ command line's ``--help`` reads them)."""
 
 from __future__ import annotations
 
-TRUNK_NAMES = ("small_cnn", "efficientnet_lite0", "resnet50", "googlenet", "bninception")
+TRUNK_NAMES = (
+    "small_cnn", "efficientnet_lite0", "resnet50", "googlenet", "bninception", "linear", "mlp",
+)  # fmt: skip
+#: heads on frozen features (``--dataset features:PATH``): they take vectors, not images
+FEATURE_TRUNKS = ("linear", "mlp")
+#: trunks small enough that one CPU thread per run and parallel runs are fastest
+SMALL_TRUNKS = ("small_cnn", *FEATURE_TRUNKS)
 POOLING_NAMES = ("avg", "avgmax", "gem")
 
 #: Per-trunk recipe defaults (used where the command line leaves a value unset).
@@ -13,6 +19,8 @@ TRUNK_DEFAULTS = {
     "resnet50": dict(lr=1e-4, warmup_epochs=1, freeze_bn=True, pretrained=True),
     "googlenet": dict(lr=1e-4, warmup_epochs=1, freeze_bn=True, pretrained=True),
     "bninception": dict(lr=1e-4, warmup_epochs=1, freeze_bn=True, pretrained=True),
+    "linear": dict(lr=1e-3, warmup_epochs=0, freeze_bn=False, pretrained=False),
+    "mlp": dict(lr=1e-3, warmup_epochs=0, freeze_bn=False, pretrained=False),
 }
 
 #: Image sides the benchmark uses where ``--image-size`` is not given and the data set module's

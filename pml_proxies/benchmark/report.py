@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DEFAULT_EQUIVALENCE_MARGIN, config_record  # noqa: F401
+from .data import data_notes
 from .metrics import metric_label, metric_order
 from .plots import plot_embedding_maps, plot_metric_bars, plot_training_curves  # noqa: F401
 from .stats import (
@@ -393,7 +394,11 @@ def dataset_argument(config: BenchmarkConfig) -> str:
 
 
 def report_title(config: BenchmarkConfig, kind: str = "Benchmark report") -> str:
-    """The report's title: ``kind`` and the data set as given (:func:`dataset_argument`)."""
+    """The report's title: ``kind`` and the data set as given (:func:`dataset_argument`),
+    after the file or folder name of a user's own data."""
+    if config.is_user_data:
+        name = Path(config.dataset.partition(":")[2]).expanduser().name
+        return f"{kind}: {name} ({dataset_argument(config)})"
     return f"{kind} ({dataset_argument(config)})"
 
 
@@ -721,6 +726,7 @@ def report_markdown(
         [
             f"# {report_title(config)}",
             "",
+            *[f"{note}\n" for note in data_notes(config)],
             "Command, as typed:",
             "",
             "```",

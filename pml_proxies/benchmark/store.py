@@ -52,7 +52,7 @@ from typing import IO, TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
-from .config import NON_PROTOCOL_FIELDS, BenchmarkConfig, config_record
+from .config import NON_PROTOCOL_FIELDS, USER_DATA_FIELDS, BenchmarkConfig, config_record
 from .schema import schema_problem
 
 if TYPE_CHECKING:
@@ -238,8 +238,16 @@ def protocol_schema() -> dict:
     the type of its field."""
     hints = typing.get_type_hints(BenchmarkConfig)
     settings = {f.name: hints[f.name] for f in fields(BenchmarkConfig)
-                if f.name not in NON_PROTOCOL_FIELDS}  # fmt: skip
+                if f.name not in NON_PROTOCOL_FIELDS and f.name not in USER_DATA_FIELDS}  # fmt: skip
     return {"protocol": settings}
+
+
+def user_data_schema() -> dict:
+    """The schema of the settings a protocol of a user's data holds beyond
+    :func:`protocol_schema`'s (:data:`~pml_proxies.benchmark.config.USER_DATA_FIELDS`; absent
+    from the protocol of a named data set)."""
+    hints = typing.get_type_hints(BenchmarkConfig)
+    return {name: hints[name] for name in USER_DATA_FIELDS}
 
 
 def protocol_differences(recorded: dict, current: dict) -> list[str]:
@@ -249,8 +257,8 @@ def protocol_differences(recorded: dict, current: dict) -> list[str]:
     out."""
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731
     diffs = []
-    for key in sorted(current):
-        old, new = norm(recorded[key]), norm(current[key])
+    for key in sorted(current):  # a user's data setting absent from a named set's record: None
+        old, new = norm(recorded.get(key)), norm(current[key])
         if old != new:
             diffs.append(f"{key}: {old!r} -> {new!r}")
     return diffs
@@ -280,6 +288,9 @@ def recorded_protocol(output: Path) -> dict | None:
             if isinstance(settings, dict):  # recorded before the version existed: version 1
                 settings.setdefault("pipeline_version", 1)
             problem = schema_problem(data, schema if name == PROTOCOL_FILE else schema["protocol"])
+            if problem is None and isinstance(settings, dict):  # a user's data: its settings
+                present = {k: h for k, h in user_data_schema().items() if k in settings}
+                problem = schema_problem(settings, present, "protocol" * (name == PROTOCOL_FILE))
         if problem is not None:
             raise ProtocolMismatch(
                 f"{path} does not record the protocol of the runs in {output}: {problem}; use "

@@ -428,7 +428,8 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: RunFolder | Path) -> _Run
     device = torch.device(config.device)
     seed_everything(spec.seed)
     num_classes = data.train.num_classes
-    trunk = build_trunk(spec.trunk.name, spec.channels, spec.image_size, spec.trunk.pretrained)
+    trunk = build_trunk(spec.trunk.name, data.in_channels(spec.channels), spec.image_size,
+                        spec.trunk.pretrained, config.mlp_width)  # fmt: skip
     model = EmbeddingNet(trunk, config.pooling, config.embedding_size).to(device)
     loss, miner = build_loss(
         spec.loss,

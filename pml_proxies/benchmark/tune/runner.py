@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import BenchmarkConfig
+from ..data import data_notes
 from ..report import report_title
 from . import report as tune_report
 from .errors import UsageError
@@ -197,6 +198,7 @@ def run_tune(
     header = [
         f"# {report_title(config, 'Tuned benchmark report')}",
         "",
+        *[f"{note}\n" for note in data_notes(config)],
         "Search command (the command that created the studies):",
         "",
         "```",
