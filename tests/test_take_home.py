@@ -319,3 +319,24 @@ def test_tune_settings_to_paste_and_saved_models(tmp_path):
         emb, _ = compute_embeddings(saved.model, data.test, config)
         np.testing.assert_allclose(emb.numpy(), folder.map_data()["embeddings"], rtol=0, atol=1e-6)
     assert not list((out / "trials").rglob(MODEL_FILE))  # trials keep no model
+
+
+@pytest.mark.parametrize("trunk", ["linear", "mlp"])
+def test_load_model_rebuilds_a_head_on_frozen_features(tmp_path, trunk):
+    """A head's input is the features' width, not an image's channels, and ``mlp`` has a hidden
+    width: both recorded, so the saved head loads (it failed to before: the network was rebuilt
+    with the image channels)."""
+    from test_user_data_benchmark import tiny_features
+
+    path = tiny_features(tmp_path / "f.npz", dim=16)
+    config = tiny_config(tmp_path / "out", ["mpa"], dataset=f"features:{path}", trunk=trunk,
+                         mlp_width=12, save_models=True, map_samples=10_000)  # fmt: skip
+    run_benchmark(config)
+    folder = RunStore(config.output).run("mpa", 0)
+    saved = load_model(folder.path)
+    recorded = folder.map_data()
+    features = torch.as_tensor(np.load(path)["features"])
+    test_rows = np.load(path)["split"] == "validation"
+    emb = saved.embed(features[torch.as_tensor(test_rows)])
+    # one batch of plain matrix products, as evaluated: float32 rounding only
+    np.testing.assert_allclose(emb.numpy(), recorded["embeddings"], rtol=0, atol=1e-5)

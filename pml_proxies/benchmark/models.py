@@ -291,3 +291,19 @@ def freeze_batchnorm(module: nn.Module) -> None:
             m.eval()
             for p in m.parameters():
                 p.requires_grad_(False)
+
+
+def build_network(
+    trunk: str,
+    in_channels: int,
+    image_size: int,
+    pretrained: bool,
+    pooling: str,
+    embedding_size: int,
+    width: int | None = None,
+) -> EmbeddingNet:
+    """The benchmark's network: :func:`build_trunk` (``in_channels``: the images' channels, or
+    the features' width for the heads) under :class:`EmbeddingNet`. Training and
+    :func:`~pml_proxies.benchmark.load_model` both build it here."""
+    body = build_trunk(trunk, in_channels, image_size, pretrained, width)
+    return EmbeddingNet(body, pooling, embedding_size)

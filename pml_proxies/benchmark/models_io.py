@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import EmbeddingNet, build_trunk
+from .models import EmbeddingNet, build_network
 from .store import RunFolder, run_folder
 
 if TYPE_CHECKING:
@@ -45,26 +45,28 @@ def spec_record(spec: RunSpec) -> dict[str, Any]:
 
 def save_run_model(
     folder: RunFolder | Path, spec: RunSpec, model: nn.Module, loss: nn.Module, num_classes: int,
-    best_epoch: int,
+    best_epoch: int, in_channels: int,
 ) -> None:  # fmt: skip
     """Keep a run's selected ``model`` and ``loss`` in its run folder
     (:meth:`~pml_proxies.benchmark.store.RunFolder.save_model`: state dicts on the CPU, and the
-    spec)."""
+    spec, and ``in_channels``: what the network takes, the images' channels or the features'
+    width)."""
 
     def cpu(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
     record = {"best_epoch": int(best_epoch), "num_classes": int(num_classes),
-              "spec": spec_record(spec)}  # fmt: skip
+              "in_channels": int(in_channels), "spec": spec_record(spec)}  # fmt: skip
     run_folder(folder).save_model({"model": cpu(model), "loss": cpu(loss)}, record)
 
 
-def build_model(spec: dict) -> EmbeddingNet:
+def build_model(spec: dict, in_channels: int) -> EmbeddingNet:
     """The network of a saved run's ``spec`` (``model.json``'s), untrained and without
-    downloading weights: its trunk, pooling and embedder as the run built them."""
+    downloading weights: its trunk, pooling and embedder as the run built them
+    (:func:`~pml_proxies.benchmark.models.build_network`)."""
     config = spec["config"]
-    trunk = build_trunk(spec["trunk"]["name"], spec["channels"], spec["image_size"], False)
-    return EmbeddingNet(trunk, config["pooling"], config["embedding_size"])
+    return build_network(spec["trunk"]["name"], in_channels, spec["image_size"], False,
+                         config["pooling"], config["embedding_size"], config.get("mlp_width"))  # fmt: skip
 
 
 class SavedModel(NamedTuple):
@@ -141,7 +143,7 @@ def load_model(
     spec = dict(record["spec"], best_epoch=record["best_epoch"],
                 num_classes=record["num_classes"])  # fmt: skip
     path = folder.path / record["file"]
-    model = build_model(spec)
+    model = build_model(spec, record["in_channels"])
     _load_state(model, state["model"], path, "model")
     model.to(device).eval()
     loss = None

@@ -222,13 +222,15 @@ class ModelRecord(TypedDict):
     """The schema of a run's ``model.json`` (``--save-models``): ``format``
     (:data:`MODEL_FORMAT`), the state-dict file and its SHA-256, the run's ``best_epoch`` (the
     selected epoch the weights are from), the number of training classes (the loss's
-    ``num_classes``) and the run's resolved specification."""
+    ``num_classes``), what the network takes (``in_channels``: the images' channels, or the
+    features' width) and the run's resolved specification."""
 
     format: int
     file: str
     sha256: str
     best_epoch: int
     num_classes: int
+    in_channels: int
     spec: ModelSpec
 
 

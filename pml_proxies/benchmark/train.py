@@ -25,7 +25,7 @@ from .config import BenchmarkConfig
 from .data import BenchmarkData, RelabeledSubset
 from .interrupt import check as check_interrupt
 from .losses import build_loss, get_proxies
-from .models import EmbeddingNet, build_trunk, freeze_batchnorm
+from .models import EmbeddingNet, build_network, freeze_batchnorm
 from .models_io import save_run_model
 from .progress import progress_bar
 from .spec import RunSpec, build_run_spec
@@ -428,9 +428,9 @@ def build_run(spec: RunSpec, data: BenchmarkData, out: RunFolder | Path) -> _Run
     device = torch.device(config.device)
     seed_everything(spec.seed)
     num_classes = data.train.num_classes
-    trunk = build_trunk(spec.trunk.name, data.in_channels(spec.channels), spec.image_size,
-                        spec.trunk.pretrained, config.mlp_width)  # fmt: skip
-    model = EmbeddingNet(trunk, config.pooling, config.embedding_size).to(device)
+    model = build_network(spec.trunk.name, data.in_channels(spec.channels), spec.image_size,
+                          spec.trunk.pretrained, config.pooling, config.embedding_size,
+                          config.mlp_width).to(device)  # fmt: skip
     loss, miner = build_loss(
         spec.loss,
         num_classes,
@@ -712,7 +712,7 @@ def train_and_evaluate(
     if spec.config.save_models and evaluate_test:  # a run's model (a tuning trial keeps none)
         assert trained.model is not None and trained.loss is not None
         save_run_model(folder, spec, trained.model, trained.loss, trained.num_classes,
-                       trained.result["best_epoch"])  # fmt: skip
+                       trained.result["best_epoch"], data.in_channels(spec.channels))  # fmt: skip
     folder.save(trained.result, trained.map_data)
     return trained.result
 
