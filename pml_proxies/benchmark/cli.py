@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from . import embed
 from .config import (  # noqa: F401 - QUICK and _parse_loss_params: their former home
     QUICK,
     BenchmarkConfig,
@@ -224,7 +225,7 @@ class Command:
     run: Callable[[argparse.Namespace, list[str], argparse.ArgumentParser], int]
 
 
-#: the subcommands, in ``--help``'s order (``embed`` will be added here)
+#: the subcommands, in ``--help``'s order
 COMMANDS: dict[str, Command] = {
     "run": Command(
         "train and evaluate the losses, then write the report (the default command)",
@@ -244,6 +245,11 @@ COMMANDS: dict[str, Command] = {
     ),
     "list-losses": Command(
         "list the losses and their defaults", add_list_losses_arguments, show_losses
+    ),
+    "embed": Command(
+        "write a features file (--dataset features:FILE) of a trunk's features of the images",
+        embed.add_arguments,
+        embed.run,
     ),
 }
 
