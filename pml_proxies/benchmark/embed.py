@@ -57,17 +57,21 @@ from .config import (
     typed_command,
 )
 from .options import ConfigError, add_options, check_fields, given_values, option, option_name
-from .recipes import BENCHMARK_IMAGE_SIZES, POOLING_NAMES, TRUNK_DEFAULTS, TRUNK_NAMES
+from .recipes import (
+    BENCHMARK_IMAGE_SIZES,
+    FEATURE_TRUNKS,
+    POOLING_NAMES,
+    TRUNK_DEFAULTS,
+    TRUNK_NAMES,
+)
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ..datasets.base import BaseDataset
 
-#: trunks that take feature vectors, not images (``--dataset features:...``): not for embed
-VECTOR_TRUNKS = ("linear", "mlp")
-#: the trunks that embed images
-IMAGE_TRUNKS = tuple(t for t in TRUNK_NAMES if t not in VECTOR_TRUNKS)
+#: the trunks that embed images (not the heads on feature vectors, ``FEATURE_TRUNKS``)
+IMAGE_TRUNKS = tuple(t for t in TRUNK_NAMES if t not in FEATURE_TRUNKS)
 #: image side of the pretrained trunks (their ImageNet training resolution)
 PRETRAINED_IMAGE_SIZE = 224
 #: the recording arrays of a features file written by embed, beside the data's
