@@ -13,8 +13,8 @@
   one after another in this process after a short warm-up run.
 * ``evaluation``: one whole run (``train_and_evaluate``) with the CPU time of its per-epoch
   validation and final test (``train.evaluate``: embedding passes and metrics) measured, and
-  that of the map data (``_save_map_data``: an embedding pass of up to ``map_samples``
-  training-class images, the compressed npz): their shares of the run. Target: validation +
+  that of the map data (``map_arrays``: an embedding pass of up to ``map_samples``
+  training-class images, the proxies): their shares of the run. Target: validation +
   test at most 15%.
 
 Every figure is CPU time of this process (``time.process_time``) or of its children
@@ -141,7 +141,7 @@ def evaluation(loss: str) -> None:
     from pml_proxies.benchmark import train
 
     spent = {"evaluate": 0.0, "map": 0.0}
-    originals = {"evaluate": train.evaluate, "map": train._save_map_data}
+    originals = {"evaluate": train.evaluate, "map": train.map_arrays}
 
     def timed(part: str):
         def call(*args, **kwargs):
@@ -153,7 +153,7 @@ def evaluation(loss: str) -> None:
 
         return call
 
-    train.evaluate, train._save_map_data = timed("evaluate"), timed("map")
+    train.evaluate, train.map_arrays = timed("evaluate"), timed("map")
     tmp = Path(tempfile.mkdtemp())
     try:
         config, data, spec = _setup(loss, tmp)
@@ -161,12 +161,12 @@ def evaluation(loss: str) -> None:
         result = train.train_and_evaluate(spec, data, tmp / "run")
         total = time.process_time() - start
     finally:
-        train.evaluate, train._save_map_data = originals["evaluate"], originals["map"]
+        train.evaluate, train.map_arrays = originals["evaluate"], originals["map"]
         shutil.rmtree(tmp)
     print(
         f"evaluation ({loss}): run {total:.1f} s CPU; validation + test (embedding passes and "
         f"metrics) {spent['evaluate']:.2f} s = {100 * spent['evaluate'] / total:.1f}% of the run "
-        f"(target <= 15%); map data (training-class embeddings, npz) {spent['map']:.2f} s = "
+        f"(target <= 15%); map data (training-class embeddings, proxies) {spent['map']:.2f} s = "
         f"{100 * spent['map'] / total:.1f}%; test MAP@R "
         f"{result['test']['mean_average_precision_at_r']:.4f}"
     )

@@ -271,7 +271,7 @@ def test_embedding_maps_wrap_many_losses_into_blocks_of_rows(tmp_path):
 def test_embedding_maps_without_map_data_write_nothing(tmp_path):
     store = RunStore(tmp_path)
     store.run("mpa", 0).path.mkdir(parents=True)  # a run folder without map data
-    maps = store.map_data({"mpa": 0, "vcpa": 0})
+    maps = store.map_data({"mpa": [0], "vcpa": [0]})
     assert maps == {}
     assert plots.plot_embedding_maps(maps, tmp_path / "maps.png") is None
     assert not (tmp_path / "maps.png").exists()
@@ -282,11 +282,25 @@ def test_store_reads_map_data_in_the_order_asked(tmp_path):
     store = RunStore(tmp_path)
     for loss in ("vcpa", "mpa"):
         _map_data(store.run(loss, 1).path, rng)
-    maps = store.map_data({"mpa": 1, "proxy_anchor": 1, "vcpa": 1})
+    maps = store.map_data({"mpa": [1], "proxy_anchor": [1], "vcpa": [1]})
     assert list(maps) == ["mpa", "vcpa"]
     with np.load(store.run("vcpa", 1).path / "map_data.npz") as z:
         assert sorted(maps["vcpa"]) == sorted(z.files)
         assert all(np.array_equal(maps["vcpa"][k], z[k]) for k in z.files)
+
+
+def test_store_reads_the_first_seed_with_map_data(tmp_path):
+    """Only a command's first seed keeps map data, so a folder grown by two commands (seeds
+    0,1 then 1,2) has it for seed 0 only: a report of seeds 1,2 falls back to the first of its
+    seeds that has any."""
+    rng = np.random.default_rng(8)
+    store = RunStore(tmp_path)
+    store.run("mpa", 1).path.mkdir(parents=True)  # finished elsewhere, no map data
+    _map_data(store.run("mpa", 2).path, rng)
+    _map_data(store.run("mpa", 3).path, rng, proxies_per_class=3)
+    maps = store.map_data({"mpa": [1, 2, 3]})
+    with np.load(store.run("mpa", 2).path / "map_data.npz") as z:
+        assert all(np.array_equal(maps["mpa"][k], z[k]) for k in z.files)
 
 
 def test_embedding_maps_tsne(tmp_path):

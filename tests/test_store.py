@@ -121,3 +121,22 @@ def test_training_returns_results_and_the_store_writes_them(tmp_path):
     assert stored["test"] == trained.result["test"]
     maps = RunFolder(tmp_path / "stored").map_data()
     assert all(np.array_equal(maps[k], trained.map_data[k]) for k in trained.map_data)
+
+
+def test_only_the_first_seed_of_a_command_keeps_map_data(tmp_path):
+    """The report draws each loss's maps from its first seed, so the other seeds' runs skip the
+    map pass (an embedding pass of training-class images, VCPA's Monte Carlo uncertainty) and
+    write no ``map_data.npz``; their results are unchanged."""
+    config = tiny_config(tmp_path / "out", ["proxy_anchor"], epochs=1, seeds=[1, 0])
+    data = load_config_data(config)
+
+    def run(cfg, seed, name):
+        folder = RunFolder(tmp_path / name)
+        folder.start()
+        return train_run(build_run_spec(cfg, "proxy_anchor", seed), data, folder)
+
+    first, other = run(config, 1, "a"), run(config, 0, "b")
+    assert first.map_data is not None and other.map_data is None
+    alone = tiny_config(tmp_path / "out", ["proxy_anchor"], epochs=1, seeds=[0])
+    same = run(alone, 0, "c")
+    assert same.map_data is not None and same.result["test"] == other.result["test"]

@@ -814,14 +814,14 @@ def write_report(
         files["category_csv"] = store.path / CATEGORY_FILE
         by_category.to_csv(files["category_csv"], index=False)
         category_md = category_markdown(by_category, loss_order)
-    first_seed: dict[str, int] = {}
+    seeds_of: dict[str, list[int]] = {}  # each loss's seeds in the command's order
     for r in sorted(results, key=lambda r: config.seeds.index(r["seed"])):
-        first_seed.setdefault(r["loss"], r["seed"])
+        seeds_of.setdefault(r["loss"], []).append(r["seed"])
     _plot(plot_metric_bars, summary, files["metrics_png"])
     _plot(plot_training_curves, results, loss_order, config.primary_metric, files["curves_png"])
     _plot(
         plot_embedding_maps,
-        lambda: store.map_data({loss: first_seed[loss] for loss in loss_order}),
+        lambda: store.map_data({loss: seeds_of[loss] for loss in loss_order}),
         files["map_png"],
         method=config.map_method,
     )

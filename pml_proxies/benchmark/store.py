@@ -9,7 +9,8 @@ Layout of an output folder (``--output``)::
         result.json            its results (:class:`ResultRecord`, with the per-epoch
                                ``history``); written last and atomically: a run is finished
                                when it has one
-        map_data.npz           the data of its 2-D embedding maps
+        map_data.npz           the data of its 2-D embedding maps (the first seed of the
+                               command that trained it only)
         model.pt, model.json   with ``--save-models``: the selected model's and the loss's state
                                dicts, and the run's resolved specification with the checksum
                                of ``model.pt`` (:meth:`RunFolder.save_model`); written before
@@ -416,7 +417,8 @@ class RunFolder:
         does not exist): no ``result.json``; a ``result.json`` that is not JSON, does not match
         :class:`ResultRecord` (a missing field, a wrong type) or has no test metrics; with
         ``spec``, one of another loss or seed or lacking one of ``spec``'s metrics; a
-        ``map_data.npz`` that cannot be read; with a ``spec`` whose configuration asks for
+        ``map_data.npz`` that cannot be read (none is fine: only a command's first seed has
+        one); with a ``spec`` whose configuration asks for
         ``--save-models``, a missing or damaged saved model (:meth:`model_record`). (The
         protocol fingerprint is the caller's to compare.)"""
         path = self.path / RESULT_FILE
@@ -436,11 +438,12 @@ class RunFolder:
             problem = _spec_problem(result, spec)
         if problem is not None:
             return None, f"{path}: {problem}"
-        npz = self.path / MAP_FILE
+        npz = self.path / MAP_FILE  # optional: only a command's first seed keeps map data
         try:
-            with np.load(npz) as z:
-                for key in z.files:
-                    z[key]
+            if npz.exists():
+                with np.load(npz) as z:
+                    for key in z.files:
+                        z[key]
         except Exception as e:  # noqa: BLE001 - any unreadable archive is a damaged run
             return None, f"{npz} cannot be read ({type(e).__name__}: {e})"
         if spec is not None and spec.config.save_models:
@@ -648,14 +651,18 @@ class RunStore:
                 plan.finished[i] = result
         return plan
 
-    def map_data(self, runs: Mapping[str, int]) -> dict[str, dict[str, np.ndarray]]:
-        """``{loss: map data}`` of the run of each ``loss -> seed`` of ``runs`` that has map
-        data (:meth:`RunFolder.map_data`; the others are left out), in the order of ``runs``."""
+    def map_data(self, runs: Mapping[str, Sequence[int]]) -> dict[str, dict[str, np.ndarray]]:
+        """``{loss: map data}``: for each ``loss -> seeds`` of ``runs``, the map data of the run
+        of the first of ``seeds`` that has one (:meth:`RunFolder.map_data`; only the first seed
+        of a command keeps map data, so a folder grown by several commands may hold it for a
+        later seed); a loss without any is left out. In the order of ``runs``."""
         out = {}
-        for loss, seed in runs.items():
-            data = self.run(loss, seed).map_data()
-            if data is not None:
-                out[loss] = data
+        for loss, seeds in runs.items():
+            for seed in seeds:
+                data = self.run(loss, seed).map_data()
+                if data is not None:
+                    out[loss] = data
+                    break
         return out
 
 

@@ -594,9 +594,10 @@ def train_run(
         epoch_callback: ``epoch_callback(epoch, val_metrics)`` after each validated epoch
             (``val_metrics``: metric name -> value); it may raise to stop the run (e.g. Optuna
             pruning), the exception propagates.
-        evaluate_test: evaluate the selected epoch on the test classes and compute the map
-            data. ``False`` (tuning trials) never touches the test classes: the result's
-            ``test`` is ``None``.
+        evaluate_test: evaluate the selected epoch on the test classes, and compute the map
+            data when ``spec.seed`` is the first of the command's seeds (the report draws the
+            maps of each loss's first seed only; :func:`map_arrays`). ``False`` (tuning trials)
+            never touches the test classes: the result's ``test`` is ``None``.
         position: row of the progress bar.
 
     Returns:
@@ -651,7 +652,7 @@ def train_run(
         if run.record_keeper.tensorboard_writer is not None:
             run.record_keeper.tensorboard_writer.close()
     map_data = None
-    if evaluate_test:
+    if evaluate_test and spec.seed == spec.config.seeds[0]:
         map_data = map_arrays(run.model, data, test_emb, test_labels, run.loss, spec.config,
                               run.num_classes)  # fmt: skip
     result = {
