@@ -232,6 +232,9 @@ def test_comparison_table_against_the_baseline():
     assert "| vcpa | 3 | -20.0 ± 0.0 |" in md and "| worse |" in md
     assert "Holm-adjusted over the 6 tests of the 3 loss(es)" in md
     assert "bit-reproducible on one machine only" in md
+    assert "With 3 seeds (the default is 10), a verdict whose adjusted p-value" in md
+    ten = table.assign(paired_seeds=10)
+    assert "the default is" not in report.comparison_markdown(ten, metrics)
 
 
 def test_the_margin_decides_equivalence():
@@ -338,12 +341,12 @@ def test_a_difference_that_rounds_to_zero_is_not_printed_negative():
     assert "No test: a difference needs two paired seeds or more." in md
 
 
-def test_five_seeds_by_default_and_three_seed_folders_are_extended(tmp_path):
+def test_ten_seeds_by_default_and_three_seed_folders_are_extended(tmp_path):
     from pml_proxies.benchmark.cli import build_parser, config_from_args
 
     default = config_from_args(build_parser().parse_args([]), [])
-    assert default.seeds == [0, 1, 2, 3, 4]
-    assert "(default: 0,1,2,3,4)" in " ".join(build_parser().format_help().split())
+    assert default.seeds == list(range(10))
+    assert "(default: 0,1,2,3,4,5,6,7,8,9)" in " ".join(build_parser().format_help().split())
     assert config_from_args(build_parser().parse_args(["--seeds", "0,1,2"]), []).seeds == [0, 1, 2]
     # seeds are not part of the protocol: a folder made with 3 seeds is extended by the default,
     # its runs reused, not refused
@@ -351,5 +354,5 @@ def test_five_seeds_by_default_and_three_seed_folders_are_extended(tmp_path):
     run_benchmark(tiny_config(out, ["proxy_anchor"], seeds=[0, 1, 2]))
     protocol = (out / "protocol.json").read_text()
     res = run_benchmark(tiny_config(out, ["proxy_anchor"], seeds=default.seeds))
-    assert res["skipped"] == 3 and sorted(res["runs"]["seed"]) == [0, 1, 2, 3, 4]
+    assert res["skipped"] == 3 and sorted(res["runs"]["seed"]) == list(range(10))
     assert (out / "protocol.json").read_text() == protocol
