@@ -185,6 +185,19 @@ def test_another_protocol_than_the_studies_is_refused_naming_the_fields(mode, tm
     assert not (tmp_path / "out" / "logs").exists()  # no worker started
 
 
+@pytest.mark.timeout(300)
+def test_a_failed_search_worker_fails_the_command_after_the_report(tmp_path, capsys, monkeypatch):
+    """A local worker that exits with an error (killed, out of memory, a crash) leaves its
+    trials undone: the parent still writes the report of what was finished, then exits 1 (it
+    exited 0 before)."""
+    argv = _searched(tmp_path, capsys)
+    monkeypatch.setattr(cli, "_spawn_workers", lambda argv, k, logs: [0, 1][:k])
+    code, err = _tune([*argv, "--workers", "2"], capsys)
+    assert code == 1, err
+    assert "search workers [1] exited with errors" in err and "run the same command again" in err
+    assert (tmp_path / "out" / "tune_report.md").is_file()
+
+
 def test_the_report_prints_the_stored_budget_and_sampler_seed(tmp_path, capsys):
     argv = _searched(tmp_path, capsys, "--sampler-seed", "5")
     code, err = _tune([*argv, "--report-only", "--trials", "3", "--sampler-seed", "0"], capsys)

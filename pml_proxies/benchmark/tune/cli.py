@@ -189,6 +189,11 @@ def run(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentPars
         return 0
     print(out["report_md"].read_text())
     print(f"report: {out['report_md']} ({time.time() - start:.0f} s)")
+    failed = out.get("failed_workers")
+    if failed:  # the report holds what the others finished; the command failed all the same
+        print(f"{PROG}: error: search workers {failed} exited with errors (see "
+              f"{config.output}/logs/); run the same command again to resume", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -211,6 +216,7 @@ def _run(tune: TuneArgs, argv, config, spaces, options, objective):
 def _search_and_report(tune: TuneArgs, argv, config, spaces, options, objective):
     """This process's share of the search (or the local workers'), then the report (none with
     ``--worker-only``)."""
+    bad: list[int] = []
     if not tune.report_only:
         if tune.search_workers > 1:
             from .runner import check_search
@@ -231,7 +237,8 @@ def _search_and_report(tune: TuneArgs, argv, config, spaces, options, objective)
         return None
     from .runner import run_tune
 
-    return run_tune(config, spaces, options)
+    out = run_tune(config, spaces, options)
+    return {**out, "failed_workers": bad} if bad else out
 
 
 __all__ = ["main", "build_parser", "add_arguments", "run", "LOSSES"]
