@@ -185,6 +185,18 @@ def test_another_protocol_than_the_studies_is_refused_naming_the_fields(mode, tm
     assert not (tmp_path / "out" / "logs").exists()  # no worker started
 
 
+def test_tune_refuses_distributed_training_instead_of_ignoring_it(tmp_path, capsys, monkeypatch):
+    """``--nproc-per-node`` was accepted and ignored (each trial trained in one process), and
+    under torchrun every rank searched as the same worker: both are usage errors now."""
+    out = tmp_path / "out"
+    err = _usage_error([*FAKE, "--nproc-per-node", "2", "--output", str(out)], capsys)
+    assert "argument --nproc-per-node: tune trains each trial in one process" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = _usage_error([*FAKE, "--output", str(out)], capsys)
+    assert "tune does not run under torchrun" in err
+    assert not out.exists()
+
+
 @pytest.mark.timeout(300)
 def test_a_failed_search_worker_fails_the_command_after_the_report(tmp_path, capsys, monkeypatch):
     """A local worker that exits with an error (killed, out of memory, a crash) leaves its

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,17 @@ def build_parser() -> ArgumentParser:
 
 
 def _check_config(config: BenchmarkConfig, tune: TuneArgs) -> None:
-    """The options that make every trial fail, refused before any trial."""
+    """The options that make every trial fail or that tune cannot honour, refused before any
+    trial."""
+    spread = "spread a search with --workers K, or --worker-only on several machines"
+    if (tune.nproc_per_node or 1) > 1:
+        raise ConfigError(
+            "nproc_per_node",
+            f"tune trains each trial in one process ({spread}); DistributedDataParallel is for "
+            "the run command",
+        )
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        raise ValueError(f"tune does not run under torchrun ({spread})")
     if tune.folds == 1 and config.val_fraction == 0 and not tune.report_only:
         raise ConfigError(
             "val_fraction", "tuning selects on validation classes: give > 0 (or --folds K > 1)"
@@ -153,7 +164,7 @@ def run(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentPars
         _check_config(config, tune)
         spaces = resolve_spaces(config.losses, overrides, tune.configs)
     except ConfigError as e:
-        flag = option_name(e.field, BenchmarkConfig, changes=CONFIG_CHANGES)
+        flag = option_name(e.field, BenchmarkConfig, TuneArgs, changes=CONFIG_CHANGES)
         parser.error(f"argument {flag}: {e.message}")
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
