@@ -18,18 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "powerful_benchmarker_configs"
 YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 MODIFIER = re.compile(r"~(OVERRIDE|APPLY|SWAP|DELETE|BAYESIAN|LOG_BAYESIAN|INT_BAYESIAN)~\d*$")
-# being written in parallel; their configs follow the constructors given in the MLRC issue
-PENDING = {
-    "ProxyISALoss": [
-        "num_classes", "embedding_size", "margin", "alpha", "volume_bound", "hardness_scale",
-        "sensitivity", "search_margin", "decay_timing", "memory_size", "memory_start_epoch",
-        "filter_start_epoch", "positive_weighting", "negative_weighting",
-    ],
-    "VCPALoss": [
-        "num_classes", "embedding_size", "margin", "alpha", "temperature", "newton_steps",
-        "sigma_min", "stochastic", "seed",
-    ],
-}  # fmt: skip
 # where powerful-benchmarker looks up each config key's classes (besides its own modules)
 KEY_KINDS = {
     "loss_funcs": "loss",
@@ -181,18 +169,15 @@ def test_yaml_names_existing_classes_with_valid_arguments(path):
         if modules is None:
             continue
         cls = next((getattr(m, name) for m in modules if hasattr(m, name)), None)
-        if cls is None and name in PENDING:
-            accepted = set(PENDING[name])
-        else:
-            assert cls is not None, f"{path.name}: {'/'.join(where)} names unknown {kind} {name}"
-            params = inspect.signature(cls.__init__).parameters
-            if any(p.kind == p.VAR_KEYWORD for p in params.values()) and kind != "loss":
-                continue
-            accepted = set(params)
-            # PML losses take their base classes' keyword arguments through **kwargs
-            for base in inspect.getmro(cls)[1:]:
-                if "__init__" in vars(base):
-                    accepted |= set(inspect.signature(base.__init__).parameters)
+        assert cls is not None, f"{path.name}: {'/'.join(where)} names unknown {kind} {name}"
+        params = inspect.signature(cls.__init__).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()) and kind != "loss":
+            continue
+        accepted = set(params)
+        # PML losses take their base classes' keyword arguments through **kwargs
+        for base in inspect.getmro(cls)[1:]:
+            if "__init__" in vars(base):
+                accepted |= set(inspect.signature(base.__init__).parameters)
         for arg in kwargs:
             arg = strip(arg)
             assert arg in accepted, f"{path.name}: {name} has no argument {arg!r}"

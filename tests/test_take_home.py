@@ -340,3 +340,5 @@ def test_load_model_rebuilds_a_head_on_frozen_features(tmp_path, trunk):
     emb = saved.embed(features[torch.as_tensor(test_rows)])
     # one batch of plain matrix products, as evaluated: float32 rounding only
     np.testing.assert_allclose(emb.numpy(), recorded["embeddings"], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="embeds feature vectors"):  # no image transform
+        saved.transform()

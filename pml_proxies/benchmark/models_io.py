@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import EmbeddingNet, build_network
+from .recipes import FEATURE_TRUNKS
 from .store import RunFolder, run_folder
 
 if TYPE_CHECKING:
@@ -99,10 +100,16 @@ class SavedModel(NamedTuple):
 
     def transform(self):
         """The run's evaluation transform (PIL image or array -> tensor), as the benchmark
-        built it for its test images (:func:`pml_proxies.datasets.get_transforms`)."""
+        built it for its test images (:func:`pml_proxies.datasets.get_transforms`). A head
+        trained on frozen features (trunk ``linear`` or ``mlp``) has none: ``ValueError``."""
         from ..datasets import get_transforms
 
         config = self.spec["config"]
+        if config["trunk"] in FEATURE_TRUNKS:
+            raise ValueError(
+                f"this run's network is a {config['trunk']!r} head on frozen features: it embeds "
+                "feature vectors (embed(features)), not images, so it has no image transform"
+            )
         channels = self.spec["channels"]
         return get_transforms(
             config["dataset"], train=False, image_size=config["image_size"], channels=channels
