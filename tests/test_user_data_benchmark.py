@@ -116,15 +116,21 @@ def _results(out: Path) -> dict:
 
 
 # ------------------------------------------------------------------ the identity with Omniglot
-def _same_as_omniglot(tmp_path, capsys, command: list[str], files: list[str]) -> None:
-    """``command`` on the bundled Omniglot, its dataframe and its image folder: the same runs."""
+def _omniglot_three_ways(tmp_path) -> list[tuple[str, list[str]]]:
+    """``(name, --dataset options)`` of the bundled Omniglot, its dataframe and its image folder
+    (written under ``tmp_path/data``)."""
     csv_path, folder = write_omniglot(tmp_path / "data")
-    outs = {}
-    for name, dataset in [
+    return [
         ("omniglot", ["--dataset", "omniglot", *SMALL]),
         ("csv", ["--dataset", f"csv:{csv_path}", *OMNIGLOT_TRANSFORMS]),
         ("folder", ["--dataset", f"folder:{folder}", *OMNIGLOT_TRANSFORMS]),
-    ]:
+    ]
+
+
+def _same_as_omniglot(tmp_path, capsys, command: list[str], files: list[str]) -> None:
+    """``command`` on the bundled Omniglot, its dataframe and its image folder: the same runs."""
+    outs = {}
+    for name, dataset in _omniglot_three_ways(tmp_path):
         outs[name] = tmp_path / name
         assert main([*command, *dataset, "--output", str(outs[name])]) == 0, capsys.readouterr()
     capsys.readouterr()
@@ -157,13 +163,8 @@ def test_omniglot_as_a_dataframe_and_a_folder_gives_the_same_runs(tmp_path, caps
 @pytest.mark.slow
 def test_omniglot_as_a_dataframe_and_a_folder_gives_the_same_tuned_runs(tmp_path, capsys):
     """``tune``: a tiny study (2 trials of one loss, 1 seed re-run) on the three inputs."""
-    csv_path, folder = write_omniglot(tmp_path / "data")
     outs = {}
-    for name, dataset in [
-        ("omniglot", ["--dataset", "omniglot", *SMALL]),
-        ("csv", ["--dataset", f"csv:{csv_path}", *OMNIGLOT_TRANSFORMS]),
-        ("folder", ["--dataset", f"folder:{folder}", *OMNIGLOT_TRANSFORMS]),
-    ]:
+    for name, dataset in _omniglot_three_ways(tmp_path):
         outs[name] = tmp_path / name
         rc = main(["tune", "--losses", "proxy_anchor", "--quick", "--no-progress", "--device",
                    "cpu", "--trials", "2", "--output", str(outs[name]), *dataset])  # fmt: skip

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
 import shutil
 import subprocess
 import sys
@@ -74,7 +73,9 @@ def _check_config(config: BenchmarkConfig, tune: TuneArgs) -> None:
             f"tune trains each trial in one process ({spread}); DistributedDataParallel is for "
             "the run command",
         )
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+    from ..distributed import under_torchrun
+
+    if under_torchrun():
         raise ValueError(f"tune does not run under torchrun ({spread})")
     if tune.folds == 1 and config.val_fraction == 0 and not tune.report_only:
         raise ConfigError(
