@@ -4,6 +4,7 @@ import fnmatch
 import hashlib
 import importlib.resources
 import io
+import pickle
 import shutil
 import subprocess
 import sys
@@ -587,6 +588,35 @@ def test_omniglot_small_dedup_and_split(tmp_path):
     assert (test.num_classes, len(test)) == (5, 15)
     assert np.bincount(test.labels).tolist() == [3] * 5
     assert test[0][0].shape == (1, 64, 64)
+
+
+def test_decoded_omniglot_images_are_handed_to_another_process(tmp_path, monkeypatch):
+    """What a --jobs worker gets from its parent (pickled, as spawn sends its arguments): the
+    same images without decoding a PNG; changed zips and malformed entries are not taken."""
+    make_omniglot_zip(tmp_path / "images_background_small1.zip", "images_background_small1",
+                      {"Korean": 2})  # fmt: skip
+    make_omniglot_zip(tmp_path / "images_background_small2.zip", "images_background_small2",
+                      {"Tagalog": 1})  # fmt: skip
+    monkeypatch.setattr(omni_mod, "_CACHE", {})
+    parent = get_dataset("omniglot", "train", root=tmp_path, progress=False)
+    handed = pickle.loads(pickle.dumps(omni_mod.decoded_images()))
+    assert len(handed) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(omni_mod, "_CACHE", {})  # a fresh process
+    monkeypatch.setattr(omni_mod, "read_omniglot_zips", no_decoding)
+    malformed = {("x",): (np.zeros((2, 3, 3), np.float32), ["a", "b"]), ("y",): "z"}
+    assert omni_mod.adopt_decoded_images({**handed, **malformed}) == 1
+    worker = get_dataset("omniglot", "train", root=tmp_path, progress=False)
+    np.testing.assert_array_equal(worker.images, parent.images)
+    assert worker.classes == parent.classes
+    # a zip rewritten since has another key: decoded again, not taken from the parent
+    make_omniglot_zip(tmp_path / "images_background_small1.zip", "images_background_small1",
+                      {"Korean": 3})  # fmt: skip
+    with pytest.raises(AssertionError, match="decoded again"):
+        get_dataset("omniglot", "train", root=tmp_path, progress=False)
 
 
 def test_omniglot_download_from_file_url(tmp_path, monkeypatch):

@@ -2,10 +2,12 @@
 time.
 
 * Workers are *spawned* (a fresh interpreter: no forked torch state, the same on every OS). Each
-  loads the data itself, sets torch's CPU threads as a sequential run does
-  (:attr:`~pml_proxies.benchmark.config.BenchmarkConfig.threads_or_default`) and trains a run
-  with the same :func:`~pml_proxies.benchmark.train.train_and_evaluate` and the same spec as the
-  sequential loop, so a run's result does not depend on ``jobs``. A worker checks that it
+  loads the data itself (the Omniglot images the parent has decoded come with the worker's
+  arguments rather than being decoded again:
+  :func:`~pml_proxies.datasets.omniglot.decoded_images`), sets torch's CPU threads as a
+  sequential run does (:attr:`~pml_proxies.benchmark.config.BenchmarkConfig.threads_or_default`)
+  and trains a run with the same :func:`~pml_proxies.benchmark.train.train_and_evaluate` and the
+  same spec as the sequential loop, so a run's result does not depend on ``jobs``. A worker checks that it
   imported the parent's ``pml_proxies`` (the parent's ``sys.path`` is passed on by spawn).
 * A run that raises is reported with its loss and seed; the other runs go on
   (:class:`RunFailure`). A worker that dies (killed, out of memory) fails its run the same way.
@@ -79,9 +81,10 @@ def train_parallel(
     for _ in range(jobs):
         tasks.put(None)
     worker_config = replace(config, progress=False)
-    workers = _start(
-        ctx, jobs, _worker, (worker_config, tasks, results, os.getpid(), pml_proxies.__file__)
-    )
+    from ..datasets.omniglot import decoded_images
+
+    args = (worker_config, tasks, results, os.getpid(), pml_proxies.__file__, decoded_images())
+    workers = _start(ctx, jobs, _worker, args)
     pending = set(range(len(runs)))
     running: dict[int, int] = {}  # worker pid -> run index
     ready = False  # a worker has started
@@ -197,7 +200,7 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _worker(config, tasks, results, parent_pid: int, parent_package: str) -> None:
+def _worker(config, tasks, results, parent_pid: int, parent_package: str, decoded=None) -> None:
     """A worker process: serve ``tasks`` until ``None``. The parent's ``terminate()`` (SIGTERM)
     stops it with an exception, not by killing it, so that multiprocessing's exit handlers run
     and release what this process created: e.g. tqdm's lock, a named semaphore that the
@@ -206,12 +209,12 @@ def _worker(config, tasks, results, parent_pid: int, parent_package: str) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with catching_interrupts(signal.SIGTERM):
-            _serve(config, tasks, results, parent_pid, parent_package)
+            _serve(config, tasks, results, parent_pid, parent_package, decoded or {})
     except KeyboardInterrupt:  # stopped by the parent, which no longer reads the results
         results.cancel_join_thread()
 
 
-def _serve(config, tasks, results, parent_pid: int, parent_package: str) -> None:
+def _serve(config, tasks, results, parent_pid: int, parent_package: str, decoded: dict) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     pid = os.getpid()
     try:
@@ -224,8 +227,10 @@ def _serve(config, tasks, results, parent_pid: int, parent_package: str) -> None
             )
         import torch
 
+        from ..datasets.omniglot import adopt_decoded_images
         from .data import load_config_data
 
+        adopt_decoded_images(decoded)  # the parent's decoded Omniglot: not decoded again
         if config.threads_or_default is not None:
             torch.set_num_threads(config.threads_or_default)
         data = load_config_data(config, progress=False)

@@ -62,6 +62,36 @@ def bundled_omniglot_zips() -> tuple[Path, ...]:
     )
 
 
+def decoded_images() -> dict[tuple, tuple[np.ndarray, list[str]]]:
+    """The Omniglot splits this process has decoded, keyed by variant, split and each zip's path,
+    size and modification time: what :func:`adopt_decoded_images` takes in another process on
+    this machine (the benchmark's ``--jobs`` workers), which then decodes none of them again."""
+    return dict(_CACHE)
+
+
+def adopt_decoded_images(entries: dict) -> int:
+    """Use ``entries`` (:func:`decoded_images` of another process on this machine) as this
+    process's decoded images; returns how many were taken. A split whose zips changed since
+    (another size or modification time) has another key, so it is decoded again; an entry that
+    is not a ``(uint8 images (N, H, W), N class names)`` pair is ignored."""
+    taken = 0
+    for key, value in entries.items():
+        if not (isinstance(key, tuple) and isinstance(value, tuple) and len(value) == 2):
+            continue
+        images, names = value
+        if (
+            isinstance(images, np.ndarray)
+            and images.dtype == np.uint8
+            and images.ndim == 3
+            and isinstance(names, list)
+            and len(names) == len(images)
+            and all(isinstance(n, str) for n in names)
+        ):
+            _CACHE.setdefault(key, (images, names))
+            taken += 1
+    return taken
+
+
 def _zip_key(path: Path) -> tuple:
     st = path.stat()
     return (str(path.resolve()), st.st_size, st.st_mtime_ns)
