@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +256,32 @@ def test_folder_split_is_seeded_and_recorded(tmp_path):
     again = BenchmarkConfig(dataset=f"folder:{folder}", device="cpu", test_fraction=0.5)
     assert again.class_split == splits[0.5, 0]
     assert configs[0.5, 0].protocol()["test_fraction"] == 0.5
+
+
+def test_user_data_read_once_is_handed_to_another_process(tmp_path, monkeypatch):
+    """What a --jobs worker gets from its parent (pickled, as spawn sends its arguments): the
+    same decoded images and split without reading a file; a changed input is read again."""
+    from pml_proxies.benchmark import userdata
+
+    folder = tiny_images(tmp_path / "img")
+    monkeypatch.setattr(userdata, "_USER_DATA", {})
+    config = BenchmarkConfig(dataset=f"folder:{folder}", device="cpu", test_fraction=0.5)
+    parent = userdata.user_data(config)
+    handed = pickle.loads(pickle.dumps(userdata.read_user_data()))
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(userdata, "_USER_DATA", {})  # a fresh process
+    monkeypatch.setattr(userdata, "_read_user_data", no_reading)
+    assert userdata.adopt_user_data({**handed, ("x",): "not user data"}) == 1
+    worker = userdata.user_data(config)
+    np.testing.assert_array_equal(worker.images, parent.images)
+    assert (worker.fingerprint, worker.class_split) == (parent.fingerprint, parent.class_split)
+    (folder / "class_0" / "extra.png").write_bytes((folder / "class_0" / "0.png").read_bytes())
+    os.utime(folder, ns=(1, 1))  # the folder's time: another key
+    with pytest.raises(AssertionError, match="read again"):
+        userdata.user_data(config)
 
 
 def test_user_data_options_refused_with_a_named_set():

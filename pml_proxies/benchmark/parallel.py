@@ -2,9 +2,10 @@
 time.
 
 * Workers are *spawned* (a fresh interpreter: no forked torch state, the same on every OS). Each
-  loads the data itself (the Omniglot images the parent has decoded come with the worker's
-  arguments rather than being decoded again:
-  :func:`~pml_proxies.datasets.omniglot.decoded_images`), sets torch's CPU threads as a
+  loads the data itself (what the parent has decoded, the Omniglot images or a user's data,
+  comes with the worker's arguments rather than being decoded again:
+  :func:`~pml_proxies.datasets.omniglot.decoded_images`,
+  :func:`~pml_proxies.benchmark.userdata.read_user_data`), sets torch's CPU threads as a
   sequential run does (:attr:`~pml_proxies.benchmark.config.BenchmarkConfig.threads_or_default`)
   and trains a run with the same :func:`~pml_proxies.benchmark.train.train_and_evaluate` and the
   same spec as the sequential loop, so a run's result does not depend on ``jobs``. A worker checks that it
@@ -81,9 +82,7 @@ def train_parallel(
     for _ in range(jobs):
         tasks.put(None)
     worker_config = replace(config, progress=False)
-    from ..datasets.omniglot import decoded_images
-
-    args = (worker_config, tasks, results, os.getpid(), pml_proxies.__file__, decoded_images())
+    args = (worker_config, tasks, results, os.getpid(), pml_proxies.__file__, _decoded_data())
     workers = _start(ctx, jobs, _worker, args)
     pending = set(range(len(runs)))
     running: dict[int, int] = {}  # worker pid -> run index
@@ -136,6 +135,24 @@ def train_parallel(
         for q in (tasks, results):
             q.cancel_join_thread()
             q.close()
+
+
+def _decoded_data() -> dict:
+    """What this process has decoded of the data (the Omniglot images, a user's data), handed to
+    the workers with their arguments so that they do not decode it again (:func:`_adopt`)."""
+    from ..datasets.omniglot import decoded_images
+    from .userdata import read_user_data
+
+    return {"omniglot": decoded_images(), "user_data": read_user_data()}
+
+
+def _adopt(decoded: dict) -> None:
+    """Take the parent's :func:`_decoded_data` in a worker."""
+    from ..datasets.omniglot import adopt_decoded_images
+    from .userdata import adopt_user_data
+
+    adopt_decoded_images(decoded.get("omniglot", {}))
+    adopt_user_data(decoded.get("user_data", {}))
 
 
 def _failure(runs: Sequence[tuple[RunSpec, Path]], index: int, *error: str) -> RunFailure:
@@ -227,10 +244,9 @@ def _serve(config, tasks, results, parent_pid: int, parent_package: str, decoded
             )
         import torch
 
-        from ..datasets.omniglot import adopt_decoded_images
         from .data import load_config_data
 
-        adopt_decoded_images(decoded)  # the parent's decoded Omniglot: not decoded again
+        _adopt(decoded)  # the parent's decoded images: not decoded again
         if config.threads_or_default is not None:
             torch.set_num_threads(config.threads_or_default)
         data = load_config_data(config, progress=False)

@@ -111,6 +111,27 @@ def user_data(config: UserDataSettings) -> UserData:
     return _USER_DATA[key]
 
 
+def read_user_data() -> dict[tuple, UserData]:
+    """The user data this process has read and decoded (:func:`user_data`), keyed by the
+    settings and the input's size and modification time: what :func:`adopt_user_data` takes in
+    another process on this machine (the benchmark's ``--jobs`` workers), which then reads and
+    decodes none of it again."""
+    return dict(_USER_DATA)
+
+
+def adopt_user_data(entries: dict) -> int:
+    """Use ``entries`` (:func:`read_user_data` of another process on this machine) as this
+    process's user data; returns how many were taken. An input changed since (another size or
+    modification time) has another key, so it is read again; an entry that is not a
+    :class:`UserData` is ignored."""
+    taken = 0
+    for key, value in entries.items():
+        if isinstance(key, tuple) and isinstance(value, UserData):
+            _USER_DATA.setdefault(key, value)
+            taken += 1
+    return taken
+
+
 def _read_user_data(config: UserDataSettings) -> UserData:
     from ..datasets.dataframe import DataframeError
     from ..datasets.fingerprint import data_fingerprint
