@@ -18,6 +18,12 @@
   identities (the BatchNorms; the first block's BatchNorm alone), and each convolution alone
   (forward + backward, the arithmetic rate of its multiply-adds). The step is about 80% of a
   run; what it shows is the floor that rounding-only changes cannot go under.
+* ``eval-batch`` (not in the default ``--parts``): the small CNN's evaluation embedding (3
+  channels, ``--sides``) per image for batches of 1 to 128 images (user + system CPU time: a
+  feature map over glibc's 32 MB mmap threshold is mapped afresh, page faults and all, at every
+  batch, as in a run), and whether each batch size gives the same embeddings as 128 (bit for
+  bit): what
+  ``pml_proxies.benchmark.config.SMALL_CNN_EVAL_PIXELS`` and ``MIN_EVAL_BATCH`` rest on.
 * ``fused-adam`` (not in the default ``--parts``): whole runs of ``--losses`` (seed 1: no map
   data) with the benchmark's optimizer as it is and with torch's fused Adam kernel
   (``fused=True``), alternated ``--rounds`` times; the ratio of the summed CPU times per loss.
@@ -35,6 +41,7 @@ from other processes changes it little.
     python benchmarks/speed_main.py --parts iteration --loss mpa --rounds 4
     python benchmarks/speed_main.py --parts runs --losses proxy_anchor,mpa,proxy_isa,vcpa
     python benchmarks/speed_main.py --parts cnn --rounds 3
+    python benchmarks/speed_main.py --parts eval-batch --sides 32,64,224
     python benchmarks/speed_main.py --parts fused-adam --losses proxy_anchor,mpa,soft_triple --rounds 2
 
 The default run's CPU time is measured outside this script, with GNU time (docs/speed.md).
@@ -292,6 +299,37 @@ def cnn(rounds: int) -> None:
               f"{flops / ms / 1e6:.0f} GFLOP/s")  # fmt: skip
 
 
+def eval_batch(sides: list[int]) -> None:
+    """The small CNN's evaluation embedding per image by batch size (module docstring)."""
+    import torch
+
+    from pml_proxies.benchmark.models import build_network
+
+    for side in sides:
+        torch.manual_seed(0)
+        net = build_network("small_cnn", 3, side, False, "avg", 512)
+        net.train()  # a few steps: running statistics of BatchNorm as after training
+        for _ in range(2):
+            net(torch.randn(8, 3, side, side)).pow(2).mean().backward()
+        net.eval()
+        images = torch.randn(128, 3, side, side)
+
+        def embed(size: int, net=net, images=images) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([net(images[i : i + size]) for i in range(0, 128, size)])
+
+        reference = embed(128)
+        for size in (1, 2, 4, 8, 16, 32, 64, 128):
+            same = torch.equal(embed(size), reference)
+            embed(size)
+            start = time.process_time()  # with system time: large maps are mapped afresh
+            embed(size)
+            embed(size)
+            ms = 1000 * (time.process_time() - start) / 2 / len(images)
+            print(f"eval-batch: {side} px, batch {size}: {ms:.2f} ms an image, "
+                  f"embeddings {'equal to' if same else 'other than'} batch 128's")  # fmt: skip
+
+
 def fused_adam(losses: list[str], rounds: int) -> None:
     """Whole runs with the benchmark's optimizer and with torch's fused Adam (module docstring)."""
     import torch
@@ -345,13 +383,14 @@ def main(argv: list[str] | None = None) -> None:
         help="the losses of the 'runs' part",
     )
     p.add_argument("--rounds", type=int, default=3, help="measured epochs of each loop")
+    p.add_argument("--sides", default="32,64,224", help="image sides of the 'eval-batch' part")
     p.add_argument("--repeats", type=int, default=3, help="start-ups measured (best kept)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.parts.split(",")]
     if "startup" in parts:
         startup(args.repeats)
-    if {"iteration", "evaluation", "runs", "cnn", "fused-adam"} & set(parts):
+    if {"iteration", "evaluation", "runs", "cnn", "eval-batch", "fused-adam"} & set(parts):
         import torch
 
         torch.set_num_threads(args.threads)
@@ -363,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         runs(args.losses.split(","))
     if "cnn" in parts:
         cnn(args.rounds)
+    if "eval-batch" in parts:
+        eval_batch([int(v) for v in args.sides.split(",")])
     if "fused-adam" in parts:
         fused_adam(args.losses.split(","), args.rounds)
 

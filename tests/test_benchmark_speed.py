@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,9 +17,9 @@ from benchmark_helpers import tiny_config
 from PIL import Image
 from torch import nn
 
-from pml_proxies.benchmark import run_benchmark
-from pml_proxies.benchmark.config import PIPELINE_VERSION
-from pml_proxies.benchmark.data import batch_images, load_benchmark_data
+from pml_proxies.benchmark import run_benchmark, train
+from pml_proxies.benchmark.config import PIPELINE_VERSION, BenchmarkConfig
+from pml_proxies.benchmark.data import batch_images, load_benchmark_data, load_config_data
 from pml_proxies.benchmark.models import SmallCNN
 from pml_proxies.benchmark.runner import ProtocolMismatch
 from pml_proxies.datasets import get_transforms
@@ -147,6 +148,35 @@ def test_small_cnn_folded_batchnorm_in_evaluation(dtype, tol):
     # the same sums with (w * s) x instead of s (w x): a few ulps of the values, relative to
     # the largest (float32 eps 1.2e-7 over ~600-term convolutions: 1e-5; float64: 1e-12)
     assert (folded - unfolded).abs().max() <= tol * unfolded.abs().max()
+
+
+def test_small_cnn_embeds_in_batches_that_fit_the_caches(tmp_path):
+    """At most 128 x 32 x 32 input pixels (and at least 8 images) per batch of the small CNN's
+    embedding passes; other trunks take --eval-batch-size as it is."""
+    config = BenchmarkConfig(dataset="omniglot", losses=["proxy_anchor"], progress=False)
+    assert (config.image_size_or_default, config.eval_batch_images) == (32, 128)
+    for side, images in ((64, 32), (224, 8), (16, 128), (8, 128)):
+        assert replace(config, image_size=side).eval_batch_images == images
+    assert replace(config, image_size=64, eval_batch_size=20).eval_batch_images == 20
+    assert replace(config, trunk="efficientnet_lite0").eval_batch_images == 128
+    at_64 = replace(config, image_size=64)
+    test_set = load_config_data(at_64).test
+    sizes = [len(y) for _, y in train._eval_batches(test_set, at_64, range(70))]
+    assert sizes == [32, 32, 6]
+
+
+def test_small_cnn_embeddings_do_not_depend_on_the_batch():
+    """What the batch rule rests on: batches of 8 give the embeddings of batches of 128 (equal
+    on this project's CPU; another CPU's kernels may round them differently, hence 1e-6)."""
+    torch.manual_seed(0)
+    net = SmallCNN(3)
+    net(torch.randn(8, 3, 64, 64)).sum().backward()  # running statistics away from 0 / 1
+    net.eval()
+    x = torch.randn(128, 3, 64, 64)
+    with torch.no_grad():
+        whole = net(x)
+        in_eights = torch.cat([net(part) for part in x.split(8)])
+    assert (in_eights - whole).abs().max() <= 1e-6 * whole.abs().max()
 
 
 # ------------------------------------------------------------------ imports

@@ -66,6 +66,16 @@ IMAGE_TRANSFORM_SETS = ("natural", "omniglot")
 #: the named set whose transforms ``natural`` means (CUB-200's: those of every natural-image set)
 NATURAL_IMAGE_SET = "cub200"
 MAP_METHODS = ("pca", "tsne")
+#: input pixels per batch of the small CNN's embedding passes (:attr:`BenchmarkConfig.
+#: eval_batch_images`): 128 images of 32 x 32, the batch it embeds fastest on this project's
+#: CPU; at 64 px 32 images embed in 0.7 ms an image against 1.3 ms in batches of 128, at 224 px
+#: 8 images in 13 ms against 21 ms (CPU time with the page faults of maps over glibc's 32 MB
+#: mmap threshold; ``benchmarks/speed_main.py --parts eval-batch``)
+SMALL_CNN_EVAL_PIXELS = 128 * 32 * 32
+#: the fewest images per batch of those passes: from 8 images on, the small CNN's embeddings
+#: were bit-identical whatever the batch on this project's CPU (oneDNN picks other kernels for
+#: smaller batches, which round differently)
+MIN_EVAL_BATCH = 8
 
 
 def available_cores() -> int:
@@ -471,7 +481,8 @@ class BenchmarkConfig:
     )  # fmt: skip
     ndcg_ks: list[int] = option([10], "k of nDCG@k", "evaluation and execution", type=_int_list,
                                 default_text="10", check=_int_list_check)  # fmt: skip
-    eval_batch_size: int = option(128, "batch size of the embedding passes",
+    eval_batch_size: int = option(128, "batch size of the embedding passes (the small CNN's: "
+                                  "at most 128 x 32 x 32 input pixels, at least 8 images)",
                                   "evaluation and execution", type=int,
                                   check=_positive_int(1))  # fmt: skip
     # execution
@@ -565,6 +576,18 @@ class BenchmarkConfig:
         from ..datasets import dataset_class
 
         return int(dataset_class(self.image_set).default_image_size)
+
+    @property
+    def eval_batch_images(self) -> int:
+        """Images per batch of the embedding passes: ``eval_batch_size``, and for the small CNN
+        at most :data:`SMALL_CNN_EVAL_PIXELS` input pixels (at least :data:`MIN_EVAL_BATCH`
+        images), so that its feature maps stay in the CPU's caches: 128 images at 32 px (the
+        benchmark's Omniglot), 32 at 64 px, 8 at 224 px."""
+        if self.trunk != "small_cnn" or self.is_features:
+            return self.eval_batch_size
+        side = self.image_size_or_default
+        fitting = max(MIN_EVAL_BATCH, SMALL_CNN_EVAL_PIXELS // (side * side))
+        return min(self.eval_batch_size, fitting)
 
     @property
     def is_user_data(self) -> bool:

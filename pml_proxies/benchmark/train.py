@@ -133,13 +133,14 @@ def _eval_batches(dataset, config: BenchmarkConfig, indices: Sequence[int] | Non
     if cache is None:
         subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
         yield from DataLoader(
-            subset, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.workers
+            subset, batch_size=config.eval_batch_images, shuffle=False, num_workers=config.workers
         )
         return
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-    for start in range(0, len(rows), config.eval_batch_size):
+    size = config.eval_batch_images
+    for start in range(0, len(rows), size):
         check_interrupt()
-        yield cache.batch(rows[start : start + config.eval_batch_size])
+        yield cache.batch(rows[start : start + size])
 
 
 @torch.no_grad()
