@@ -344,6 +344,28 @@ def test_features_train_a_head(tmp_path, capsys, trunk):
     assert "4 finished run(s) reused" in capsys.readouterr().out
 
 
+def test_a_features_file_is_read_once_for_its_checks_and_fingerprint(tmp_path, monkeypatch):
+    """The checks, class split and fingerprint take one read of the file (two before); a file
+    without validation rows is refused up front, naming the data set."""
+    from pml_proxies.benchmark import userdata
+    from pml_proxies.datasets import features as features_mod
+    from pml_proxies.datasets.fingerprint import file_sha256
+
+    path = tiny_features(tmp_path / "f.npz")
+    reads = []
+    original = features_mod.read_features
+    monkeypatch.setattr(features_mod, "read_features", lambda p: reads.append(p) or original(p))
+    monkeypatch.setattr(userdata, "_USER_DATA", {})
+    config = BenchmarkConfig(dataset=f"features:{path}", trunk="linear", device="cpu")
+    assert len(reads) == 1 and config.data_fingerprint == file_sha256(path)
+    arrays = dict(np.load(path))
+    np.savez(tmp_path / "train_only.npz", **{**arrays, "split": np.full(len(arrays["split"]),
+                                                                         "train")})  # fmt: skip
+    with pytest.raises(ConfigError, match="dataset: .*no validation rows"):
+        BenchmarkConfig(dataset=f"features:{tmp_path / 'train_only.npz'}", trunk="linear",
+                        device="cpu")  # fmt: skip
+
+
 def test_features_and_trunks_must_match(tmp_path, capsys):
     path = tiny_features(tmp_path / "f.npz")
     out = tmp_path / "out"

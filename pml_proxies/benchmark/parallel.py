@@ -8,8 +8,9 @@ time.
   :func:`~pml_proxies.benchmark.userdata.read_user_data`), sets torch's CPU threads as a
   sequential run does (:attr:`~pml_proxies.benchmark.config.BenchmarkConfig.threads_or_default`)
   and trains a run with the same :func:`~pml_proxies.benchmark.train.train_and_evaluate` and the
-  same spec as the sequential loop, so a run's result does not depend on ``jobs``. A worker checks that it
-  imported the parent's ``pml_proxies`` (the parent's ``sys.path`` is passed on by spawn).
+  same spec as the sequential loop, so a run's result does not depend on ``jobs``. A worker
+  checks that it imported the parent's ``pml_proxies`` (the parent's ``sys.path`` is passed on
+  by spawn).
 * A run that raises is reported with its loss and seed; the other runs go on
   (:class:`RunFailure`). A worker that dies (killed, out of memory) fails its run the same way.
 * Ctrl-C (or any error) in the parent stops every worker (terminate, then kill) before the

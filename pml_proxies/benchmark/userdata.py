@@ -134,21 +134,22 @@ def adopt_user_data(entries: dict) -> int:
 
 def _read_user_data(config: UserDataSettings) -> UserData:
     from ..datasets.dataframe import DataframeError
-    from ..datasets.fingerprint import data_fingerprint
     from .options import ConfigError
 
     kind, _, path = config.dataset.partition(":")
     try:
         if kind == "features":
-            from ..datasets.features import FeaturesDataset, read_features
+            from ..datasets.features import read_features, split_rows
+            from ..datasets.fingerprint import file_sha256
 
-            arrays = read_features(path)
+            arrays = read_features(path)  # read once here (the data sets read it when loaded)
+            for split in ("train", "test"):
+                split_rows(arrays, split, path)
             train = arrays["split"] == "train"
             _check_shared(config, arrays["labels"], train)
             record = _class_split(arrays["labels"], train)
-            fingerprint = data_fingerprint(FeaturesDataset(path, "train"))
-            assert fingerprint is not None  # a features file always has one
-            return UserData(fingerprint, record, features_path=Path(path).expanduser())
+            features_path = Path(path).expanduser()
+            return UserData(file_sha256(features_path), record, features_path=features_path)
         table = _read_table(config, kind, path)
         fingerprint = _table_fingerprint(table)
         images, bad = decode_images(table, _decoded_side(config))

@@ -83,6 +83,15 @@ def read_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
+def split_rows(arrays: dict, split: str, path: str | os.PathLike) -> np.ndarray:
+    """The rows of ``split`` (``"train"`` or ``"test"``: the validation rows) of a features file
+    read by :func:`read_features`; ``ValueError`` when it has none."""
+    rows = np.flatnonzero(arrays["split"] == SPLIT_ROWS[split])
+    if len(rows) == 0:
+        raise ValueError(f"{path}: no {SPLIT_ROWS[split]} rows for split {split!r}")
+    return rows
+
+
 def _rows(source: str, column: str, bad: np.ndarray, rows: np.ndarray, problem: str) -> None:
     if bad.any():
         raise DataframeError(
@@ -107,9 +116,7 @@ class FeaturesDataset(BaseDataset):
         arrays = read_features(path)
         self.title = str(path)
         self.features_path = Path(path).expanduser()
-        self.rows = np.flatnonzero(arrays["split"] == SPLIT_ROWS[split])
-        if len(self.rows) == 0:
-            raise ValueError(f"{path}: no {SPLIT_ROWS[split]} rows for split {split!r}")
+        self.rows = split_rows(arrays, split, path)
         labels, keys = contiguous_labels(arrays["labels"][self.rows].tolist())
         super().__init__(split, labels, [str(k) for k in keys], transform=None)
         self.features = torch.as_tensor(arrays["features"][self.rows], dtype=torch.float32)
