@@ -583,7 +583,7 @@ class BenchmarkConfig:
         at most :data:`SMALL_CNN_EVAL_PIXELS` input pixels (at least :data:`MIN_EVAL_BATCH`
         images), so that its feature maps stay in the CPU's caches: 128 images at 32 px (the
         benchmark's Omniglot), 32 at 64 px, 8 at 224 px."""
-        if self.trunk != "small_cnn" or self.is_features:
+        if self.trunk != "small_cnn":
             return self.eval_batch_size
         side = self.image_size_or_default
         fitting = max(MIN_EVAL_BATCH, SMALL_CNN_EVAL_PIXELS // (side * side))
